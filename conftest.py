@@ -1,0 +1,67 @@
+"""Shared test fixtures: a real byte-level BPE tokenizer and tiny random causal LMs, built offline."""
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "Let me check the sum. 12 + 30 = 42, so the answer is \\boxed{42}.",
+    "Wait, that is wrong. Let's try a different approach: break it into parts.",
+    "First, we can see that 7 * 6 = 42. But wait, let me verify: 6 * 7 = 42.",
+    "Alternatively, consider the case where x = 3. Then 3 + 4 = 7.",
+    "Question: what is 2 + 2? Answer: 4. Please reason step by step.",
+]
+
+
+def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style: the leading space belongs to the next token)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|end|>", pad_token="<|pad|>", chat_template=CHAT_TEMPLATE
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def build_model(tokenizer, architecture: str = "llama", seed: int = 0):
+    """A tiny random causal LM over `tokenizer`'s vocabulary, in eval mode, float32."""
+    torch.manual_seed(seed)
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if architecture == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**sizes)).eval()
+    return LlamaForCausalLM(LlamaConfig(**sizes)).eval()
+
+
+@pytest.fixture()
+def model(tokenizer):
+    return build_model(tokenizer)

