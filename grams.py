@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from data import InputError
+
 PRESET_FILES = {"paper": Path(__file__).parent / "grams" / "listing1.txt"}
 PRESET_NAMES = ("paper", "world")
 
@@ -41,11 +43,11 @@ def load_grams(preset_or_path: str) -> list[str]:
         return list(WORLD_GRAMS)
     path = PRESET_FILES.get(preset_or_path, Path(preset_or_path))
     if not path.is_file():
-        raise FileNotFoundError(f"--grams: '{preset_or_path}' is neither a preset {PRESET_NAMES} nor a file")
+        raise InputError(f"--grams: '{preset_or_path}' is neither a preset {PRESET_NAMES} nor a file")
     grams = [line.strip().lower() for line in path.read_text(encoding="utf-8").splitlines()]
     grams = [g for g in grams if g]
     if not grams:
-        raise ValueError(f"--grams: {path} holds no grams")
+        raise InputError(f"--grams: {path} holds no grams")
     return grams
 
 
@@ -301,7 +303,6 @@ def extract_strategic_grams(docs: Sequence[str], embed, n_min: int = 3, n_max: i
 
 def read_corpus(path: str, field: str, correct_field: str | None) -> list[str]:
     """The `field` text of each JSONL row of `path` (rows whose `correct_field` is falsy skipped)."""
-    from data import InputError
 
     if not Path(path).is_file():
         raise InputError(f"--corpus: {path} does not exist")
@@ -331,6 +332,8 @@ def choose_embedder(name: str):
               "falling back to LEXICAL clustering (bag of words), paraphrases with different words will not merge")
     if path is None:
         return lexical_embeddings, "lexical (bag of words)"
+    if not path.is_dir():
+        raise InputError(f"--embedder: '{name}' is neither {DEFAULT_EMBEDDER}, {LEXICAL_EMBEDDER} nor a model folder")
     return functools.partial(sentence_embeddings, path), f"sentence embeddings from {path}"
 
 
@@ -342,9 +345,44 @@ def print_clusters(clusters: Sequence[GramCluster], n_docs: int, limit: int, exa
         print(f"{rank:>4}  {cluster.df:>6}  {100 * cluster.df / n_docs:>5.1f}%  {len(cluster.members):>4}  {shown}")
 
 
+def contains_gram(phrase: str, gram: str) -> bool:
+    """Whether `gram` occurs in `phrase` on word boundaries (both lower-case, single-spaced)."""
+    return f" {gram} " in f" {phrase} "
+
+
+def compare_gram_lists(extracted: Sequence[str], reference: Sequence[str]) -> dict[str, int]:
+    """Overlap of an extracted SG list with a reference list (Listing 1, or the world's own phrases).
+
+    exact: grams in both lists; inside_reference: extracted grams lying inside some reference phrase
+    (precision numerator); containing_reference: extracted grams that contain some reference phrase;
+    reference_covered: reference phrases that contain (or equal) some extracted gram (recall numerator).
+    Single-word reference entries ("so", "but") make containing_reference large, so it is also counted
+    over multi-word reference entries only.
+    """
+    extracted, reference = sorted(set(extracted)), sorted(set(reference))
+    multi_word = [r for r in reference if " " in r]
+    return {
+        "extracted": len(extracted),
+        "reference": len(reference),
+        "exact": len(set(extracted) & set(reference)),
+        "inside_reference": sum(any(contains_gram(r, g) for r in reference) for g in extracted),
+        "containing_reference": sum(any(contains_gram(g, r) for r in reference) for g in extracted),
+        "containing_multiword_reference": sum(any(contains_gram(g, r) for r in multi_word) for g in extracted),
+        "reference_covered": sum(any(contains_gram(r, g) for g in extracted) for r in reference),
+    }
+
+
+def compare_main(args: argparse.Namespace) -> None:
+    """The `compare` command: overlap of a gram list with a reference list or preset."""
+    overlap = compare_gram_lists(load_grams(args.grams), load_grams(args.reference))
+    for key, value in overlap.items():
+        print(f"{key:>32}  {value}")
+    print(f"{'precision (inside / extracted)':>32}  {overlap['inside_reference'] / overlap['extracted']:.3f}")
+    print(f"{'recall (covered / reference)':>32}  {overlap['reference_covered'] / overlap['reference']:.3f}")
+
+
 def extract_main(args: argparse.Namespace) -> None:
     """The `extract` command: build a strategic-gram list from a corpus of solutions (Sec. 2.1)."""
-    from data import InputError
 
     if not 1 <= args.n_min <= args.n_max:
         raise InputError("--n-min/--n-max: need 1 <= n-min <= n-max")
@@ -365,7 +403,7 @@ def extract_main(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Strategic-gram tools (Sec. 2.1 of the paper).")
     commands = parser.add_subparsers(dest="command", required=True)
-    extract = commands.add_parser("extract", help="build a strategic-gram list from a JSONL corpus of correct solutions",
+    extract = commands.add_parser("extract", help="build an SG list from a JSONL corpus of correct solutions",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     extract.add_argument("--corpus", required=True, help="JSONL file, one solution per row")
     extract.add_argument("--field", default="solution", help="row field holding the solution text")
@@ -373,19 +411,23 @@ def main() -> None:
                          help="keep only rows whose FIELD is true (the paper uses correct solutions only)")
     extract.add_argument("--out", required=True, help="output file, one gram per line, lower-case")
     extract.add_argument("--embedder", default=DEFAULT_EMBEDDER,
-                         help=f"'{DEFAULT_EMBEDDER}' (bundled, offline), a local HF encoder folder, or '{LEXICAL_EMBEDDER}'")
+                         help=f"'{DEFAULT_EMBEDDER}' (bundled, offline), a local HF encoder folder, "
+                              f"or '{LEXICAL_EMBEDDER}'")
     extract.add_argument("--n-min", type=int, default=3, help="shortest n-gram, in words")
     extract.add_argument("--n-max", type=int, default=5, help="longest n-gram, in words")
     extract.add_argument("--min-df", type=int, default=5, help="drop n-grams found in fewer solutions before embedding")
     extract.add_argument("--threshold", type=float, default=0.8,
                          help="cosine similarity to a cluster's leader needed to join the cluster")
-    extract.add_argument("--top-fraction", type=float, default=0.2, help="keep this top fraction of clusters by Cluster DF")
+    extract.add_argument("--top-fraction", type=float, default=0.2,
+                         help="keep this top fraction of clusters by Cluster DF")
     extract.add_argument("--show", type=int, default=30, help="print this many top clusters")
+    compare = commands.add_parser("compare", help="overlap of a gram list with a reference list (precision / recall)",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compare.add_argument("--grams", required=True, help="gram list to score, e.g. the output of `extract`")
+    compare.add_argument("--reference", default="paper", help="reference preset ('paper', 'world') or gram file")
     args = parser.parse_args()
-    from data import InputError
-
     try:
-        extract_main(args)
+        extract_main(args) if args.command == "extract" else compare_main(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -246,3 +246,93 @@ def test_semantic_entropy_of_known_counts():
     assert semantic_entropy([1, 1, 2]) == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
     assert semantic_entropy({"a": 3}) == 0.0
     assert semantic_entropy([]) == 0.0
+
+
+# ---------------------------------------------------------------- train.py end to end
+
+import json  # noqa: E402
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import train  # noqa: E402
+from conftest import build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved as an HF folder, plus a 4-problem JSONL file."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(2, 2), (3, 4), (12, 30), (5, 6)]]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def tiny_args(folder, out, *extra):
+    return [
+        "--model", str(folder / "model"), "--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "train.jsonl"),
+        "--grams", "paper", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
+        "--micro-batch-size", "3", "--eval-every", "0", "--out", str(out), *extra,
+    ]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_logs_every_step_and_saves_a_loadable_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--steps", "2", "--algo", "entropy_reg", "--ppo-epochs", "2", "--beta", "0.1"))
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [0, 1]
+    for key in ("reward", "loss", "clip_low", "clip_high", "kl", "grad_norm", "planning_ratio", "entropy_all"):
+        assert key in records[0], key
+    trained = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir / "model").state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # the entropy bonus moved the weights
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_model_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(tiny_args(tiny_model_dir, straight, "--steps", "3", "--seed", "3"))
+    train.main(tiny_args(tiny_model_dir, resumed, "--steps", "2", "--seed", "3"))
+    train.main(["--resume", str(resumed), "--steps", "3"])
+    assert read_metrics(straight)[2]["loss"] == read_metrics(resumed)[2]["loss"]
+    assert [r["step"] for r in read_metrics(resumed)] == [0, 1, 2]
+    weights = [AutoModelForCausalLM.from_pretrained(d / "checkpoint").state_dict() for d in (straight, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("algo", ["grpo", "hicra", "high_entropy"])
+def test_every_algo_runs_a_step(tiny_model_dir, tmp_path, algo):
+    train.main(tiny_args(tiny_model_dir, tmp_path / algo, "--steps", "1", "--algo", algo))
+    assert len(read_metrics(tmp_path / algo)) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+        (["--group-size", "1"], "--group-size must be >= 2"),
+        (["--algo", "ppo"], "invalid choice: 'ppo'"),
+        (["--model", "no/such/model_dir"], "--model: cannot load 'no/such/model_dir'"),
+        (["--data", "missing.jsonl"], "missing.jsonl"),
+        (["--grams", "nope.txt"], "--grams: 'nope.txt'"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--steps", "1", *flags))
+    text = str(stop.value.code) if isinstance(stop.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in text and "\n" not in text.strip()
+
+
+def test_malformed_data_line_names_file_and_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "oops"\n')
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--steps", "1", "--data", str(bad)))
+    assert f"{bad}:2" in str(stop.value.code)

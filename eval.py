@@ -1,0 +1,300 @@
+"""Evaluation: pass@1 averaged over K samples, pass@k, and a greedy pass.
+
+    python eval.py --model PATH_OR_ID --benchmark math500 --samples 4 --temperature 0.6
+    python eval.py --model RUN_DIR/checkpoint --benchmark aime24 --protocol paper
+    python eval.py plot RUN_DIR [RUN_DIR ...]          (figures, see plots.py)
+
+Choices, and where they come from:
+- The paper's protocol (Sec. 5): pass@1 at temperature 0.6 averaged over K samples, K = 32 for
+  AIME24/25 and 4 for AMC23 (`--protocol paper`), strict \\boxed{} grading (reward.boxed_reward).
+  A greedy pass (temperature 0, one completion) runs beside it unless --no-greedy.
+- pass@k for every k <= K uses the unbiased estimator of Chen et al. (2021), averaged over problems.
+- Prompts are the training prompts (rollout.format_prompt: chat template, "reason step by step ...
+  \\boxed{}" instruction), zero-shot; sampling is plain temperature/top-p (rollout.sampling_config).
+- Response length counts generated tokens, EOS included; `truncated` counts completions cut by
+  --max-new-tokens, `no_box` those without a complete \\boxed{}, `timeouts` gradings that ran past
+  reward.DEFAULT_TIMEOUT_S (scored wrong).
+- A GGUF file is de-quantised by transformers and saved once as a plain HF folder under
+  ~/.cache/hicra/, so the model can also be trained and saved (load_model).
+"""
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data import InputError, Problem, load_problems
+from reward import REWARDS, boxed_reward, extract_boxed, grade
+from rollout import format_prompt, generate_rollouts
+
+PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
+PAPER_TEMPERATURE = 0.6
+GGUF_CACHE = Path.home() / ".cache" / "hicra"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    reward_fn=boxed_reward,
+    top_p: float = 1.0,
+    progress: bool = True,
+    ks: list[int] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Generate `samples` completions per problem, grade them, and summarise.
+
+    Completions are generated `batch_size` at a time (the K samples of a problem may span batches).
+    Returns (summary, records): summary as in `summarize` (pass@k for `ks`, default every k <= samples),
+    one record per problem with its prompt, completions, extracted answers and correctness.
+    """
+    prompts = [format_prompt(tokenizer, p.problem) for p in problems]
+    jobs = [i for i in range(len(problems)) for _ in range(samples)]  # problem index of each completion
+    records = [new_record(p, prompt) for p, prompt in zip(problems, prompts)]
+    start = time.perf_counter()
+    bar = tqdm(total=len(jobs), disable=not progress, desc=f"eval T={temperature:g}", unit="completion")
+    for first in range(0, len(jobs), batch_size):
+        chunk = jobs[first : first + batch_size]
+        batch = generate_rollouts(
+            model, tokenizer, [prompts[i] for i in chunk], 1, max_new_tokens, temperature, top_p
+        )
+        lengths, truncated = batch.lengths.tolist(), batch.truncated.tolist()
+        for j, i in enumerate(chunk):
+            add_completion(records[i], batch.texts[j], int(lengths[j]), truncated[j], reward_fn)
+        bar.update(len(chunk))
+        bar.set_postfix(acc=f"{running_accuracy(records):.3f}", len=f"{running_length(records):.0f}")
+    bar.close()
+    summary = summarize(records, samples, temperature, ks or list(range(1, samples + 1)))
+    summary["wall_s"] = time.perf_counter() - start
+    summary["s_per_problem"] = summary["wall_s"] / len(problems)
+    return summary, records
+
+
+def new_record(problem: Problem, prompt: str) -> dict:
+    """An empty per-problem record; add_completion fills the lists."""
+    return dict(
+        problem=problem.problem, answer=problem.answer, prompt=prompt, completions=[], extracted=[],
+        rewards=[], correct=[], lengths=[], truncated=[], failures=[],
+    )
+
+
+def add_completion(record: dict, text: str, length: int, truncated: bool, reward_fn) -> None:
+    """Grade one completion and append it to its problem's record."""
+    reward, failure = grade(reward_fn, text, record["answer"])
+    record["completions"].append(text)
+    record["extracted"].append(extract_boxed(text))
+    record["rewards"].append(reward)
+    record["correct"].append(reward >= 1.0)
+    record["lengths"].append(length)
+    record["truncated"].append(truncated)
+    record["failures"].append(failure)
+
+
+def running_accuracy(records: list[dict]) -> float:
+    """Share of the completions graded so far that are correct (for the progress bar)."""
+    correct = [c for r in records for c in r["correct"]]
+    return sum(correct) / max(len(correct), 1)
+
+
+def running_length(records: list[dict]) -> float:
+    """Mean length of the completions generated so far (for the progress bar)."""
+    lengths = [n for r in records for n in r["lengths"]]
+    return sum(lengths) / max(len(lengths), 1)
+
+
+def summarize(records: list[dict], samples: int, temperature: float, ks: list[int]) -> dict:
+    """pass@k (mean over problems of the unbiased estimate), length and failure counts."""
+    counts = [sum(r["correct"]) for r in records]  # correct completions per problem
+    summary = {"problems": len(records), "samples": samples, "temperature": temperature}
+    for k in ks:
+        summary[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in counts) / len(records)
+    lengths = [n for r in records for n in r["lengths"]]
+    summary["mean_length"] = sum(lengths) / len(lengths)
+    summary["no_box"] = sum(e is None for r in records for e in r["extracted"])
+    summary["truncated"] = sum(t for r in records for t in r["truncated"])
+    summary["timeouts"] = sum(f == "timeout" for r in records for f in r["failures"])
+    summary["grading_errors"] = sum(f == "error" for r in records for f in r["failures"])
+    return summary
+
+
+def load_model(path_or_id: str, dtype: torch.dtype = torch.float32, device: str = "cpu", gguf_file: str | None = None):
+    """(model, tokenizer) from an HF folder (e.g. a train.py checkpoint), a hub id, or a GGUF file.
+
+    `path_or_id` may itself be a .gguf file; otherwise `gguf_file` names the GGUF file inside it.
+    """
+    if path_or_id.endswith(".gguf"):
+        path_or_id, gguf_file = str(Path(path_or_id).parent), Path(path_or_id).name
+    if gguf_file is not None:
+        path_or_id = dequantized_folder(path_or_id, gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    return model, tokenizer
+
+
+def dequantized_folder(folder: str, gguf_file: str) -> str:
+    """A plain HF folder holding the de-quantised weights of folder/gguf_file, built once and cached.
+
+    transformers de-quantises GGUF tensors on load but marks the model as quantised, which blocks
+    training and saving; a model rebuilt from the config without `quantization_config` is plain.
+    """
+    source = Path(folder).expanduser() / gguf_file
+    if not source.is_file():
+        raise InputError(f"--gguf-file: {source}: no such file")
+    cached = GGUF_CACHE / f"{source.stem}-{source.stat().st_size}"
+    if (cached / "config.json").is_file():
+        return str(cached)
+    quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    partial = cached.with_name(cached.name + ".partial")  # renamed when complete: no half-written cache
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(cached)
+    return str(cached)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, flags grouped as model / benchmark / sampling / output."""
+    parser = argparse.ArgumentParser(
+        description="Evaluate a model on a benchmark (pass@k and greedy). `python eval.py plot RUN_DIR ...` draws figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, help="HF folder (e.g. RUN_DIR/checkpoint), hub id, or .gguf file")
+    model.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model folder")
+    model.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
+    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    model.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--benchmark", required=True, help="benchmark name (see data.BENCHMARKS) or a .jsonl file")
+    bench.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    bench.add_argument("--reward", default="boxed", choices=REWARDS, help="grader (boxed = strict, as the paper)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--protocol", default=None, choices=["paper"],
+                          help="paper: T=0.6 and K=32 (AIME), 4 (AMC23), else --samples")
+    sampling.add_argument("--samples", type=int, default=4, help="K, sampled completions per problem")
+    sampling.add_argument("--temperature", type=float, default=PAPER_TEMPERATURE, help="0 = greedy pass only (--samples ignored)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    sampling.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
+                          help="also run a greedy pass (one completion, temperature 0)")
+    sampling.add_argument("--pass-k", default=None, help="comma-separated k for pass@k (default: every k <= K)")
+    sampling.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit")
+    sampling.add_argument("--batch-size", type=int, default=16, help="completions generated per call")
+    sampling.add_argument("--seed", type=int, default=0, help="sampling seed")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default=None, help="output folder (default runs/eval-BENCHMARK-MODEL)")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> list[int]:
+    """Apply --protocol, validate the numbers, and return the k of pass@k; raises InputError."""
+    if args.protocol == "paper":
+        args.samples = PAPER_SAMPLES.get(args.benchmark, args.samples)
+        args.temperature = PAPER_TEMPERATURE
+    for flag in ("samples", "max_new_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise InputError("--temperature must be >= 0 and --top-p in (0, 1]")
+    try:
+        ks = [int(k) for k in args.pass_k.split(",")] if args.pass_k else list(range(1, args.samples + 1))
+    except ValueError:
+        raise InputError(f"--pass-k: expected comma-separated integers, got {args.pass_k!r}") from None
+    bad = [k for k in ks if not 1 <= k <= args.samples]
+    if bad:
+        raise InputError(f"--pass-k: k must be between 1 and --samples ({args.samples}), got {bad[0]}")
+    return ks
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    """runs/eval-BENCHMARK-MODEL, from the names' last path components."""
+    model = Path(args.gguf_file or args.model.rstrip("/")).stem
+    return Path("runs") / f"eval-{Path(args.benchmark).stem}-{model}"
+
+
+def print_table(summary: dict) -> None:
+    """One line per pass: pass@1, pass@K, length and the failure counts."""
+    print(f"\n{summary['benchmark']}: {summary['problems']} problems, model {summary['model']}")
+    print(f"{'pass':<16}{'K':>4}{'pass@1':>9}{'pass@K':>9}{'mean len':>10}{'no box':>8}{'trunc':>7}{'timeout':>9}")
+    for name, s in summary["passes"].items():
+        k = s["samples"]
+        print(f"{name:<16}{k:>4}{s['pass@1']:>9.3f}{s.get(f'pass@{k}', float('nan')):>9.3f}"
+              f"{s['mean_length']:>10.1f}{s['no_box']:>8}{s['truncated']:>7}{s['timeouts']:>9}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate per the parsed flags; writes OUT/results.jsonl and OUT/summary.json."""
+    ks = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problems = load_problems(args.benchmark, args.limit, args.seed)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device, args.gguf_file)
+    passes = {}
+    if args.temperature > 0:
+        passes[f"sampled T={args.temperature:g}"] = (args.samples, args.temperature, ks)
+    if args.greedy or args.temperature == 0:
+        passes["greedy"] = (1, 0.0, [1])
+    out = Path(args.out) if args.out else default_out(args)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = dict(model=args.model, gguf_file=args.gguf_file, benchmark=args.benchmark, problems=len(problems),
+                   max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed, reward=args.reward, passes={})
+    with (out / "results.jsonl").open("w", encoding="utf-8") as f:
+        for name, (samples, temperature, pass_ks) in passes.items():
+            torch.manual_seed(args.seed)
+            result, records = evaluate(model, tokenizer, problems, samples, temperature, args.max_new_tokens,
+                                       args.batch_size, REWARDS[args.reward], args.top_p, not args.quiet, pass_ks)
+            summary["passes"][name] = result
+            for index, record in enumerate(records):
+                f.write(json.dumps({"pass": name, "index": index, **record}) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print_table(summary)
+    print(f"wrote {out / 'summary.json'} and {out / 'results.jsonl'}")
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    """CLI entry: `plot RUN_DIR ...` goes to plots.main, anything else evaluates."""
+    try:
+        if argv[:1] == ["plot"]:
+            if len(argv) < 2:
+                raise InputError("plot: give at least one RUN_DIR")
+            import plots  # matplotlib is only needed for figures
+
+            plots.main(argv[1:])
+        else:
+            run(build_parser().parse_args(argv))
+    except (InputError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # from_pretrained: unknown hub id or folder without a model
+        print(f"error: --model: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,175 @@
+"""Training-dynamics metrics of the paper (Sec. 4), computed from one rollout batch.
+
+train.py calls `rollout_metrics` at every step and passes the result through one `RelativeToFirst`
+for the whole run. Choices the paper leaves open, made here:
+
+- planning tokens are the completion tokens inside a strategic-gram occurrence (`planning_mask`);
+  execution tokens are all other completion tokens (EOS included);
+- perplexity uses the sampling-time log-probs (`old_logp`, at the sampling temperature), so it costs
+  no extra forward pass;
+- "relative to step 0" is a ratio for perplexity (as the paper defines it) and a *difference* for
+  semantic entropy ("entropy change"): a difference stays defined when step 0 has no gram at all;
+- a metric over an empty set (no planning tokens, no failures, ...) is *omitted* from the dict, never
+  NaN; consumers use `.get`.
+"""
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from grams import batch_gram_counts, find_gram_spans, semantic_entropy
+
+CONTINUATION_WORDS = 3  # length k of the procedural n-gram that follows a strategic gram
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean of `values` where `mask` is true; None when the mask is empty. values, mask: [B, C]."""
+    count = int(mask.sum())
+    return float(values[mask].sum()) / count if count else None
+
+
+def perplexity(logp: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Perplexity of a token set (Sec. 4): exp(mean NLL) = exp(-mean log pi(o_t)). logp, mask: [B, C]."""
+    mean_logp = masked_mean(logp, mask)
+    return None if mean_logp is None else math.exp(-mean_logp)
+
+
+def conditional_entropy(texts: Sequence[str], grams: Sequence[str], k: int = CONTINUATION_WORDS) -> float | None:
+    """Conditional entropy of the procedural n-gram that follows a strategic gram (Sec. 4), in nats.
+
+    For every strategic-gram occurrence g in the texts (overlapping occurrences merged into one span, the
+    span's lower-cased words being g), Y is the tuple of the next k whitespace-separated words after it
+    (fewer at the end of a text; none -> the occurrence is skipped). Then
+
+        H(Y | G) = sum_g p(g) * H(Y | G = g),   p(g) = n_g / N,
+        H(Y | G = g) = -sum_y p(y | g) log p(y | g),   p(y | g) = n_{g,y} / n_g,
+
+    the plug-in estimate over the batch (a gram seen once contributes 0). None when no gram occurs.
+    """
+    continuations: dict[str, Counter] = defaultdict(Counter)
+    for text in texts:
+        for start, end in find_gram_spans(text, grams):
+            following = tuple(text[end:].lower().split()[:k])
+            if following:
+                continuations[" ".join(text[start:end].lower().split())][following] += 1
+    total = sum(sum(c.values()) for c in continuations.values())
+    if not total:
+        return None
+    return sum(sum(c.values()) / total * semantic_entropy(c) for c in continuations.values())
+
+
+def top_entropy_mask(entropy: torch.Tensor, completion_mask: torch.Tensor, q: float) -> torch.Tensor:
+    """The ceil(q * N) highest-entropy completion tokens of the batch (ties broken arbitrarily).
+
+    entropy, completion_mask: [B, C]; returns bool [B, C]. Sec. 4 / Fig. 10 uses q = 0.3.
+    """
+    valid = completion_mask.bool().flatten()  # [B*C]
+    k = math.ceil(q * int(valid.sum()))
+    scores = entropy.flatten().masked_fill(~valid, -math.inf)  # [B*C]
+    top = torch.zeros_like(valid)
+    top[scores.topk(k).indices] = True
+    return top.view(entropy.shape)  # [B, C]
+
+
+def planning_entropy_overlap(planning: torch.Tensor, top: torch.Tensor) -> dict[str, float]:
+    """Planning vs high-entropy ("fork") tokens (Sec. 4, Fig. 10). planning, top: bool [B, C].
+
+    planning_in_top_entropy = |P & H| / |P|: share of planning tokens that are high-entropy;
+    top_entropy_is_planning = |P & H| / |H|: share of high-entropy tokens that are planning tokens.
+    """
+    both = int((planning & top).sum())
+    out = {}
+    if planning.any():
+        out["planning_in_top_entropy"] = both / int(planning.sum())
+    if top.any():
+        out["top_entropy_is_planning"] = both / int(top.sum())
+    return out
+
+
+def group_pass_at_k(correct: torch.Tensor, group_size: int) -> float:
+    """Training pass@k with k = group size: fraction of groups with at least one correct completion. correct: [B]."""
+    return float(correct.view(-1, group_size).any(dim=1).float().mean())
+
+
+def zero_variance_fraction(correct: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose completions are all correct or all wrong: zero reward variance under a
+    binary reward, hence zero advantage and no gradient (Sec. 3). correct: [B]."""
+    groups = correct.view(-1, group_size)  # [B/G, G]
+    return float((groups.all(dim=1) | ~groups.any(dim=1)).float().mean())
+
+
+def error_type_metrics(error_types: Sequence[str | None]) -> dict[str, float]:
+    """Error types over training (Sec. 4, Fig. 5): counts of "strategy" and "execution" failures and
+    their rate over the batch (count / batch size). error_types: tasks.classify_error per completion."""
+    counts = Counter(error_types)
+    n = len(error_types)
+    return {
+        "errors_strategy": float(counts["strategy"]),
+        "errors_execution": float(counts["execution"]),
+        "errors_strategy_rate": counts["strategy"] / n,
+        "errors_execution_rate": counts["execution"] / n,
+    }
+
+
+def rollout_metrics(batch, planning_mask: torch.Tensor, correct: torch.Tensor, grams: Sequence[str],
+                    error_types: Sequence[str | None] | None = None, top_entropy_q: float = 0.3) -> dict[str, float]:
+    """All per-step metrics of one rollout.RolloutBatch (Sec. 4). Keys over an empty set are omitted.
+
+    planning_mask: bool [B, C] (grams.batch_planning_mask); correct: bool [B]; error_types: one
+    tasks.classify_error result per completion (built-in world only).
+    """
+    completion = batch.completion_mask.bool()  # [B, C]
+    planning = planning_mask.bool() & completion  # [B, C]
+    execution = completion & ~planning  # [B, C]
+    lengths = batch.completion_mask.sum(dim=1)  # [B]
+    gram_counts = batch_gram_counts(batch.texts, grams)
+    values = {
+        "entropy_planning": masked_mean(batch.entropy, planning),
+        "entropy_execution": masked_mean(batch.entropy, execution),
+        "entropy_all": masked_mean(batch.entropy, completion),
+        "ppl_planning": perplexity(batch.old_logp, planning),
+        "ppl_execution": perplexity(batch.old_logp, execution),
+        "semantic_entropy": semantic_entropy(gram_counts),
+        "gram_occurrences": float(sum(gram_counts.values())),
+        "conditional_entropy": conditional_entropy(batch.texts, grams),
+        "planning_ratio": float(planning.sum()) / max(int(completion.sum()), 1),
+        "length_mean": float(lengths.float().mean()),
+        "length_max": float(lengths.max()),
+        "accuracy": float(correct.float().mean()),
+        "pass_at_k": group_pass_at_k(correct, batch.group_size),
+        "zero_variance_frac": zero_variance_fraction(correct, batch.group_size),
+        "truncation_rate": float(batch.truncated.float().mean()),
+    }
+    values.update(planning_entropy_overlap(planning, top_entropy_mask(batch.entropy, completion, top_entropy_q)))
+    if error_types is not None:
+        values.update(error_type_metrics(error_types))
+    return {key: value for key, value in values.items() if value is not None}
+
+
+class RelativeToFirst:
+    """Adds each metric relative to its first logged value (Sec. 4: "divided by its value at step 0").
+
+    `<key>_rel` = value / first value for perplexities; `semantic_entropy_change` = value - first value.
+    The first values live in `self.first`; pass them back (`RelativeToFirst(first)`) when resuming.
+    """
+
+    RATIO_KEYS = ("ppl_planning", "ppl_execution")
+    DIFFERENCE_KEYS = ("semantic_entropy",)
+
+    def __init__(self, first: dict[str, float] | None = None):
+        self.first = dict(first or {})
+
+    def __call__(self, metrics: dict[str, float]) -> dict[str, float]:
+        out = dict(metrics)
+        for key in self.RATIO_KEYS + self.DIFFERENCE_KEYS:
+            if key in metrics:
+                self.first.setdefault(key, metrics[key])
+        for key in self.RATIO_KEYS:
+            if key in metrics:
+                out[f"{key}_rel"] = metrics[key] / self.first[key]
+        for key in self.DIFFERENCE_KEYS:
+            if key in metrics:
+                out[f"{key}_change"] = metrics[key] - self.first[key]
+        return out

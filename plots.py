@@ -1,0 +1,270 @@
+"""Figures of the paper's training dynamics from run directories (`python eval.py plot RUN_DIR ...`).
+
+Each RUN_DIR holds metrics.jsonl (one JSON object per step, keys from metrics.rollout_metrics, train.py
+and "eval/..." on evaluation steps) and config.json ("algo", "seed"). PNGs go into the first RUN_DIR:
+
+- fig3_dynamics.png            Fig. 3, first run: relative perplexity, token entropy (planning vs
+                               execution), semantic vs conditional entropy, accuracy and length;
+- fig6_comparison.png          Fig. 6/7, several runs: semantic entropy, validation accuracy, token
+                               entropy, training pass@k; runs sharing an algo are drawn as their mean
+                               with a min-max band;
+- fig5_error_types.png         Fig. 5, runs that logged error types (built-in world);
+- fig10_planning_vs_entropy.png Fig. 10: overlap of planning and top-30% entropy tokens.
+
+Curves are smoothed with a trailing moving average over SMOOTH_FRACTION of the run's points (at least 1,
+at most MAX_WINDOW), with the raw values drawn faintly behind. A panel whose keys no run logged shows a
+note instead of a curve.
+"""
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+
+matplotlib.use("Agg")  # files only, no display
+
+SMOOTH_FRACTION = 0.05  # moving-average window, as a share of the number of points
+MAX_WINDOW = 25  # longest moving-average window, in points
+DPI = 100
+RAW_ALPHA = 0.25  # opacity of the raw (unsmoothed) curve behind the smoothed one
+EVAL_ACCURACY_KEYS = ("eval/accuracy", "eval/pass@1", "eval/pass_at_1")  # first one a run logged is used
+
+
+@dataclass
+class Run:
+    """One training run: its label parts and its logged rows (one dict per logged step)."""
+
+    path: Path
+    algo: str
+    seed: int | str
+    rows: list[dict]
+
+    @property
+    def label(self) -> str:
+        return f"{self.algo} (seed {self.seed})"
+
+
+def load_run(run_dir: str) -> Run:
+    """Read RUN_DIR/metrics.jsonl and RUN_DIR/config.json (missing config -> algo = directory name)."""
+    path = Path(run_dir)
+    metrics_file = path / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{metrics_file} does not exist")
+    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    return Run(path, str(config.get("algo", path.name)), config.get("seed", "?"), rows)
+
+
+def series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows that logged a finite number for `key`."""
+    points = [(row["step"], row[key]) for row in run.rows
+              if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])]
+    steps, values = zip(*points) if points else ((), ())
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def smooth(values: np.ndarray) -> np.ndarray:
+    """Trailing moving average; window = SMOOTH_FRACTION of the points, clipped to [1, MAX_WINDOW]."""
+    window = min(MAX_WINDOW, max(1, round(SMOOTH_FRACTION * len(values))))
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    starts = np.maximum(np.arange(len(values)) + 1 - window, 0)
+    return (sums[1:] - sums[starts]) / (np.arange(len(values)) + 1 - starts)
+
+
+def plot_curve(ax, steps: np.ndarray, values: np.ndarray, label: str, color, linestyle: str = "-") -> None:
+    """The smoothed curve, with the raw values faintly behind it."""
+    ax.plot(steps, values, color=color, alpha=RAW_ALPHA, linewidth=0.8, linestyle=linestyle)
+    ax.plot(steps, smooth(values), color=color, linewidth=1.6, linestyle=linestyle, label=label)
+
+
+def note_missing(ax, keys: list[str]) -> None:
+    """Replace an empty panel's content by a note naming the keys that no run logged."""
+    ax.text(0.5, 0.5, "not logged:\n" + "\n".join(keys), ha="center", va="center", transform=ax.transAxes,
+            fontsize=9, color="gray")
+
+
+def plot_keys(ax, run: Run, curves: list[tuple[str, str]], title: str, ylabel: str = "") -> None:
+    """Panel with one curve per (key, label) of one run; a note when none was logged."""
+    drawn = False
+    for i, (key, label) in enumerate(curves):
+        steps, values = series(run, key)
+        if len(steps):
+            plot_curve(ax, steps, values, label, f"C{i}")
+            drawn = True
+    finish_panel(ax, title, ylabel, drawn, [key for key, _ in curves])
+
+
+def finish_panel(ax, title: str, ylabel: str, drawn: bool, keys: list[str]) -> None:
+    """Title, labels and legend, or the missing-keys note."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        note_missing(ax, keys)
+
+
+def plot_twin(ax, run: Run, left: tuple[str, str], right: tuple[str, str], title: str) -> None:
+    """Panel with two keys on separate y axes (left axis C0, right axis C1)."""
+    twin = ax.twinx()
+    drawn = []
+    for axis, (key, label), color in ((ax, left, "C0"), (twin, right, "C1")):
+        steps, values = series(run, key)
+        if len(steps):
+            plot_curve(axis, steps, values, label, color)
+            axis.set_ylabel(label, color=color)
+            drawn.append(axis)
+    if drawn:
+        handles = [h for axis in drawn for h in axis.get_legend_handles_labels()[0]]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    if twin not in drawn:
+        twin.set_axis_off()
+    if not drawn:
+        note_missing(ax, [left[0], right[0]])
+
+
+def eval_accuracy_key(runs: list[Run]) -> str:
+    """The validation-accuracy key the runs logged (first of EVAL_ACCURACY_KEYS found, else any "eval/...acc")."""
+    logged = {key for run in runs for row in run.rows for key in row}
+    found = [key for key in EVAL_ACCURACY_KEYS if key in logged]
+    found += sorted(key for key in logged if key.startswith("eval/") and "acc" in key)
+    return found[0] if found else EVAL_ACCURACY_KEYS[0]
+
+
+def fig3_dynamics(run: Run, out: Path) -> Path:
+    """Fig. 3: the two phases of RL training in one run."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    plot_keys(axes[0, 0], run, [("ppl_planning_rel", "planning"), ("ppl_execution_rel", "execution")],
+              "relative perplexity (÷ step 0)", "perplexity / perplexity at step 0")
+    plot_keys(axes[0, 1], run, [("entropy_planning", "planning"), ("entropy_execution", "execution"),
+                                ("entropy_all", "all tokens")], "token entropy", "nats")
+    plot_twin(axes[1, 0], run, ("semantic_entropy", "semantic entropy of SGs"),
+              ("conditional_entropy", "conditional entropy after SGs"), "semantic vs conditional entropy (nats)")
+    plot_twin(axes[1, 1], run, ("accuracy", "training accuracy"), ("length_mean", "mean length (tokens)"),
+              "accuracy and response length")
+    fig.suptitle(f"Training dynamics — {run.label}  ({run.path.name})")
+    return save(fig, out / "fig3_dynamics.png")
+
+
+def aligned(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed curves of `key` at the steps every run logged: (steps [S], values [R, S])."""
+    curves = [series(run, key) for run in runs]
+    common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in curves)))
+    values = [smooth(v)[np.isin(s, common)] for s, v in curves]
+    return np.asarray(common), np.asarray(values).reshape(len(runs), len(common))
+
+
+def plot_groups(ax, runs: list[Run], key: str, title: str, ylabel: str = "") -> None:
+    """One colour per algo: a single run as its own curve, several runs as mean with a min-max band."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.algo].append(run)
+    drawn = False
+    for i, (algo, members) in enumerate(groups.items()):
+        color = f"C{i}"
+        logged = [run for run in members if len(series(run, key)[0])]
+        if len(logged) == 1:
+            plot_curve(ax, *series(logged[0], key), logged[0].label, color)
+        elif logged:
+            steps, values = aligned(logged, key)
+            ax.plot(steps, values.mean(axis=0), color=color, linewidth=1.6, label=f"{algo} (mean of {len(logged)})")
+            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2)
+        drawn = drawn or bool(logged)
+    finish_panel(ax, title, ylabel, drawn, [key])
+
+
+def fig6_comparison(runs: list[Run], out: Path) -> Path:
+    """Fig. 6/7: methods compared on semantic entropy, validation accuracy, token entropy, training pass@k."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    accuracy_key = eval_accuracy_key(runs)
+    plot_groups(axes[0, 0], runs, "semantic_entropy", "semantic entropy of strategic grams", "nats")
+    plot_groups(axes[0, 1], runs, accuracy_key, f"validation accuracy ({accuracy_key})")
+    plot_groups(axes[1, 0], runs, "entropy_all", "token entropy (all tokens)", "nats")
+    plot_groups(axes[1, 1], runs, "pass_at_k", "training pass@k (k = group size)")
+    fig.suptitle("Comparison of runs (band: min-max over seeds)")
+    return save(fig, out / "fig6_comparison.png")
+
+
+def run_and_style_legend(ax, runs: list[Run], styles: dict[str, str]) -> None:
+    """Compact legend: one colour entry per run (C0, C1, ...) and one line-style entry per quantity."""
+    handles = [Line2D([], [], color=f"C{i}", label=run.label) for i, run in enumerate(runs)]
+    handles += [Line2D([], [], color="black", linestyle=style, label=what) for what, style in styles.items()]
+    ax.legend(handles=handles, fontsize=8)
+
+
+def fig5_error_types(runs: list[Run], out: Path) -> Path:
+    """Fig. 5: strategy (planning) vs execution errors per batch over training, and strategy's share."""
+    runs = [run for run in runs if has_key([run], "errors_strategy")]
+    fig, (counts_ax, share_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"strategy errors": "-", "execution errors": "--"}
+    for i, run in enumerate(runs):
+        for key, style in zip(("errors_strategy", "errors_execution"), styles.values()):
+            steps, values = series(run, key)
+            if len(steps):
+                plot_curve(counts_ax, steps, values, run.label, f"C{i}", style)
+        steps, strategy = series(run, "errors_strategy")
+        execution = series(run, "errors_execution")[1]
+        failures = strategy + execution
+        if len(steps) and len(execution) == len(steps) and failures.any():
+            keep = failures > 0
+            plot_curve(share_ax, steps[keep], strategy[keep] / failures[keep], run.label, f"C{i}")
+    finish_panel(counts_ax, "errors per batch", "count", bool(counts_ax.lines), ["errors_strategy", "errors_execution"])
+    finish_panel(share_ax, "strategy errors / all errors", "share", bool(share_ax.lines), ["errors_strategy"])
+    if counts_ax.lines:
+        run_and_style_legend(counts_ax, runs, styles)
+    return save(fig, out / "fig5_error_types.png")
+
+
+def fig10_planning_vs_entropy(runs: list[Run], out: Path) -> Path:
+    """Fig. 10: planning tokens vs top-30% entropy ("fork") tokens over training."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"planning tokens that are in the top-30% entropy": "-",
+              "top-30% entropy tokens that are planning": "--"}
+    for i, run in enumerate(runs):
+        for key, style in zip(("planning_in_top_entropy", "top_entropy_is_planning"), styles.values()):
+            steps, values = series(run, key)
+            if len(steps):
+                plot_curve(ax, steps, values, run.label, f"C{i}", style)
+    finish_panel(ax, "planning vs high-entropy tokens", "fraction", bool(ax.lines),
+                 ["planning_in_top_entropy", "top_entropy_is_planning"])
+    if ax.lines:
+        run_and_style_legend(ax, runs, styles)
+    ax.set_ylim(0, 1)
+    return save(fig, out / "fig10_planning_vs_entropy.png")
+
+
+def save(fig, path: Path) -> Path:
+    """Write `fig` to `path` as a small PNG and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def has_key(runs: list[Run], key: str) -> bool:
+    """Whether any run logged `key` at any step."""
+    return any(key in row for run in runs for row in run.rows)
+
+
+def main(run_dirs: list[str]) -> list[Path]:
+    """Write the figures for `run_dirs` into the first one; returns (and prints) the written paths."""
+    runs = [load_run(run_dir) for run_dir in run_dirs]
+    out = runs[0].path
+    written = [fig3_dynamics(runs[0], out), fig10_planning_vs_entropy(runs, out)]
+    if len(runs) > 1:
+        written.append(fig6_comparison(runs, out))
+    if has_key(runs, "errors_strategy"):
+        written.append(fig5_error_types(runs, out))
+    for path in written:
+        print(f"wrote {path}")
+    return written

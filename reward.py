@@ -1,0 +1,187 @@
+"""Rewards: grade a completion's final answer against the reference answer.
+
+A reward function is a plain callable `(completion_text, reference_answer) -> float`.
+Choices, and where they come from:
+- Strict boxed grading (paper Sec. 5, "strict \\boxed{} answer matching"): only the
+  last complete `\\boxed{...}` of the completion counts; a completion without one
+  scores 0. `\\boxed X` (no braces, as in `\\boxed 5`) is accepted too.
+- Equivalence is decided by math-verify (`parse` + `verify`), so `\\frac{1}{2}` equals
+  `0.5`, `\\text{(C)}` equals `C`, `\\left( 3, \\frac{\\pi}{2} \\right)` equals
+  `(3, \\pi/2)`. Plain numbers (`1,000`, `18.00`) are compared exactly in-process
+  first; math-verify only sees the rest.
+- Timeouts: math-verify's own timeouts use `signal.alarm`, which only works on the
+  main thread, so they are disabled here. Each math-verify comparison runs in a
+  forked child process that is killed after `timeout_s`; a timeout raises
+  `GradingTimeout` (the completion scores 0 and `grade` reports it as a timeout).
+  A process, not a thread, because a runaway sympy computation cannot be stopped
+  from another thread and would keep eating CPU.
+- `gsm8k_reward` is the lenient GSM8K grader: the boxed answer if there is one,
+  else the last number of the text, compared as a number.
+- Model output is only parsed, never executed.
+"""
+
+import logging
+import multiprocessing
+import re
+from decimal import Decimal, InvalidOperation
+
+from math_verify import parse, verify
+
+DEFAULT_TIMEOUT_S = 5.0
+# "fork" keeps a comparison cheap (~20 ms): the child inherits math-verify's parsers.
+FORK = multiprocessing.get_context("fork")
+# A number as written in an answer: thousands commas only in groups of three.
+NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+# Decoration that never changes a numeric answer: $, \$, spaces, thin spaces, \%.
+NUMBER_NOISE_RE = re.compile(r"\\\$|\$|\\[,!; ]|\\%|%|\s")
+
+
+class GradingTimeout(Exception):
+    """A math-verify comparison ran past its time limit (scored as wrong)."""
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete \\boxed{...} (brace matched) or \\boxed X; None if none.
+
+    Escaped braces `\\{` `\\}` do not count for matching. A box left open (for example
+    a completion cut at max_new_tokens) is skipped, so an earlier closed box counts.
+    """
+    answer = None
+    for start in (m.end() for m in re.finditer(r"\\boxed", text)):
+        content = _box_content(text, start)
+        if content is not None:
+            answer = content
+    return answer
+
+
+def _box_content(text: str, start: int) -> str | None:
+    """Argument of the \\boxed command whose name ends at `start`, or None if unclosed/empty."""
+    rest = text[start:]
+    if not rest.startswith("{"):
+        # `\boxed 5`: one space-separated token, up to a `$` or whitespace.
+        m = re.match(r" +([^\s$]+)", rest)
+        if m is None:
+            return None
+        return m.group(1).rstrip(".,") or None
+    depth, i = 0, 0
+    while i < len(rest):
+        char = rest[i]
+        if char == "\\":
+            i += 2  # skip the escaped character (\{ and \} are literal braces)
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return rest[1:i].strip() or None
+        i += 1
+    return None
+
+
+def parse_number(text: str) -> Decimal | None:
+    """`text` as a number if it is only a number (`1,000`, `$18.00`, `50\\%`), else None."""
+    cleaned = NUMBER_NOISE_RE.sub("", text)
+    if not NUMBER_RE.fullmatch(cleaned):
+        return None
+    try:
+        return Decimal(cleaned.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def answers_match(pred: str, reference: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """True if `pred` is mathematically equal to `reference`.
+
+    Plain numbers compare exactly here; anything else goes to math-verify in a child
+    process (see module docstring). Raises GradingTimeout after `timeout_s` seconds.
+    """
+    if pred.strip() == reference.strip():
+        return True
+    pred_number, ref_number = parse_number(pred), parse_number(reference)
+    if pred_number is not None and ref_number is not None:
+        return pred_number == ref_number
+    return _verify_in_child(pred, reference, timeout_s)
+
+
+def _math_verify(pred: str, reference: str) -> bool:
+    """math-verify with its signal-based timeouts off; both sides read as inline LaTeX."""
+    gold = parse(f"${reference.replace('$', '')}$", parsing_timeout=None)
+    target = parse(f"${pred.replace('$', '')}$", parsing_timeout=None)
+    return verify(gold, target, timeout_seconds=None)
+
+
+def _child_verify(conn, pred: str, reference: str) -> None:
+    """Child-process body: send the verdict back through the pipe."""
+    conn.send(_math_verify(pred, reference))
+    conn.close()
+
+
+def _verify_in_child(pred: str, reference: str, timeout_s: float) -> bool:
+    """Run _math_verify in a forked process; kill it and raise GradingTimeout when late."""
+    receiver, sender = FORK.Pipe(duplex=False)
+    child = FORK.Process(target=_child_verify, args=(sender, pred, reference), daemon=True)
+    child.start()
+    sender.close()  # so recv() sees EOF if the child dies without answering
+    try:
+        if not receiver.poll(timeout_s):
+            raise GradingTimeout(f"grading took over {timeout_s:g} s: {pred[:80]!r} vs {reference!r}")
+        try:
+            return receiver.recv()
+        except EOFError:
+            raise RuntimeError(f"grader process died (exit code {child.exitcode})") from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receiver.close()
+
+
+def boxed_reward(completion: str, answer: str) -> float:
+    """1.0 if the last \\boxed{} of the completion equals the answer, else 0.0 (strict)."""
+    pred = extract_boxed(completion)
+    return float(pred is not None and answers_match(pred, answer))
+
+
+def gsm8k_reward(completion: str, answer: str) -> float:
+    """1.0 if the final number equals the answer: the boxed answer if any, else the last number."""
+    pred = extract_boxed(completion)
+    if pred is None:
+        numbers = NUMBER_RE.findall(completion)
+        pred = numbers[-1] if numbers else None
+    elif parse_number(pred) is None:
+        # "18 dollars", "x = 18": keep the last number in the box.
+        numbers = NUMBER_RE.findall(pred)
+        pred = numbers[-1] if numbers else pred
+    return float(pred is not None and answers_match(pred, answer))
+
+
+def format_reward(completion: str, answer: str) -> float:
+    """1.0 if the completion holds a complete, non-empty \\boxed{} answer; ignores `answer`."""
+    return float(extract_boxed(completion) is not None)
+
+
+REWARDS = {"boxed": boxed_reward, "gsm8k": gsm8k_reward, "format": format_reward}
+
+
+def grade(fn, completion: str, answer: str) -> tuple[float, str | None]:
+    """(reward, failure): failure is None, "timeout" or "error"; a failed grading scores 0."""
+    try:
+        return float(fn(completion, answer)), None
+    except GradingTimeout:
+        return 0.0, "timeout"
+    except Exception:  # a grader bug must not stop training; it is counted instead
+        return 0.0, "error"
+
+
+def score_completions(fn, completions: list[str], answers: list[str]) -> tuple[list[float], int]:
+    """Rewards of `fn` for each (completion, answer) pair, and how many gradings failed."""
+    graded = [grade(fn, c, a) for c, a in zip(completions, answers, strict=True)]
+    return [reward for reward, _ in graded], sum(failure is not None for _, failure in graded)
+
+
+# math-verify warns that its timeouts are off; this module times comparisons itself.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+# Build math-verify's parsers once in this process, so forked graders inherit them
+# instead of rebuilding them on every comparison (~50 ms each).
+_math_verify("1", "\\frac{1}{2}")

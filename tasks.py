@@ -1,0 +1,200 @@
+"""The built-in reasoning world: small verifiable word problems where the strategy decides success.
+
+Each problem family has two ways to be solved, announced by a planning phrase at the start of the trace:
+
+- `steps`  (sound): break the problem into one small operation per line, e.g.
+      "let's break it into parts. 40 * 6 = 240. 7 * 6 = 42. 240 + 42 = 282. so the answer is \\boxed{282}."
+- `direct` (poor):  do everything in one long step, e.g.
+      "let's multiply in one step. 47 * 6 = 282. so the answer is \\boxed{282}."
+- `check`  (sound): the direct step, then "let me check:" redoes it in small steps and either confirms it
+      ("that is right.") or catches the slip ("wait, that is wrong.") and answers with the checked value.
+
+Both are valid, but a tiny model only executes the small steps reliably: a one-shot sum of four numbers
+or a one-shot 2-digit product is beyond its capacity, so `direct` fails often *by itself*; no error is
+injected at sampling time. The base model (tiny_model.py) is fine-tuned on a mix where `direct`
+dominates, so reinforcement learning has a strategy to discover (the planning phrase of `steps` or
+`check`), which is what HICRA credits (paper Sec. 3).
+
+Families: `sum` (four 2-digit numbers), `mul` (2-digit times 1-digit), `change` (a + b - c).
+Train and test problems are disjoint by their operands (a fixed hash splits the operand space), so test
+arithmetic was never seen verbatim during fine-tuning.
+"""
+
+import random
+import re
+import zlib
+
+from data import Problem
+
+FAMILIES = ("sum", "mul", "change")
+STRATEGIES = ("direct", "steps", "check")
+SPLITS = ("train", "test")
+DEFAULT_MODEL_DIR = "models/tiny-world"  # the base model tiny_model.py builds
+TEST_PERCENT = 20  # share of each family's operand space held out for the test split
+
+# Planning phrases: the plan that opens a trace, per family and strategy (`check` opens like `direct`).
+PLANS = {
+    "sum": {"steps": "let's add them one at a time", "direct": "let's add them all at once"},
+    "mul": {"steps": "let's break it into parts", "direct": "let's multiply in one step"},
+    "change": {"steps": "let's go step by step", "direct": "let's do it in one step"},
+}
+CHECK = "let me check"
+CHECK_OK = "that is right"
+CHECK_WRONG = "wait, that is wrong"
+CONCLUDE = "so the answer is"
+
+# The world's strategic grams (grams preset "world"): every planning phrase above, lower-case.
+WORLD_GRAMS = sorted({plan for plans in PLANS.values() for plan in plans.values()}
+                     | {CHECK, CHECK_OK, CHECK_WRONG, CONCLUDE})
+
+NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana")
+ITEMS = ("apples", "coins", "books", "pens", "shells", "stamps", "cards", "stones")
+
+BOXED_INT = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+
+
+def family_operands(family: str, rng: random.Random) -> tuple[int, ...]:
+    """Draw the operands of one problem of `family`."""
+    if family == "sum":
+        return tuple(rng.randint(10, 99) for _ in range(4))
+    if family == "mul":
+        tens, units = rng.randint(1, 9), rng.randint(1, 9)  # units > 0 so the split has two parts
+        return (10 * tens + units, rng.randint(3, 9))
+    if family == "change":
+        a, b = rng.randint(20, 99), rng.randint(20, 99)
+        return (a, b, rng.randint(10, a + b - 10))
+    raise ValueError(f"unknown family '{family}' (known: {', '.join(FAMILIES)})")
+
+
+def solve(family: str, ops: tuple[int, ...]) -> int:
+    """The exact answer of a problem."""
+    if family == "sum":
+        return sum(ops)
+    if family == "mul":
+        return ops[0] * ops[1]
+    return ops[0] + ops[1] - ops[2]
+
+
+def problem_text(family: str, ops: tuple[int, ...], name: str, item: str) -> str:
+    """The natural-language statement of a problem."""
+    if family == "sum":
+        a, b, c, d = ops
+        return (f"{name} has four boxes with {a}, {b}, {c} and {d} {item}. "
+                f"How many {item} are there in total?")
+    if family == "mul":
+        a, b = ops
+        return f"{name} buys {a} bags of {item}. Each bag holds {b} {item}. How many {item} does {name} buy?"
+    a, b, c = ops
+    return f"{name} has {a} {item}, gets {b} more and then gives away {c}. How many {item} does {name} have now?"
+
+
+def split_of(family: str, ops: tuple[int, ...]) -> str:
+    """The split ("train" or "test") that owns these operands: a fixed hash, independent of any seed."""
+    key = f"{family}:{','.join(map(str, ops))}".encode()
+    return "test" if zlib.crc32(key) % 100 < TEST_PERCENT else "train"
+
+
+def world_problems(split: str, n: int, seed: int) -> list[Problem]:
+    """`n` problems of `split`, deterministic for `seed`; the two splits never share operands.
+
+    meta: family, operands (list of ints), split.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"{split}:{seed}")
+    problems = []
+    while len(problems) < n:
+        family = rng.choice(FAMILIES)
+        ops = family_operands(family, rng)
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        if split_of(family, ops) != split:
+            continue
+        problems.append(Problem(problem=problem_text(family, ops, name, item),
+                                answer=str(solve(family, ops)),
+                                meta={"family": family, "operands": list(ops), "split": split}))
+    return problems
+
+
+def step_equations(family: str, ops: tuple[int, ...]) -> list[str]:
+    """The small steps of the `steps` strategy, one operation each."""
+    if family == "sum":
+        lines, total = [], ops[0]
+        for x in ops[1:]:
+            lines.append(f"{total} + {x} = {total + x}")
+            total += x
+        return lines
+    if family == "mul":
+        a, b = ops
+        tens, units = a - a % 10, a % 10
+        return [f"{tens} * {b} = {tens * b}", f"{units} * {b} = {units * b}",
+                f"{tens * b} + {units * b} = {a * b}"]
+    a, b, c = ops
+    return [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"]
+
+
+def direct_equation(family: str, ops: tuple[int, ...], result: int) -> str:
+    """The one long step of the `direct` strategy, with the given (possibly wrong) result."""
+    if family == "sum":
+        return f"{' + '.join(map(str, ops))} = {result}"
+    if family == "mul":
+        return f"{ops[0]} * {ops[1]} = {result}"
+    return f"{ops[0]} + {ops[1]} - {ops[2]} = {result}"
+
+
+def slipped(value: int, rng: random.Random) -> int:
+    """A plausible arithmetic slip near `value` (off by one, by ten, or a carry missed)."""
+    return max(1, value + rng.choice((-10, -1, 1, 10, 100 if value >= 100 else 20)))
+
+
+def reference_trace(problem: Problem, strategy: str, slip: bool = False, seed: int = 0) -> str:
+    """A correct solution trace of `problem` with `strategy`, ending with \\boxed{answer}.
+
+    slip=True (strategy "check" only): the direct step contains a slip that the check catches
+    ("wait, that is wrong.") before the corrected answer.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
+    if slip and strategy != "check":
+        raise ValueError("slip=True needs strategy 'check' (only a check can catch a slip)")
+    family, ops = problem.meta["family"], tuple(problem.meta["operands"])
+    answer = solve(family, ops)
+    if strategy == "steps":
+        body = [PLANS[family]["steps"], *step_equations(family, ops)]
+    else:
+        first = slipped(answer, random.Random(seed)) if slip else answer
+        body = [PLANS[family]["direct"], direct_equation(family, ops, first)]
+        if strategy == "check":
+            checked = ", ".join(step_equations(family, ops))
+            body += [f"{CHECK}: {checked}", CHECK_WRONG if slip else CHECK_OK]
+    return ". ".join(body) + f". {CONCLUDE} \\boxed{{{answer}}}."
+
+
+def boxed_answer(completion: str) -> str | None:
+    """The integer in the last \\boxed{...} of a completion, or None."""
+    found = BOXED_INT.findall(completion)
+    return found[-1] if found else None
+
+
+def detect_strategy(problem: Problem, completion: str) -> str | None:
+    """The strategy a completion follows, read from its opening plan; None if the plan is missing/foreign."""
+    plans = PLANS[problem.meta["family"]]
+    opening = completion.strip().lower()
+    if opening.startswith(plans["steps"]):
+        return "steps"
+    if opening.startswith(plans["direct"]):
+        return "check" if CHECK in opening else "direct"
+    return None
+
+
+def classify_error(problem: Problem, completion: str) -> str | None:
+    """None if the completion is correct, else "strategy" or "execution" (the paper's Fig. 5 split).
+
+    strategy error: the poor one-shot plan (`direct` without a check), or a missing / foreign plan;
+    execution error: a sound plan (`steps` or `check`) that went wrong in its arithmetic, in copying an
+    operand, or in writing the final box.
+    """
+    if boxed_answer(completion) == problem.answer:
+        return None
+    return "execution" if detect_strategy(problem, completion) in ("steps", "check") else "strategy"

@@ -1,0 +1,199 @@
+"""Tests for reward.py, data.py and eval.py: the grader's hard cases, pass@k, one-line input errors,
+and an end-to-end run of the CLI on a tiny random model (fixtures in conftest.py, no network)."""
+
+import json
+import threading
+
+import pytest
+
+import eval as evaluation
+from conftest import build_model
+from data import InputError, load_problems
+from reward import (
+    GradingTimeout,
+    answers_match,
+    boxed_reward,
+    extract_boxed,
+    format_reward,
+    grade,
+    gsm8k_reward,
+    score_completions,
+)
+
+# An answer whose comparison makes sympy compute a tower of powers: it never finishes in time.
+RUNAWAY_ANSWER = "2^{2^{2^{2^{2^{100}}}}}!"
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("so the answer is \\boxed{\\frac{1}{2}}.", "0.5"),
+        ("\\boxed{\\text{(C)}}", "C"),
+        ("\\boxed{1,000}", "1000"),
+        ("\\boxed{\\dfrac{1}{2}}", "\\frac12"),
+        ("\\boxed{\\left(3, \\dfrac{\\pi}{2}\\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("\\boxed{90^\\circ}", "90"),
+        ("$\\boxed{18.00}$", "18"),
+        ("\\boxed 5.", "5"),
+    ],
+)
+def test_boxed_reward_accepts_equivalent_forms(completion, answer):
+    assert boxed_reward(completion, answer) == 1.0
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("\\boxed{\\frac{1}{3}}", "0.5"),
+        ("\\boxed{B}", "C"),
+        ("the answer is 42", "42"),  # strict: no box is wrong
+        ("\\boxed{42} but wait, \\boxed{41}", "42"),  # the last box counts
+    ],
+)
+def test_boxed_reward_rejects_wrong_or_unboxed_answers(completion, answer):
+    assert boxed_reward(completion, answer) == 0.0
+
+
+def test_extract_boxed_matches_nested_braces_and_takes_the_last_box():
+    assert extract_boxed("\\boxed{\\frac{a}{b^{2}}}") == "\\frac{a}{b^{2}}"
+    assert extract_boxed("\\boxed{1} then \\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
+    assert extract_boxed("\\boxed{7} and a truncated \\boxed{\\frac{1") == "7"
+    assert extract_boxed("no box here") is None
+    assert extract_boxed("\\boxed{}") is None
+
+
+def test_gsm8k_reward_compares_numbers_with_commas_units_and_boxes():
+    assert gsm8k_reward("She makes $1,000.00 dollars.", "1000") == 1.0
+    assert gsm8k_reward("\\boxed{18 \\text{ dollars}}", "18") == 1.0
+    assert gsm8k_reward("2 apples and 3 pears", "2") == 0.0  # the last number counts
+    assert gsm8k_reward("no number", "2") == 0.0
+
+
+def test_format_reward_checks_only_for_a_box():
+    assert format_reward("\\boxed{x}", "7") == 1.0
+    assert format_reward("x = 7", "7") == 0.0
+
+
+def test_grading_timeout_works_off_the_main_thread():
+    outcome = {}
+
+    def worker():
+        try:
+            answers_match(RUNAWAY_ANSWER, "3", timeout_s=0.5)
+        except GradingTimeout:
+            outcome["timeout"] = True
+        outcome["graded"] = grade(lambda c, a: float(answers_match(c, a, timeout_s=0.5)), RUNAWAY_ANSWER, "3")
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(timeout=30)
+    assert outcome == {"timeout": True, "graded": (0.0, "timeout")}
+
+
+def test_score_completions_scores_a_raising_reward_as_zero_and_counts_it():
+    def flaky(completion, answer):
+        if completion == "bad":
+            raise RuntimeError("grader bug")
+        return 1.0
+
+    assert score_completions(flaky, ["ok", "bad", "ok"], ["1", "1", "1"]) == ([1.0, 0.0, 1.0], 1)
+
+
+def test_pass_at_k_matches_hand_computed_values():
+    assert [evaluation.pass_at_k(4, 1, k) for k in range(1, 5)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert evaluation.pass_at_k(4, 0, 4) == 0.0
+    assert evaluation.pass_at_k(32, 32, 1) == 1.0
+    with pytest.raises(ValueError):
+        evaluation.pass_at_k(4, 1, 5)
+
+
+def test_load_problems_reads_benchmarks_and_keeps_extra_fields():
+    problems = load_problems("math500", limit=2)
+    assert len(problems) == 2 and problems[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert "solution" in problems[0].meta
+    assert len(load_problems("aime24")) == 30
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ("", "file is empty"),
+        ('{"problem": "1+1", "answer": "2"}\n{"problem": oops}\n', ":2: malformed JSON"),
+        ('{"problem": "1+1", "answer": "2"}\n\n{"problem": "2+2"}\n', ":3: missing field 'answer'"),
+        ('{"answer": "2"}\n', ":1: missing field 'problem'"),
+    ],
+)
+def test_load_problems_errors_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bench.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message) as error:
+        load_problems(str(path))
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_benchmark_lists_valid_names():
+    with pytest.raises(InputError, match="valid names: gsm8k, .*math500"):
+        load_problems("gsm9k")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """The tiny random model and its tokenizer saved as an HF folder, as train.py writes checkpoints."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_returns_pass_at_k_and_one_record_per_problem(model_dir):
+    model, tokenizer = evaluation.load_model(str(model_dir))
+    problems = load_problems("gsm8k", limit=2)
+    summary, records = evaluation.evaluate(
+        model, tokenizer, problems, samples=3, temperature=1.0, max_new_tokens=6, batch_size=4, progress=False
+    )
+    assert {"pass@1", "pass@2", "pass@3", "mean_length", "no_box", "timeouts"} <= summary.keys()
+    assert [len(r["completions"]) for r in records] == [3, 3]
+    assert 1 <= summary["mean_length"] <= 6
+
+
+def test_cli_writes_results_and_summary_for_a_checkpoint_folder(model_dir, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--model", str(model_dir), "--benchmark", "gsm8k", "--limit", "3", "--samples", "2",
+            "--max-new-tokens", "5", "--batch-size", "4", "--out", str(out), "--quiet"]
+    assert evaluation.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 3
+    assert set(summary["passes"]) == {"sampled T=0.6", "greedy"}
+    assert {"pass@1", "pass@2"} <= summary["passes"]["sampled T=0.6"].keys()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6  # 3 problems x (sampled + greedy)
+    assert {"prompt", "completions", "extracted", "correct"} <= rows[0].keys()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--benchmark", "gsm9k"], "unknown benchmark 'gsm9k'"),
+        (["--benchmark", "missing/file.jsonl"], "no such file"),
+        (["--benchmark", "gsm8k", "--samples", "0"], "--samples: must be at least 1"),
+        (["--benchmark", "gsm8k", "--samples", "2", "--pass-k", "1,4"], "--pass-k: k must be between 1 and"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(model_dir, capsys, extra, message):
+    assert evaluation.main(["--model", str(model_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_problem_line_is_a_one_line_error(model_dir, tmp_path, capsys):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
+    assert evaluation.main(["--model", str(model_dir), "--benchmark", str(bench)]) == 2
+    assert capsys.readouterr().err == f"error: {bench}:2: missing field 'answer'\n"
+
+
+def test_plot_without_run_dirs_is_a_one_line_error(capsys):
+    assert evaluation.main(["plot"]) == 2
+    assert capsys.readouterr().err.startswith("error: plot:")

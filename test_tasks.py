@@ -1,0 +1,114 @@
+"""Tests of the built-in world (tasks.py) and of the shipped tiny base model (tiny_model.py)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tasks
+from data import Problem
+from rollout import format_prompt, generate_rollouts
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MODEL_DIR = Path(__file__).parent / tasks.DEFAULT_MODEL_DIR
+# Greedy accuracy of the shipped model on test problems 0..31 of seed 0 (measured 0.XX); the band allows
+# for float differences across CPUs, not for a different model.
+BASE_SAMPLE, BASE_SEED, BASE_BAND = 32, 0, (0.0, 1.0)
+
+
+def test_generator_is_deterministic_for_a_seed():
+    assert tasks.world_problems("train", 50, seed=3) == tasks.world_problems("train", 50, seed=3)
+    assert tasks.world_problems("train", 50, seed=3) != tasks.world_problems("train", 50, seed=4)
+
+
+def test_train_and_test_splits_share_no_operands():
+    def keys(split):
+        return {(p.meta["family"], tuple(p.meta["operands"])) for p in tasks.world_problems(split, 2000, seed=0)}
+
+    assert not keys("train") & keys("test")
+
+
+def test_every_family_appears_with_an_integer_answer():
+    problems = tasks.world_problems("test", 60, seed=0)
+    assert {p.meta["family"] for p in problems} == set(tasks.FAMILIES)
+    assert all(p.answer == str(int(p.answer)) and int(p.answer) > 0 for p in problems)
+
+
+@pytest.mark.parametrize("strategy,slip", [("direct", False), ("steps", False), ("check", False), ("check", True)])
+def test_every_reference_trace_verifies(strategy, slip):
+    for i, p in enumerate(tasks.world_problems("train", 300, seed=1)):
+        trace = tasks.reference_trace(p, strategy, slip=slip, seed=i)
+        assert tasks.boxed_answer(trace) == p.answer, trace
+        assert tasks.detect_strategy(p, trace) == strategy
+        assert tasks.classify_error(p, trace) is None
+
+
+def test_slip_is_caught_by_the_check():
+    p = tasks.world_problems("test", 1, seed=0)[0]
+    trace = tasks.reference_trace(p, "check", slip=True)
+    assert tasks.CHECK_WRONG in trace and trace.index(tasks.CHECK) < trace.index(tasks.CHECK_WRONG)
+    assert tasks.CHECK_OK in tasks.reference_trace(p, "check")
+
+
+def test_world_grams_are_lower_case_and_mark_every_plan():
+    assert all(g == g.lower() for g in tasks.WORLD_GRAMS)
+    for plans in tasks.PLANS.values():
+        assert set(plans.values()) <= set(tasks.WORLD_GRAMS)
+
+
+MUL = Problem("Ana buys 47 bags of pens. Each bag holds 6 pens. How many pens does Ana buy?", "282",
+              {"family": "mul", "operands": [47, 6], "split": "test"})
+
+
+def test_classify_error_correct_is_none():
+    assert tasks.classify_error(MUL, "let's multiply in one step. 47 * 6 = 282. so the answer is \\boxed{282}.") is None
+
+
+def test_classify_error_poor_plan_is_strategy_error():
+    wrong_direct = "let's multiply in one step. 47 * 6 = 272. so the answer is \\boxed{272}."
+    assert tasks.classify_error(MUL, wrong_direct) == "strategy"
+
+
+def test_classify_error_missing_or_foreign_plan_is_strategy_error():
+    assert tasks.classify_error(MUL, "47 * 6 = 272. so the answer is \\boxed{272}.") == "strategy"
+    assert tasks.classify_error(MUL, "let's add them all at once. 47 + 6 = 53. \\boxed{53}") == "strategy"
+
+
+def test_classify_error_slip_under_sound_plan_is_execution_error():
+    slip = "let's break it into parts. 40 * 6 = 240. 7 * 6 = 48. 240 + 48 = 288. so the answer is \\boxed{288}."
+    assert tasks.classify_error(MUL, slip) == "execution"
+    missed = ("let's multiply in one step. 47 * 6 = 272. let me check: 40 * 6 = 240, 7 * 6 = 42, 240 + 42 = 282. "
+              "that is right. so the answer is \\boxed{272}.")
+    assert tasks.classify_error(MUL, missed) == "execution"
+
+
+def test_bad_input_raises_one_line_errors():
+    with pytest.raises(ValueError, match="split must be one of"):
+        tasks.world_problems("dev", 3, seed=0)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        tasks.reference_trace(MUL, "guess")
+
+
+def test_tokenizer_round_trips_traces_with_single_digit_tokens():
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    trace = tasks.reference_trace(MUL, "check", slip=True)
+    ids = tokenizer(trace, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == trace and tokenizer.unk_token_id not in ids
+    assert all(len(t.lstrip("▁")) == 1 for t in tokenizer.convert_ids_to_tokens(ids) if t.lstrip("▁").isdigit())
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert format_prompt(tokenizer, "x").endswith("<|assistant|>")
+
+
+def test_shipped_model_loads_offline_and_reaches_base_accuracy():
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    assert sum(f.stat().st_size for f in MODEL_DIR.iterdir()) < 10 * 2**20
+    problems = tasks.world_problems("test", BASE_SAMPLE, seed=BASE_SEED)
+    batch = generate_rollouts(model, tokenizer, [format_prompt(tokenizer, p.problem) for p in problems],
+                              group_size=1, max_new_tokens=96, temperature=0.0)
+    accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
+    assert BASE_BAND[0] <= accuracy <= BASE_BAND[1]
+    assert not batch.truncated.any()

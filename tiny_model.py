@@ -1,0 +1,217 @@
+"""Build the tiny base model of the built-in world (tasks.py): tokenizer, small Llama, SFT warm start.
+
+    python tiny_model.py --out models/tiny-world        # deterministic for --seed, ~15 min on 2 CPU cores
+
+Deliberate choices:
+- word-level tokenizer whose digits are single tokens (" 47" -> "▁4", "7"), so arithmetic is learnable by
+  a ~1M-parameter model, and whose Metaspace decoder gives the text back exactly (grams and \\boxed{}
+  are matched on decoded text);
+- chat template "<|begin|><|user|>{problem}\\n{instruction}<|assistant|>{trace}<|end|>"; EOS is "<|end|>"
+  and carries loss, pad is a separate "<|pad|>" that never does;
+- SFT on a deliberately sub-optimal strategy mix (STRATEGY_MIX): the error-prone one-shot `direct`
+  strategy dominates, the reliable `steps` / `check` strategies are rare but present, so RL has a
+  strategy to discover; the errors of `direct` come from the model's own limited capacity;
+- loss on assistant tokens only (trace + EOS); the prompt is exactly rollout.format_prompt's.
+"""
+
+import argparse
+import math
+import random
+import time
+from collections import Counter
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import tasks
+from rollout import DEFAULT_INSTRUCTION, format_prompt, generate_rollouts
+
+PAD, UNK, BOS, EOS, USER, ASSISTANT = "<|pad|>", "<|unk|>", "<|begin|>", "<|end|>", "<|user|>", "<|assistant|>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}{% else %}<|assistant|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# One piece per digit, per word, or per other character; a leading space ("▁") stays glued to it.
+PIECE = Regex(r"▁?(?:\d|[A-Za-z]+|[^A-Za-z\d▁])")
+# SFT strategy mix: the poor one-shot strategy dominates; the sound ones are rare but present.
+STRATEGY_MIX = {"direct": 0.75, "steps": 0.15, "check": 0.10}
+CHECK_SLIP_RATE = 0.5  # share of `check` traces whose direct step holds a slip the check catches
+MAX_NEW_TOKENS = 96  # longest reference trace is ~70 tokens
+IGNORE = -100  # label of tokens without loss (prompt, padding)
+
+
+def tokenizer_corpus(seed: int) -> list[str]:
+    """Texts that cover the world's whole vocabulary: every template word, name, item and digit."""
+    problems = tasks.world_problems("train", 300, seed)
+    texts = [p.problem + "\n" + tasks.reference_trace(p, s) for p in problems for s in tasks.STRATEGIES]
+    texts += [tasks.reference_trace(p, "check", slip=True) for p in problems]
+    digits = "0123456789"
+    return texts + [" ".join(tasks.NAMES + tasks.ITEMS), digits + " " + " ".join(digits),
+                    "\n" + DEFAULT_INSTRUCTION]
+
+
+def build_tokenizer(seed: int) -> PreTrainedTokenizerFast:
+    """The world's word-level tokenizer (single-digit tokens, exact round trip) with its chat template."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+        pre_tokenizers.Split(PIECE, behavior="isolated"),
+    ])
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.WordLevelTrainer(special_tokens=[PAD, UNK, BOS, EOS, USER, ASSISTANT])
+    tokenizer.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, chat_template=CHAT_TEMPLATE, padding_side="left")
+
+
+def build_model(tokenizer, args) -> LlamaForCausalLM:
+    """A small Llama over the world's vocabulary, randomly initialised from `args.seed`."""
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def sft_trace(problem, rng: random.Random) -> str:
+    """A reference trace for `problem` whose strategy is drawn from STRATEGY_MIX."""
+    strategy = rng.choices(list(STRATEGY_MIX), weights=list(STRATEGY_MIX.values()))[0]
+    slip = strategy == "check" and rng.random() < CHECK_SLIP_RATE
+    return tasks.reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
+
+
+def sft_batch(tokenizer, problems, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, labels) [B, T]; labels only on the trace and its EOS."""
+    rows = []
+    for p in problems:
+        prompt = tokenizer(format_prompt(tokenizer, p.problem), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(sft_trace(p, rng), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in rows])  # [B, T]
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])  # [B, T]
+    labels = torch.tensor([lab + [IGNORE] * (width - len(lab)) for _, lab in rows])  # [B, T]
+    return ids, mask, labels
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up, then cosine decay to 10% of --lr."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train_sft(model, tokenizer, args) -> None:
+    """Supervised fine-tuning on freshly generated train-split traces, one new batch per step."""
+    rng = random.Random(args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    model.train()
+    start = time.time()
+    for step in range(args.steps):
+        problems = tasks.world_problems("train", args.batch_size, seed=args.seed * 1_000_003 + step)
+        ids, mask, labels = sft_batch(tokenizer, problems, rng)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  lr {learning_rate(step, args):.2e}  "
+                  f"{time.time() - start:6.0f}s", flush=True)
+    model.eval()
+
+
+def measure(model, tokenizer, problems, temperature: float, seed: int, batch_size: int = 100) -> dict:
+    """Accuracy, strategy mix, accuracy per strategy, error types and mean length of one sample each."""
+    torch.manual_seed(seed)
+    texts, lengths = [], []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        batch = generate_rollouts(model, tokenizer, [format_prompt(tokenizer, p.problem) for p in chunk],
+                                  group_size=1, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature)
+        texts += batch.texts
+        lengths += batch.completion_mask.sum(-1).tolist()
+    strategies = [tasks.detect_strategy(p, t) for p, t in zip(problems, texts)]
+    errors = [tasks.classify_error(p, t) for p, t in zip(problems, texts)]
+    per_strategy = {}
+    for s in (*tasks.STRATEGIES, None):
+        outcomes = [e is None for e, st in zip(errors, strategies) if st == s]
+        if outcomes:
+            per_strategy[str(s)] = (sum(outcomes) / len(outcomes), len(outcomes))
+    return {
+        "accuracy": sum(e is None for e in errors) / len(problems),
+        "strategy_mix": {str(s): c / len(problems) for s, c in Counter(strategies).items()},
+        "accuracy_per_strategy": per_strategy,
+        "errors": dict(Counter(e for e in errors if e is not None)),
+        "mean_length": sum(lengths) / len(lengths),
+        "example": texts[0],
+    }
+
+
+def print_report(name: str, report: dict) -> None:
+    """One readable block of `measure`'s figures."""
+    print(f"{name}: accuracy {report['accuracy']:.3f}  mean length {report['mean_length']:.1f} tokens  "
+          f"errors {report['errors']}")
+    print("  strategy mix     " + "  ".join(f"{s} {f:.2f}" for s, f in sorted(report["strategy_mix"].items())))
+    print("  acc per strategy " + "  ".join(f"{s} {a:.2f} (n={n})"
+                                            for s, (a, n) in sorted(report["accuracy_per_strategy"].items())))
+    print(f"  example: {report['example']}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=tasks.DEFAULT_MODEL_DIR, help="output folder (HF format)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tokenizer corpus, init, data and eval")
+    model = parser.add_argument_group("model")
+    model.add_argument("--hidden", type=int, default=128, help="hidden size (MLP is 4x)")
+    model.add_argument("--layers", type=int, default=4, help="transformer layers")
+    model.add_argument("--heads", type=int, default=4, help="attention heads")
+    sft = parser.add_argument_group("SFT")
+    sft.add_argument("--steps", type=int, default=1500, help="optimiser steps")
+    sft.add_argument("--batch-size", type=int, default=64, help="traces per step")
+    sft.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    sft.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    sft.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
+    ev = parser.add_argument_group("evaluation")
+    ev.add_argument("--eval-n", type=int, default=200, help="held-out test problems to sample")
+    args = parser.parse_args()
+    for flag in ("steps", "batch_size", "hidden", "layers", "heads", "eval_n"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0")
+    if args.hidden % args.heads:
+        parser.error("--hidden must be a multiple of --heads")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.time()
+    torch.set_num_threads(2)
+    torch.set_flush_denormal(True)  # tiny fp32 weights/grads hit denormals, which are very slow on CPU
+    tokenizer = build_tokenizer(args.seed)
+    model = build_model(tokenizer, args)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"vocab {len(tokenizer)}  parameters {params / 1e6:.2f}M")
+    train_sft(model, tokenizer, args)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    problems = tasks.world_problems("test", args.eval_n, seed=args.seed)
+    for name, temperature in (("temperature 1.0", 1.0), ("greedy", 0.0)):
+        print_report(f"{name}, n={args.eval_n}, seed={args.seed}", measure(model, tokenizer, problems, temperature,
+                                                                           args.seed))
+    print(f"saved {args.out}  ({params / 1e6:.2f}M parameters)  build wall time {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

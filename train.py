@@ -1,0 +1,477 @@
+"""Train a causal LM with GRPO or HICRA on verifiable math problems.
+
+    python train.py                                   # HICRA on the built-in world with the tiny model
+    python train.py --model PATH_OR_ID --data gsm8k_train --algo grpo --max-new-tokens 512
+    python train.py --resume runs/RUN                 # continue a run exactly where it stopped
+
+One step: sample `--prompts-per-step` problems, roll out `--group-size` completions each, reward them,
+turn rewards into group-relative advantages, shape them per token (`--algo`), then `--ppo-epochs` passes
+over the batch, each one optimizer step whose gradient is accumulated over micro-batches. The old
+log-probs come from one forward pass per rollout and are reused by every epoch (rollout.py).
+
+--algo picks how the per-token advantage is built (grpo.py, hicra.py):
+  grpo          A_i on every token (clip-higher GRPO, the paper's baseline)
+  hicra         A_i + alpha * |A_i| on planning tokens (Sec. 3)
+  entropy_reg   grpo plus an entropy bonus on all tokens (the paper's entropy-regularisation baseline)
+  high_entropy  the HICRA amplification on the top-q entropy tokens instead (the paper's ablation)
+
+Every step appends one JSON line to RUN_DIR/metrics.jsonl; checkpoints are Hugging Face folders plus the
+optimizer, scheduler and RNG state in RUN_DIR/checkpoint/, written atomically (temp folder, then rename).
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import grams as grams_lib
+from data import InputError, Problem, load_problems
+from eval import DTYPES, evaluate, load_model
+from grpo import ADVANTAGE_MODES, AGGREGATIONS, aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
+from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
+from metrics import RelativeToFirst, rollout_metrics
+from reward import REWARDS, score_completions
+from rollout import RolloutBatch, completion_logprobs, format_prompt, generate_rollouts
+
+ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy")
+DEFAULT_MODEL = "models/tiny-world"
+SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="GRPO / HICRA training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or hub id (from_pretrained)")
+    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load and dequantise")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    group.add_argument("--lora-rank", type=int, default=0, help="LoRA rank via peft; 0 trains all weights")
+    group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling numerator (alpha / rank)")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default="world_train", help="training problems: benchmark name or JSONL file")
+    group.add_argument("--eval-data", default="world", help="held-out problems: benchmark name or JSONL file")
+    group.add_argument("--eval-limit", type=int, default=200, help="held-out problems per evaluation")
+    group.add_argument("--reward", default="boxed", help=f"reward function, one of {sorted(REWARDS)}")
+
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--prompts-per-step", type=int, default=16, help="problems sampled per step")
+    group.add_argument("--group-size", type=int, default=8, help="completions per problem (G >= 2)")
+    group.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
+    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    group.add_argument("--logprob-chunk", type=int, default=64, help="positions per fp32 log-softmax chunk")
+
+    group = parser.add_argument_group("algorithm")
+    group.add_argument("--algo", default="hicra", choices=ALGOS, help="advantage shaping, see the module doc")
+    group.add_argument("--alpha", type=float, default=PAPER_ALPHA, help="HICRA amplification, in [0, 1]")
+    group.add_argument("--grams", default="world", help="strategic grams: preset (paper, world) or a file")
+    group.add_argument("--advantage", default="center", choices=ADVANTAGE_MODES, help="group baseline form")
+    group.add_argument("--eps-low", type=float, default=0.2, help="lower clip range: ratio >= 1 - eps_low")
+    group.add_argument("--eps-high", type=float, default=0.28, help="upper clip range (clip-higher, DAPO)")
+    group.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient; 0 loads no reference model")
+    group.add_argument("--loss-agg", default="token-mean", choices=AGGREGATIONS, help="loss normaliser")
+    group.add_argument("--entropy-coef", type=float, default=0.01, help="entropy bonus of --algo entropy_reg")
+    group.add_argument("--entropy-top-q", type=float, default=0.2,
+                       help="fraction of highest-entropy tokens amplified by --algo high_entropy")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
+    group.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
+    group.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps (passes) per rollout batch")
+    group.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
+    group.add_argument("--steps", type=int, default=60, help="training steps (rollout + update)")
+    group.add_argument("--seed", type=int, default=0, help="seed of prompts order, sampling and init")
+
+    group = parser.add_argument_group("logging")
+    group.add_argument("--out", default=None, help="run directory (default runs/ALGO-seedS-TIME)")
+    group.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (and at 0 and the end); 0 = never")
+    group.add_argument("--eval-samples", type=int, default=1, help="samples per held-out problem")
+    group.add_argument("--eval-temperature", type=float, default=1.0, help="held-out sampling temperature; 0 = greedy")
+    group.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end); 0 = end only")
+    group.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its checkpoint")
+    return parser
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line errors for values argparse's types cannot catch."""
+    checks = [
+        (args.group_size >= 2, "--group-size must be >= 2 (group-relative advantages need a group)"),
+        (0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1], got {args.alpha}"),
+        (args.prompts_per_step >= 1, "--prompts-per-step must be >= 1"),
+        (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (args.temperature > 0, "--temperature must be > 0 for training"),
+        (0.0 < args.top_p <= 1.0, "--top-p must be in (0, 1]"),
+        (args.eps_low >= 0 and args.eps_high >= 0, "--eps-low and --eps-high must be >= 0"),
+        (args.beta >= 0, "--beta must be >= 0"),
+        (args.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
+        (args.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
+        (args.steps >= 0, "--steps must be >= 0"),
+        (args.lora_rank >= 0, "--lora-rank must be >= 0"),
+        (args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be >= 0"),
+        (args.eval_samples >= 1, "--eval-samples must be >= 1"),
+        (0.0 < args.entropy_top_q <= 1.0, "--entropy-top-q must be in (0, 1]"),
+        (args.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)}, got {args.reward!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; with --resume, the run's saved flags overridden by those given explicitly."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        config_path = Path(args.resume) / "config.json"
+        if not config_path.is_file():
+            parser.error(f"--resume: {config_path} not found")
+        for action in parser._actions:  # a second parse that keeps only the flags given explicitly
+            action.default = argparse.SUPPRESS
+        explicit = vars(parser.parse_args(argv))
+        args = argparse.Namespace(**{**json.loads(config_path.read_text()), **explicit, "out": args.resume})
+    validate_args(build_parser(), args)
+    return args
+
+
+@dataclass
+class StepBatch:
+    """One step's rollouts with everything the update needs."""
+
+    rollout: RolloutBatch
+    rewards: torch.Tensor  # [B]
+    token_advantages: torch.Tensor  # [B, C]
+    planning_mask: torch.Tensor  # [B, C] bool
+    ref_logp: torch.Tensor | None  # [B, C], only when beta > 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prompts_for_step(num_problems: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Problem indices of a step: epochs of seeded permutations, a pure function of (seed, step) for resume."""
+    indices = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, num_problems)
+        order = list(range(num_problems))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+def token_advantages(args, advantages: torch.Tensor, rollout: RolloutBatch, planning_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token advantages [B, C] for --algo from per-completion advantages [B]."""
+    if args.algo == "hicra":
+        return hicra_advantages(advantages, planning_mask, args.alpha)
+    if args.algo == "high_entropy":
+        fork_mask = high_entropy_mask(rollout.entropy, rollout.completion_mask, args.entropy_top_q)  # [B, C]
+        return hicra_advantages(advantages, fork_mask, args.alpha)
+    return advantages[:, None].expand_as(rollout.completion_mask)  # [B, C]
+
+
+def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
+    """--ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches."""
+    rollout = batch.rollout
+    size = rollout.completion_ids.shape[0]
+    batch_tokens = rollout.completion_mask.sum().clamp(min=1)
+    entropy_coef = args.entropy_coef if args.algo == "entropy_reg" else 0.0
+    totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    model.train()
+    for _ in range(args.ppo_epochs):
+        for start in range(0, size, args.micro_batch_size):
+            rows = slice(start, start + args.micro_batch_size)
+            mask = rollout.completion_mask[rows]  # [b, C]
+            logp, entropy = completion_logprobs(
+                model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], mask,
+                args.temperature, args.logprob_chunk,
+            )  # [b, C], [b, C]
+            old_logp, advantages = rollout.old_logp[rows], batch.token_advantages[rows]
+            per_token = clipped_policy_loss(logp, old_logp, advantages, args.eps_low, args.eps_high)  # [b, C]
+            if batch.ref_logp is not None:
+                kl = kl_k3(logp, batch.ref_logp[rows])  # [b, C]
+                per_token = per_token + args.beta * kl
+                totals["kl"] += ((kl * mask).sum() / batch_tokens).item() / args.ppo_epochs
+            if entropy_coef:
+                per_token = per_token - entropy_coef * entropy
+            loss = aggregate_loss(per_token, mask, args.loss_agg, batch_tokens, size, args.max_new_tokens)
+            loss.backward()
+            clipped = clip_fractions(logp, old_logp, advantages, mask, args.eps_low, args.eps_high)
+            share = mask.sum() / batch_tokens / args.ppo_epochs
+            totals["loss"] += loss.item() / args.ppo_epochs
+            totals["clip_low"] += (clipped.low * share).item()
+            totals["clip_high"] += (clipped.high * share).item()
+        max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        totals["grad_norm"] += grad_norm.item() / args.ppo_epochs
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def rollout_step(args, model, ref_model, tokenizer, problems: list[Problem], grams: list[str], reward_fn):
+    """Sample, reward and shape advantages for one step; returns the batch and its reward bookkeeping."""
+    prompts = [format_prompt(tokenizer, p.problem) for p in problems]
+    rollout = generate_rollouts(
+        model, tokenizer, prompts, args.group_size, args.max_new_tokens, args.temperature, args.top_p, args.logprob_chunk
+    )
+    group_problems = [p for p in problems for _ in range(args.group_size)]
+    rewards, reward_errors = score_completions(reward_fn, rollout.texts, [p.answer for p in group_problems])
+    rewards = torch.tensor(rewards, dtype=torch.float32)  # [B]
+    advantages = group_advantages(rewards, args.group_size, args.advantage)  # [B]
+    planning_mask = grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, grams)
+    ref_logp = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logp, _ = completion_logprobs(
+                ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
+                args.temperature, args.logprob_chunk,
+            )  # [B, C]
+    batch = StepBatch(
+        rollout=rollout,
+        rewards=rewards,
+        token_advantages=token_advantages(args, advantages, rollout, planning_mask.to(rewards.device)),
+        planning_mask=planning_mask,
+        ref_logp=ref_logp,
+    )
+    return batch, group_problems, reward_errors
+
+
+def world_error_types(args, problems: list[Problem], texts: list[str]) -> list[str | None] | None:
+    """Strategy vs execution error of each completion, when training on the built-in world."""
+    if not args.data.startswith("world"):
+        return None
+    from tasks import classify_error
+
+    return [classify_error(problem, text) for problem, text in zip(problems, texts)]
+
+
+def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]) -> None:
+    """Print a few held-out completions with planning tokens coloured, and write them as HTML."""
+    shown = [(r["problem"], r["completions"][0], r["correct"][0]) for r in records[:SAMPLES_SHOWN]]
+    blocks = []
+    for problem, completion, correct in shown:
+        spans = grams_lib.find_gram_spans(completion, grams)
+        tqdm.write(f"--- {'correct' if correct else 'wrong'}: {problem}\n{grams_lib.highlight_planning(completion, spans, 'ansi')}")
+        blocks.append(
+            f"<h3>{'correct' if correct else 'wrong'}</h3><p><b>{grams_lib.html.escape(problem)}</b></p>"
+            f"<pre>{grams_lib.highlight_planning(completion, spans, 'html')}</pre>"
+        )
+    page = (
+        f"<html><head><meta charset='utf-8'><title>step {step}</title><style>mark{{background:#ffd54f}}</style>"
+        f"</head><body><h2>Held-out samples at step {step} (planning tokens highlighted)</h2>{''.join(blocks)}</body></html>"
+    )
+    (run_dir / f"samples_step{step:05d}.html").write_text(page, encoding="utf-8")
+
+
+def run_evaluation(args, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path, step: int) -> dict:
+    """Held-out evaluation; returns metrics prefixed with "eval/"."""
+    summary, records = evaluate(
+        model, tokenizer, problems, samples=args.eval_samples, temperature=args.eval_temperature,
+        max_new_tokens=args.max_new_tokens, batch_size=args.prompts_per_step * args.group_size,
+        reward_fn=REWARDS[args.reward], progress=False,
+    )
+    show_samples(run_dir, step, records, grams)
+    model.train()
+    return {f"eval/{key}": value for key, value in summary.items() if isinstance(value, (int, float))}
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, relative: RelativeToFirst) -> None:
+    """HF folder + trainer state, written to a temp folder and renamed into place (never half-written)."""
+    final, temp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    shutil.rmtree(temp, ignore_errors=True)
+    model.save_pretrained(temp)
+    tokenizer.save_pretrained(temp)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "relative_baseline": relative.first,
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+    torch.save(state, temp / "trainer_state.pt")
+    if final.exists():
+        final.rename(old)
+    temp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_checkpoint(run_dir: Path, optimizer, scheduler) -> tuple[int, RelativeToFirst]:
+    """Restore optimizer, scheduler and RNG state; returns the last finished step and the metric baseline."""
+    state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], RelativeToFirst(state["relative_baseline"])
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint (a run stopped between its log and its save)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """--device auto = cuda when available; --dtype auto = bfloat16 on a GPU that supports it, else float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        return device, torch.bfloat16 if bf16 else torch.float32
+    return device, DTYPES[dtype]
+
+
+def load_policy(source: str, args, gguf_file: str | None):
+    """load_model with a one-line error for a path or id that does not load."""
+    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    try:
+        return load_model(source, dtype, device, gguf_file=gguf_file)
+    except OSError as error:
+        raise InputError(f"--model: cannot load '{source}': {str(error).splitlines()[0]}") from None
+
+
+def prepare_model(args, checkpoint: Path | None):
+    """Policy (optionally LoRA-wrapped, from the checkpoint when resuming), tokenizer, frozen reference."""
+    if checkpoint is not None and args.lora_rank == 0:
+        model, tokenizer = load_policy(str(checkpoint), args, gguf_file=None)
+    else:
+        model, tokenizer = load_policy(args.model, args, gguf_file=args.gguf_file)
+    ref_model = None
+    if args.beta > 0:
+        ref_model, _ = load_policy(args.model, args, gguf_file=args.gguf_file)
+        ref_model.requires_grad_(False).eval()
+    if args.lora_rank > 0:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if checkpoint is not None:
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        else:
+            config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules="all-linear")
+            model = get_peft_model(model, config)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer, ref_model
+
+
+def run(args) -> Path:
+    """The training loop; returns the run directory."""
+    run_dir = Path(args.out or f"runs/{args.algo}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    resuming = bool(args.resume)
+    if not resuming and (run_dir / "metrics.jsonl").exists():
+        raise InputError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    train_problems = load_problems(args.data)
+    eval_problems = load_problems(args.eval_data, limit=args.eval_limit) if args.eval_every else []
+    grams = grams_lib.load_grams(args.grams)
+    checkpoint = run_dir / "checkpoint" if resuming else None
+    model, tokenizer, ref_model = prepare_model(args, checkpoint)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = max(args.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    relative = RelativeToFirst()
+    start_step = 0
+    if resuming:
+        last_step, relative = restore_checkpoint(run_dir, optimizer, scheduler)
+        start_step = last_step + 1
+        truncate_metrics(run_dir / "metrics.jsonl", last_step)
+    else:
+        (run_dir / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=2))
+    reward_fn = REWARDS[args.reward]
+
+    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, dynamic_ncols=True)
+    for step in bar:
+        if args.eval_every and step == 0:
+            base = run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step)
+            tqdm.write(f"step 0 (before training) held-out: {format_eval(base)}")
+        started = time.time()
+        indices = prompts_for_step(len(train_problems), step, args.prompts_per_step, args.seed)
+        batch, group_problems, reward_errors = rollout_step(
+            args, model, ref_model, tokenizer, [train_problems[i] for i in indices], grams, reward_fn
+        )
+        rollout_seconds = time.time() - started
+        update = policy_update(args, model, optimizer, batch)
+        scheduler.step()
+        correct = batch.rewards >= 1.0  # [B]
+        record = {"step": step, "reward": batch.rewards.mean().item(), "reward_errors": reward_errors}
+        record.update(relative(rollout_metrics(
+            batch.rollout, batch.planning_mask, correct, grams,
+            error_types=world_error_types(args, group_problems, batch.rollout.texts),
+        )))
+        record.update(update)
+        record.update(lr=scheduler.get_last_lr()[0], rollout_seconds=rollout_seconds, step_seconds=time.time() - started)
+        last_step = step == args.steps - 1
+        if args.eval_every and (last_step or (step + 1) % args.eval_every == 0):
+            record.update(run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step + 1))
+            tqdm.write(f"step {step + 1} held-out: {format_eval(record)}")
+        with open(run_dir / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        bar.set_postfix(
+            reward=f"{record['reward']:.2f}", acc=f"{record.get('accuracy', 0):.2f}",
+            len=f"{record.get('length_mean', 0):.0f}", plan=f"{record.get('planning_ratio', 0):.3f}",
+        )
+        if last_step or (args.save_every and (step + 1) % args.save_every == 0):
+            save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step, relative)
+    print_summary(run_dir)
+    return run_dir
+
+
+def format_eval(record: dict) -> str:
+    return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in record.items() if k.startswith("eval/") and "pass" in k)
+
+
+def print_summary(run_dir: Path) -> None:
+    """One screen: first vs last training figures and held-out accuracy."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    print(f"\nrun: {run_dir}  ({len(records)} steps)")
+    for key in ("reward", "accuracy", "length_mean", "planning_ratio", "semantic_entropy", "step_seconds"):
+        if key in records[0]:
+            print(f"  {key:<18} first {records[0][key]:8.3f}   last {records[-1][key]:8.3f}")
+    if evals:
+        print(f"  held-out (last eval): {format_eval(evals[-1])}")
+    print(f"  metrics: {path}\n  checkpoint: {run_dir / 'checkpoint'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except InputError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
