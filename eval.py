@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     model.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+                       help="CPU threads for torch (None: torch's choice; 1 is fastest on a busy machine)")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--benchmark", required=True, help="benchmark name (see data.BENCHMARKS) or a .jsonl file")
     bench.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
@@ -200,12 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     sampling.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
                           help="also run a greedy pass (one completion, temperature 0)")
-    sampling.add_argument("--pass-k", default=None, help="comma-separated k for pass@k (default: every k <= K)")
+    sampling.add_argument("--pass-k", default=None, help="comma-separated k for pass@k (None: every k <= K)")
     sampling.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit")
     sampling.add_argument("--batch-size", type=int, default=16, help="completions generated per call")
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed")
     output = parser.add_argument_group("output")
-    output.add_argument("--out", default=None, help="output folder (default runs/eval-BENCHMARK-MODEL)")
+    output.add_argument("--out", default=None, help="output folder (None: runs/eval-BENCHMARK-MODEL)")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

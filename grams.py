@@ -16,10 +16,16 @@ The paper's published set (Listing 1, 249 grams) ships as the `paper` preset; th
 phrases are the `world` preset.
 """
 
+import argparse
+import dataclasses
 import functools
 import html
+import importlib.util
+import json
 import math
 import re
+import sys
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -163,14 +169,6 @@ def highlight_planning(text: str, spans: Sequence[tuple[int, int]], style: str =
 
 
 # --- Strategic-gram extraction (Sec. 2.1) ---
-
-import argparse
-import dataclasses
-import importlib.util
-import json
-import sys
-import time
-#
 # Sec. 2.1 builds the SG set from a corpus of correct solutions: all word n-grams (n in [3, 5]) are
 # embedded with a sentence transformer and clustered so that paraphrases share a cluster; a cluster's
 # document frequency (Cluster DF) is the number of solutions holding at least one of its n-grams; the

@@ -13,6 +13,8 @@ The "high-entropy advantage" ablation (later version of the paper) applies the s
 the top-q fraction of tokens by entropy instead of the planning tokens.
 """
 
+import math
+
 import torch
 
 PAPER_ALPHA = 0.2
@@ -36,15 +38,16 @@ def hicra_advantages(advantages: torch.Tensor, planning_mask: torch.Tensor, alph
 
 
 def high_entropy_mask(entropy: torch.Tensor, completion_mask: torch.Tensor, top_q: float) -> torch.Tensor:
-    """The top-q fraction of the batch's completion tokens by entropy ("fork" tokens), as a bool mask.
+    """The ceil(q * N) highest-entropy ("fork") tokens among the batch's N completion tokens, as a bool mask.
 
-    entropy, completion_mask [B, T] -> bool [B, T]. The threshold is the (1 - q) quantile over all
-    loss-carrying tokens of the batch; padding is never selected.
+    entropy, completion_mask [B, T] -> bool [B, T]; padding is never selected, ties are broken arbitrarily.
+    Used by the high-entropy ablation (Sec. 5) and by the Fig. 10 overlap metric (q = 0.3).
     """
     if not 0.0 < top_q <= 1.0:
         raise ValueError(f"--entropy-top-q must be in (0, 1], got {top_q}")
-    valid = completion_mask.bool()  # [B, T]
-    if not valid.any():
-        return valid
-    threshold = torch.quantile(entropy[valid].float(), 1.0 - top_q)
-    return valid & (entropy >= threshold)  # [B, T]
+    valid = completion_mask.bool().flatten()  # [B*T]
+    count = math.ceil(top_q * int(valid.sum()))
+    scores = entropy.flatten().masked_fill(~valid, -math.inf)  # [B*T]
+    top = torch.zeros_like(valid)
+    top[scores.topk(count).indices] = True
+    return top.view(entropy.shape)  # [B, T]

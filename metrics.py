@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from grams import batch_gram_counts, find_gram_spans, semantic_entropy
+from hicra import high_entropy_mask
 
 CONTINUATION_WORDS = 3  # length k of the procedural n-gram that follows a strategic gram
 
@@ -58,19 +59,6 @@ def conditional_entropy(texts: Sequence[str], grams: Sequence[str], k: int = CON
     if not total:
         return None
     return sum(sum(c.values()) / total * semantic_entropy(c) for c in continuations.values())
-
-
-def top_entropy_mask(entropy: torch.Tensor, completion_mask: torch.Tensor, q: float) -> torch.Tensor:
-    """The ceil(q * N) highest-entropy completion tokens of the batch (ties broken arbitrarily).
-
-    entropy, completion_mask: [B, C]; returns bool [B, C]. Sec. 4 / Fig. 10 uses q = 0.3.
-    """
-    valid = completion_mask.bool().flatten()  # [B*C]
-    k = math.ceil(q * int(valid.sum()))
-    scores = entropy.flatten().masked_fill(~valid, -math.inf)  # [B*C]
-    top = torch.zeros_like(valid)
-    top[scores.topk(k).indices] = True
-    return top.view(entropy.shape)  # [B, C]
 
 
 def planning_entropy_overlap(planning: torch.Tensor, top: torch.Tensor) -> dict[str, float]:
@@ -142,7 +130,7 @@ def rollout_metrics(batch, planning_mask: torch.Tensor, correct: torch.Tensor, g
         "zero_variance_frac": zero_variance_fraction(correct, batch.group_size),
         "truncation_rate": float(batch.truncated.float().mean()),
     }
-    values.update(planning_entropy_overlap(planning, top_entropy_mask(batch.entropy, completion, top_entropy_q)))
+    values.update(planning_entropy_overlap(planning, high_entropy_mask(batch.entropy, completion, top_entropy_q)))
     if error_types is not None:
         values.update(error_type_metrics(error_types))
     return {key: value for key, value in values.items() if value is not None}

@@ -336,3 +336,13 @@ def test_malformed_data_line_names_file_and_line(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--steps", "1", "--data", str(bad)))
     assert f"{bad}:2" in str(stop.value.code)
+
+
+def test_lora_run_with_gradient_checkpointing_saves_and_resumes(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    flags = ["--lora-rank", "4", "--gradient-checkpointing", "--algo", "entropy_reg", "--seed", "1"]
+    train.main(tiny_args(tiny_model_dir, out, "--steps", "1", *flags))
+    assert (out / "checkpoint" / "adapter_config.json").is_file()
+    train.main(["--resume", str(out), "--steps", "2"])
+    assert [r["step"] for r in read_metrics(out)] == [0, 1]

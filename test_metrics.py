@@ -9,8 +9,9 @@ import torch
 
 import plots
 from grams import extract_strategic_grams, lexical_embeddings, semantic_entropy, word_ngrams
+from hicra import high_entropy_mask
 from metrics import (RelativeToFirst, conditional_entropy, group_pass_at_k, perplexity, planning_entropy_overlap,
-                     rollout_metrics, top_entropy_mask, zero_variance_fraction)
+                     rollout_metrics, zero_variance_fraction)
 from rollout import RolloutBatch
 
 GRAMS = ["let me check", "so the answer is"]
@@ -63,7 +64,7 @@ def test_perplexity_is_exp_of_mean_nll_and_relative_perplexity_divides_by_first_
 def test_planning_and_high_entropy_overlap():
     entropy = torch.tensor([[0.1, 0.9, 0.8, 0.2, 0.0], [0.7, 0.3, 0.4, 0.6, 5.0]])  # [2, 5]
     completion = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])  # 9 tokens; the 5.0 is padding
-    top = top_entropy_mask(entropy, completion, q=0.3)  # ceil(2.7) = 3 tokens: 0.9, 0.8, 0.7
+    top = high_entropy_mask(entropy, completion, top_q=0.3)  # ceil(2.7) = 3 tokens: 0.9, 0.8, 0.7
     assert top.tolist() == [[False, True, True, False, False], [True, False, False, False, False]]
     planning = torch.tensor([[True, True, False, False, False], [False, False, False, True, False]])
     overlap = planning_entropy_overlap(planning, top)
