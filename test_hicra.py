@@ -346,3 +346,10 @@ def test_lora_run_with_gradient_checkpointing_saves_and_resumes(tiny_model_dir, 
     assert (out / "checkpoint" / "adapter_config.json").is_file()
     train.main(["--resume", str(out), "--steps", "2"])
     assert [r["step"] for r in read_metrics(out)] == [0, 1]
+
+
+def test_prompt_order_visits_every_problem_once_per_epoch_and_is_a_function_of_seed_and_step():
+    first_epoch = [i for step in range(4) for i in train.prompts_for_step(12, step, 3, seed=5)]
+    assert sorted(first_epoch) == list(range(12))
+    assert train.prompts_for_step(12, 6, 3, seed=5) == train.prompts_for_step(12, 6, 3, seed=5)
+    assert train.prompts_for_step(12, 0, 12, seed=5) != train.prompts_for_step(12, 0, 12, seed=6)

@@ -167,12 +167,14 @@ def seed_everything(seed: int) -> None:
 
 def prompts_for_step(num_problems: int, step: int, per_step: int, seed: int) -> list[int]:
     """Problem indices of a step: epochs of seeded permutations, a pure function of (seed, step) for resume."""
+    orders: dict[int, list[int]] = {}
     indices = []
     for position in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(position, num_problems)
-        order = list(range(num_problems))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        indices.append(order[offset])
+        if epoch not in orders:
+            orders[epoch] = list(range(num_problems))
+            random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+        indices.append(orders[epoch][offset])
     return indices
 
 
