@@ -139,10 +139,10 @@ def completion_logprobs(
 def sampling_config(tokenizer, eos_ids: list[int], max_new_tokens: int, temperature: float, top_p: float) -> GenerationConfig:
     """A generation config that is exactly the flags: temperature (0 = greedy) and top-p, nothing else."""
     common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_token_id(tokenizer))
-    common.update(top_k=0, repetition_penalty=1.0, min_p=None, typical_p=1.0, no_repeat_ngram_size=0)
+    common.update(repetition_penalty=1.0, no_repeat_ngram_size=0)
     if temperature <= 0:
         return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0, **common)
 
 
 @torch.no_grad()

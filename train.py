@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    group.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's choice")
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     group.add_argument("--lora-rank", type=int, default=0, help="LoRA rank via peft; 0 trains all weights")
     group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling numerator (alpha / rank)")
@@ -123,6 +124,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         (args.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
         (args.steps >= 0, "--steps must be >= 0"),
         (args.lora_rank >= 0, "--lora-rank must be >= 0"),
+        (args.threads >= 0, "--threads must be >= 0"),
         (args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (args.eval_samples >= 1, "--eval-samples must be >= 1"),
         (0.0 < args.entropy_top_q <= 1.0, "--entropy-top-q must be in (0, 1]"),
@@ -388,6 +390,8 @@ def run(args) -> Path:
     if not resuming and (run_dir / "metrics.jsonl").exists():
         raise InputError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     train_problems = load_problems(args.data)
     eval_problems = load_problems(args.eval_data, limit=args.eval_limit) if args.eval_every else []
