@@ -135,11 +135,23 @@ def summarize(records: list[dict], samples: int, temperature: float, ks: list[in
     return summary
 
 
-def load_model(path_or_id: str, dtype: torch.dtype = torch.float32, device: str = "cpu", gguf_file: str | None = None):
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """device "auto" = cuda when available; dtype "auto" = bfloat16 on a GPU that supports it, else float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        return device, torch.bfloat16 if bf16 else torch.float32
+    return device, DTYPES[dtype]
+
+
+def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_file: str | None = None):
     """(model, tokenizer) from an HF folder (e.g. a train.py checkpoint), a hub id, or a GGUF file.
 
     `path_or_id` may itself be a .gguf file; otherwise `gguf_file` names the GGUF file inside it.
+    dtype: "auto" or a key of DTYPES; device: "auto" or a torch device string.
     """
+    device, dtype = resolve_device_and_dtype(device, dtype)
     if path_or_id.endswith(".gguf"):
         path_or_id, gguf_file = str(Path(path_or_id).parent), Path(path_or_id).name
     if gguf_file is not None:
@@ -184,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="HF folder (e.g. RUN_DIR/checkpoint), hub id, or .gguf file")
     model.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model folder")
-    model.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    model.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                       help="weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise")
+    model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     model.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (None: torch's choice; 1 is fastest on a busy machine)")
     bench = parser.add_argument_group("benchmark")
@@ -252,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = load_problems(args.benchmark, args.limit, args.seed)
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device, args.gguf_file)
+    model, tokenizer = load_model(args.model, args.dtype, args.device, args.gguf_file)
     passes = {}
     if args.temperature > 0:
         passes[f"sampled T={args.temperature:g}"] = (args.samples, args.temperature, ks)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or hub id (from_pretrained)")
     group.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load and dequantise")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                        help="weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     group.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's choice")
@@ -341,21 +341,10 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """--device auto = cuda when available; --dtype auto = bfloat16 on a GPU that supports it, else float32."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        return device, torch.bfloat16 if bf16 else torch.float32
-    return device, DTYPES[dtype]
-
-
 def load_policy(source: str, args, gguf_file: str | None):
     """load_model with a one-line error for a path or id that does not load."""
-    device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     try:
-        return load_model(source, dtype, device, gguf_file=gguf_file)
+        return load_model(source, args.dtype, args.device, gguf_file=gguf_file)
     except OSError as error:
         raise InputError(f"--model: cannot load '{source}': {str(error).splitlines()[0]}") from None
 
