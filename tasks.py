@@ -9,9 +9,10 @@ Each problem family has two ways to be solved, announced by a planning phrase at
 - `check`  (sound): the direct step, then "let me check:" redoes it in small steps and either confirms it
       ("that is right.") or catches the slip ("wait, that is wrong.") and answers with the checked value.
 
-Both are valid, but a tiny model only executes the small steps reliably: a one-shot sum of four numbers
-or a one-shot 2-digit product is beyond its capacity, so `direct` fails often *by itself*; no error is
-injected at sampling time. The base model (tiny_model.py) is fine-tuned on a mix where `direct`
+All are valid, but a tiny model executes the small steps more reliably: one long step is beyond its
+capacity, so `direct` fails more often *by itself*; no error is injected at sampling time. Measured on the
+shipped model (90 test problems, temperature 1.0, plan forced): steps vs direct accuracy is 0.70 vs 0.30
+on `sum`, 0.83 vs 0.50 on `mul`, but 0.63 vs 0.63 on `change` (there the strategy does not matter). The base model (tiny_model.py) is fine-tuned on a mix where `direct`
 dominates, so reinforcement learning has a strategy to discover (the planning phrase of `steps` or
 `check`), which is what HICRA credits (paper Sec. 3).
 

@@ -1,10 +1,10 @@
 """Build the tiny base model of the built-in world (tasks.py): tokenizer, small Llama, SFT warm start.
 
-    python tiny_model.py --out models/tiny-world        # deterministic for --seed, ~15 min on 2 CPU cores
+    python tiny_model.py --out models/tiny-world        # deterministic for --seed; 13 min measured on 2 shared CPU cores
 
 Deliberate choices:
 - word-level tokenizer whose digits are single tokens (" 47" -> "▁4", "7"), so arithmetic is learnable by
-  a ~1M-parameter model, and whose Metaspace decoder gives the text back exactly (grams and \\boxed{}
+  a ~0.5M-parameter model, and whose Metaspace decoder gives the text back exactly (grams and \\boxed{}
   are matched on decoded text);
 - chat template "<|begin|><|user|>{problem}\\n{instruction}<|assistant|>{trace}<|end|>"; EOS is "<|end|>"
   and carries loss, pad is a separate "<|pad|>" that never does;
