@@ -21,6 +21,8 @@ Train and test problems are disjoint by their operands (a fixed hash splits the 
 arithmetic was never seen verbatim during fine-tuning.
 """
 
+import argparse
+import json
 import random
 import re
 import zlib
@@ -199,3 +201,33 @@ def classify_error(problem: Problem, completion: str) -> str | None:
     if boxed_answer(completion) == problem.answer:
         return None
     return "execution" if detect_strategy(problem, completion) in ("steps", "check") else "strategy"
+
+
+def write_traces(path: str, n: int, seed: int) -> None:
+    """A JSONL corpus of `n` correct reference traces (field `solution`), strategies drawn uniformly and half
+    of the `check` traces with a caught slip: the input of `python grams.py extract` for the world."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as out:
+        for problem in world_problems("train", n, seed):
+            strategy = rng.choice(STRATEGIES)
+            slip = strategy == "check" and rng.random() < 0.5
+            trace = reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
+            out.write(json.dumps({"problem": problem.problem, "answer": problem.answer, "solution": trace}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The built-in world: write a corpus of reference traces.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    traces = commands.add_parser("traces", help="write N reference traces as JSONL (problem, answer, solution)")
+    traces.add_argument("--n", type=int, default=2000, help="number of traces")
+    traces.add_argument("--seed", type=int, default=0, help="seed of problems, strategies and slips")
+    traces.add_argument("--out", required=True, help="output JSONL file")
+    args = parser.parse_args()
+    if args.n < 1:
+        parser.error("--n must be >= 1")
+    write_traces(args.out, args.n, args.seed)
+    print(f"wrote {args.n} traces to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

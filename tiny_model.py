@@ -36,7 +36,7 @@ CHAT_TEMPLATE = (
 # One piece per digit, per word, or per other character; a leading space ("▁") stays glued to it.
 PIECE = Regex(r"▁?(?:\d|[A-Za-z]+|[^A-Za-z\d▁])")
 # SFT strategy mix: the poor one-shot strategy dominates; the sound ones are rare but present.
-STRATEGY_MIX = {"direct": 0.50, "steps": 0.35, "check": 0.15}
+STRATEGY_MIX = {"direct": 0.66, "steps": 0.23, "check": 0.11}
 CHECK_SLIP_RATE = 0.5  # share of `check` traces whose direct step holds a slip the check catches
 MAX_NEW_TOKENS = 96  # longest reference trace is ~70 tokens
 IGNORE = -100  # label of tokens without loss (prompt, padding)
