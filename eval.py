@@ -187,6 +187,16 @@ def dequantized_folder(folder: str, gguf_file: str) -> str:
     return str(cached)
 
 
+def add_model_flags(group) -> None:
+    """How to load the model (load_model): the flags eval.py and train.py share, besides --model."""
+    group.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model folder")
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                       help="weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise")
+    group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    group.add_argument("--threads", type=int, default=0,
+                       help="CPU threads for torch; 0 = torch's choice (1 is fastest on a busy machine)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, flags grouped as model / benchmark / sampling / output."""
     parser = argparse.ArgumentParser(
@@ -195,12 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="HF folder (e.g. RUN_DIR/checkpoint), hub id, or .gguf file")
-    model.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model folder")
-    model.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                       help="weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise")
-    model.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    model.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for torch (None: torch's choice; 1 is fastest on a busy machine)")
+    add_model_flags(model)
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--benchmark", required=True, help="benchmark name (see data.BENCHMARKS) or a .jsonl file")
     bench.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import grams as grams_lib
 from data import InputError, Problem, load_problems
-from eval import DTYPES, evaluate, load_model
+from eval import add_model_flags, evaluate, load_model
 from grpo import ADVANTAGE_MODES, AGGREGATIONS, aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
 from metrics import RelativeToFirst, rollout_metrics
@@ -53,11 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or hub id (from_pretrained)")
-    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model to load and dequantise")
-    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                       help="weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    group.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's choice")
+    add_model_flags(group)
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     group.add_argument("--lora-rank", type=int, default=0, help="LoRA rank via peft; 0 trains all weights")
     group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling numerator (alpha / rank)")
@@ -65,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("data")
     group.add_argument("--data", default="world_train", help="training problems: benchmark name or JSONL file")
     group.add_argument("--eval-data", default="world", help="held-out problems: benchmark name or JSONL file")
-    group.add_argument("--eval-limit", type=int, default=200, help="held-out problems per evaluation")
+    group.add_argument("--eval-limit", type=int, default=500, help="held-out problems per evaluation (the first N)")
     group.add_argument("--reward", default="boxed", choices=sorted(REWARDS), help="reward function (reward.py)")
 
     group = parser.add_argument_group("sampling")
@@ -90,21 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of highest-entropy tokens amplified by --algo high_entropy (Fig. 10's 30%%)")
 
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
     group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; 0 = off")
     group.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
     group.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps (passes) per rollout batch")
     group.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
-    group.add_argument("--steps", type=int, default=60, help="training steps (rollout + update)")
+    group.add_argument("--steps", type=int, default=200, help="training steps (rollout + update)")
     group.add_argument("--seed", type=int, default=0, help="seed of prompts order, sampling and init")
 
     group = parser.add_argument_group("logging")
     group.add_argument("--out", default=None, help="run directory (default runs/ALGO-seedS-TIME)")
-    group.add_argument("--eval-every", type=int, default=20, help="evaluate every N steps (and at 0 and the end); 0 = never")
+    group.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at 0 and the end); 0 = never")
     group.add_argument("--eval-samples", type=int, default=1, help="samples per held-out problem")
     group.add_argument("--eval-temperature", type=float, default=1.0, help="held-out sampling temperature; 0 = greedy")
-    group.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end); 0 = end only")
+    group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end); 0 = end only")
     group.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its checkpoint")
     return parser
 
