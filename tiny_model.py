@@ -8,9 +8,12 @@ Deliberate choices:
   are matched on decoded text);
 - chat template "<|begin|><|user|>{problem}\\n{instruction}<|assistant|>{trace}<|end|>"; EOS is "<|end|>"
   and carries loss, pad is a separate "<|pad|>" that never does;
-- SFT on a deliberately sub-optimal strategy mix (STRATEGY_MIX): the error-prone one-shot `direct`
-  strategy dominates, the reliable `steps` / `check` strategies are rare but present, so RL has a
-  strategy to discover; the errors of `direct` come from the model's own limited capacity;
+- SFT in two phases. The *skill* phase (SKILL_MIX) teaches every strategy with enough traces that the
+  sound ones are executed well; the short *prior* phase (PRIOR_MIX) then retrains the choice on a
+  deliberately sub-optimal mix where the error-prone one-shot `direct` strategy dominates and the reliable
+  `steps` / `check` strategies are rare but present, so RL has a strategy to discover. (One skewed phase
+  alone also starves the sound strategies of practice: they end up no better than `direct`.) The errors
+  of `direct` come from the model's own limited capacity;
 - loss on assistant tokens only (trace + EOS); the prompt is exactly rollout.format_prompt's.
 """
 
@@ -35,8 +38,10 @@ CHAT_TEMPLATE = (
 )
 # One piece per digit, per word, or per other character; a leading space ("▁") stays glued to it.
 PIECE = Regex(r"▁?(?:\d|[A-Za-z]+|[^A-Za-z\d▁])")
-# SFT strategy mix: the poor one-shot strategy dominates; the sound ones are rare but present.
-STRATEGY_MIX = {"direct": 0.66, "steps": 0.23, "check": 0.11}
+# Skill phase: every strategy practised often enough to be executed well.
+SKILL_MIX = {"direct": 0.50, "steps": 0.35, "check": 0.15}
+# Prior phase: the poor one-shot strategy dominates the choice; the sound ones are rare but present.
+PRIOR_MIX = {"direct": 0.85, "steps": 0.10, "check": 0.05}
 CHECK_SLIP_RATE = 0.5  # share of `check` traces whose direct step holds a slip the check catches
 MAX_NEW_TOKENS = 96  # longest reference trace is ~70 tokens
 IGNORE = -100  # label of tokens without loss (prompt, padding)
@@ -78,19 +83,19 @@ def build_model(tokenizer, args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def sft_trace(problem, rng: random.Random) -> str:
-    """A reference trace for `problem` whose strategy is drawn from STRATEGY_MIX."""
-    strategy = rng.choices(list(STRATEGY_MIX), weights=list(STRATEGY_MIX.values()))[0]
+def sft_trace(problem, rng: random.Random, mix: dict[str, float]) -> str:
+    """A reference trace for `problem` whose strategy is drawn from `mix`."""
+    strategy = rng.choices(list(mix), weights=list(mix.values()))[0]
     slip = strategy == "check" and rng.random() < CHECK_SLIP_RATE
     return tasks.reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
 
 
-def sft_batch(tokenizer, problems, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_batch(tokenizer, problems, rng: random.Random, mix: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, labels) [B, T]; labels only on the trace and its EOS."""
     rows = []
     for p in problems:
         prompt = tokenizer(format_prompt(tokenizer, p.problem), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(sft_trace(p, rng), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(sft_trace(p, rng, mix), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in rows])  # [B, T]
@@ -107,25 +112,33 @@ def learning_rate(step: int, args) -> float:
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train_sft(model, tokenizer, args) -> None:
-    """Supervised fine-tuning on freshly generated train-split traces, one new batch per step."""
-    rng = random.Random(args.seed)
+def train_sft(model, tokenizer, args, phase: str) -> None:
+    """Supervised fine-tuning on freshly generated train-split traces, one new batch per step.
+
+    phase "skill": --steps steps on SKILL_MIX with warm-up and cosine decay (learning_rate);
+    phase "prior": --prior-steps steps on PRIOR_MIX at the constant --prior-lr, with a fresh optimizer
+    and its own data stream.
+    """
+    skill = phase == "skill"
+    mix, steps = (SKILL_MIX, args.steps) if skill else (PRIOR_MIX, args.prior_steps)
+    rng = random.Random(args.seed if skill else f"prior:{args.seed}")
+    first_problem_seed = args.seed * 1_000_003 + (0 if skill else args.steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     model.train()
     start = time.time()
-    for step in range(args.steps):
-        problems = tasks.world_problems("train", args.batch_size, seed=args.seed * 1_000_003 + step)
-        ids, mask, labels = sft_batch(tokenizer, problems, rng)
+    for step in range(steps):
+        problems = tasks.world_problems("train", args.batch_size, seed=first_problem_seed + step)
+        ids, mask, labels = sft_batch(tokenizer, problems, rng, mix)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        lr = learning_rate(step, args) if skill else args.prior_lr
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
+            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  lr {learning_rate(step, args):.2e}  "
-                  f"{time.time() - start:6.0f}s", flush=True)
+        if step % args.log_every == 0 or step == steps - 1:
+            print(f"{phase} step {step:5d}  loss {loss.item():.4f}  lr {lr:.2e}  {time.time() - start:6.0f}s", flush=True)
     model.eval()
 
 
@@ -178,10 +191,12 @@ def parse_args() -> argparse.Namespace:
     model.add_argument("--layers", type=int, default=3, help="transformer layers")
     model.add_argument("--heads", type=int, default=4, help="attention heads")
     sft = parser.add_argument_group("SFT")
-    sft.add_argument("--steps", type=int, default=1800, help="optimiser steps")
+    sft.add_argument("--steps", type=int, default=1800, help="optimiser steps of the skill phase")
     sft.add_argument("--batch-size", type=int, default=64, help="traces per step")
     sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     sft.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    sft.add_argument("--prior-steps", type=int, default=300, help="optimiser steps of the prior phase")
+    sft.add_argument("--prior-lr", type=float, default=3e-4, help="constant learning rate of the prior phase")
     sft.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-n", type=int, default=200, help="held-out test problems to sample")
@@ -202,7 +217,8 @@ def main() -> None:
     model = build_model(tokenizer, args)
     params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(tokenizer)}  parameters {params / 1e6:.2f}M")
-    train_sft(model, tokenizer, args)
+    train_sft(model, tokenizer, args, "skill")
+    train_sft(model, tokenizer, args, "prior")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(args.out)
