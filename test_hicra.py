@@ -287,6 +287,7 @@ def test_training_logs_every_step_and_saves_a_loadable_checkpoint(tiny_model_dir
     train.main(tiny_args(tiny_model_dir, out, "--steps", "2", "--algo", "entropy_reg", "--ppo-epochs", "2", "--beta", "0.1"))
     records = read_metrics(out)
     assert [r["step"] for r in records] == [0, 1]
+    assert not any(k.startswith("eval/") for r in records for k in r)  # --eval-every 0
     for key in ("reward", "loss", "clip_low", "clip_high", "kl", "grad_norm", "planning_ratio", "entropy_all"):
         assert key in records[0], key
     trained = AutoModelForCausalLM.from_pretrained(out / "checkpoint").state_dict()
@@ -353,3 +354,17 @@ def test_prompt_order_visits_every_problem_once_per_epoch_and_is_a_function_of_s
     assert sorted(first_epoch) == list(range(12))
     assert train.prompts_for_step(12, 6, 3, seed=5) == train.prompts_for_step(12, 6, 3, seed=5)
     assert train.prompts_for_step(12, 0, 12, seed=5) != train.prompts_for_step(12, 0, 12, seed=6)
+
+
+def test_evaluations_are_logged_as_their_own_lines_and_survive_resume(tiny_model_dir, tmp_path):
+    out = tmp_path / "evals"
+    flags = ["--eval-every", "1", "--eval-limit", "2", "--save-every", "1"]
+    train.main(tiny_args(tiny_model_dir, out, "--steps", "1", *flags))
+    train.main(["--resume", str(out), "--steps", "2"])
+    records = read_metrics(out)
+    evals = [r["step"] for r in records if "eval/pass@1" in r]
+    steps = [r["step"] for r in records if "reward" in r]
+    assert evals == [0, 1, 2] and steps == [0, 1]  # held-out after 0, 1 and 2 updates
+    assert sorted(p.name for p in out.glob("samples_step*.html")) == [f"samples_step0000{i}.html" for i in range(3)]
+    train.truncate_metrics(out / "metrics.jsonl", last_step=0)
+    assert [(r["step"], "reward" in r) for r in read_metrics(out)] == [(0, False), (0, True), (1, False)]

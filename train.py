@@ -15,7 +15,8 @@ log-probs come from one forward pass per rollout and are reused by every epoch (
   entropy_reg   grpo plus an entropy bonus on all tokens (the paper's entropy-regularisation baseline)
   high_entropy  the HICRA amplification on the top-q entropy tokens instead (the paper's ablation)
 
-Every step appends one JSON line to RUN_DIR/metrics.jsonl; checkpoints are Hugging Face folders plus the
+Every step appends one JSON line to RUN_DIR/metrics.jsonl, and so does every held-out evaluation (its
+"step" is the number of updates done, its keys start with "eval/"); checkpoints are Hugging Face folders plus the
 optimizer, scheduler and RNG state in RUN_DIR/checkpoint/, written atomically (temp folder, then rename).
 """
 
@@ -280,8 +281,18 @@ def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]
     (run_dir / f"samples_step{step:05d}.html").write_text(page, encoding="utf-8")
 
 
+def log_record(run_dir: Path, record: dict) -> None:
+    """Append one JSON line to RUN_DIR/metrics.jsonl."""
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def is_eval_record(record: dict) -> bool:
+    return any(key.startswith("eval/") for key in record)
+
+
 def run_evaluation(args, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path, step: int) -> dict:
-    """Held-out evaluation; returns metrics prefixed with "eval/"."""
+    """Held-out evaluation after `step` updates; returns its metrics record ("step" and "eval/..." keys)."""
     summary, records = evaluate(
         model, tokenizer, problems, samples=args.eval_samples, temperature=args.eval_temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.prompts_per_step * args.group_size,
@@ -289,7 +300,9 @@ def run_evaluation(args, model, tokenizer, problems: list[Problem], grams: list[
     )
     show_samples(run_dir, step, records, grams)
     model.train()
-    return {f"eval/{key}": value for key, value in summary.items() if isinstance(value, (int, float))}
+    record = {"step": step, **{f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}}
+    tqdm.write(f"held-out after {step} steps: {format_eval(record)}")
+    return record
 
 
 def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, relative: RelativeToFirst) -> None:
@@ -331,10 +344,14 @@ def restore_checkpoint(run_dir: Path, optimizer, scheduler) -> tuple[int, Relati
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop lines logged after the checkpoint (a run stopped between its log and its save)."""
+    """Drop lines logged after the checkpoint of step `last_step` (a run stopped between a log and a save).
+
+    Kept: training records up to `last_step` and evaluations up to `last_step + 1` updates.
+    """
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        kept = [r for r in records if r["step"] <= last_step + is_eval_record(r)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def load_policy(source: str, args, gguf_file: str | None):
@@ -400,8 +417,7 @@ def run(args) -> Path:
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, dynamic_ncols=True)
     for step in bar:
         if args.eval_every and step == 0:
-            base = run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step)
-            tqdm.write(f"step 0 (before training) held-out: {format_eval(base)}")
+            log_record(run_dir, run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step))
         started = time.time()
         indices = prompts_for_step(len(train_problems), step, args.prompts_per_step, args.seed)
         batch, group_problems, reward_errors = rollout_step(
@@ -419,11 +435,9 @@ def run(args) -> Path:
         record.update(update)
         record.update(lr=scheduler.get_last_lr()[0], rollout_seconds=rollout_seconds, step_seconds=time.time() - started)
         last_step = step == args.steps - 1
+        log_record(run_dir, record)
         if args.eval_every and (last_step or (step + 1) % args.eval_every == 0):
-            record.update(run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step + 1))
-            tqdm.write(f"step {step + 1} held-out: {format_eval(record)}")
-        with open(run_dir / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
+            log_record(run_dir, run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step + 1))
         bar.set_postfix(
             reward=f"{record['reward']:.2f}", acc=f"{record.get('accuracy', 0):.2f}",
             len=f"{record.get('length_mean', 0):.0f}", plan=f"{record.get('planning_ratio', 0):.3f}",
@@ -444,13 +458,14 @@ def print_summary(run_dir: Path) -> None:
     if not path.exists():
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
-    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
-    print(f"\nrun: {run_dir}  ({len(records)} steps)")
+    evals = [r for r in records if is_eval_record(r)]
+    steps = [r for r in records if not is_eval_record(r)]
+    print(f"\nrun: {run_dir}  ({len(steps)} steps)")
     for key in ("reward", "accuracy", "length_mean", "planning_ratio", "semantic_entropy", "step_seconds"):
-        if key in records[0]:
-            print(f"  {key:<18} first {records[0][key]:8.3f}   last {records[-1][key]:8.3f}")
-    if evals:
-        print(f"  held-out (last eval): {format_eval(evals[-1])}")
+        if steps and key in steps[0]:
+            print(f"  {key:<18} first {steps[0][key]:8.3f}   last {steps[-1][key]:8.3f}")
+    for record in evals:
+        print(f"  held-out after {record['step']:>4} steps: {format_eval(record)}")
     print(f"  metrics: {path}\n  checkpoint: {run_dir / 'checkpoint'}")
 
 
