@@ -26,13 +26,14 @@ import json
 import random
 import re
 import zlib
+from pathlib import Path
 
 from data import Problem
 
 FAMILIES = ("sum", "mul", "change")
 STRATEGIES = ("direct", "steps", "check")
 SPLITS = ("train", "test")
-DEFAULT_MODEL_DIR = "models/tiny-world"  # the base model tiny_model.py builds
+DEFAULT_MODEL_DIR = str(Path(__file__).parent / "models" / "tiny-world")  # the base model tiny_model.py builds
 TEST_PERCENT = 20  # share of each family's operand space held out for the test split
 
 # Planning phrases: the plan that opens a trace, per family and strategy (`check` opens like `direct`).

@@ -42,9 +42,9 @@ from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
 from metrics import RelativeToFirst, rollout_metrics
 from reward import REWARDS, score_completions
 from rollout import RolloutBatch, completion_logprobs, format_prompt, generate_rollouts
+from tasks import DEFAULT_MODEL_DIR
 
 ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy")
-DEFAULT_MODEL = "models/tiny-world"
 SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
 
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="GRPO / HICRA training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or hub id (from_pretrained)")
+    group.add_argument("--model", default=DEFAULT_MODEL_DIR, help="HF model folder or hub id (from_pretrained)")
     add_model_flags(group)
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     group.add_argument("--lora-rank", type=int, default=0, help="LoRA rank via peft; 0 trains all weights")
