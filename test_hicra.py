@@ -1,11 +1,14 @@
-"""Tests of the core: advantages, HICRA, the clipped loss, rollout log-probs, masks, one update step."""
+"""Tests of the core: advantages, HICRA, the clipped loss, rollout log-probs, masks, one update, train.py end to end."""
 
+import json
 import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from conftest import build_model
+import train
+from conftest import build_model, build_tokenizer
 from grams import batch_planning_mask, find_gram_spans, gram_occurrences, planning_token_mask, semantic_entropy
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import high_entropy_mask, hicra_advantages, validate_alpha
@@ -249,13 +252,6 @@ def test_semantic_entropy_of_known_counts():
 
 
 # ---------------------------------------------------------------- train.py end to end
-
-import json  # noqa: E402
-
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-import train  # noqa: E402
-from conftest import build_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
