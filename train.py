@@ -21,6 +21,7 @@ optimizer, scheduler and RNG state in RUN_DIR/checkpoint/, written atomically (t
 """
 
 import argparse
+import html
 import json
 import os
 import random
@@ -271,7 +272,7 @@ def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]
         spans = grams_lib.find_gram_spans(completion, grams)
         tqdm.write(f"--- {'correct' if correct else 'wrong'}: {problem}\n{grams_lib.highlight_planning(completion, spans, 'ansi')}")
         blocks.append(
-            f"<h3>{'correct' if correct else 'wrong'}</h3><p><b>{grams_lib.html.escape(problem)}</b></p>"
+            f"<h3>{'correct' if correct else 'wrong'}</h3><p><b>{html.escape(problem)}</b></p>"
             f"<pre>{grams_lib.highlight_planning(completion, spans, 'html')}</pre>"
         )
     page = (
