@@ -131,8 +131,11 @@ def planning_token_mask(tokenizer, completion_ids: Sequence[int], grams: Sequenc
 
 
 def batch_planning_mask(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, grams: Sequence[str]) -> torch.Tensor:
-    """Planning-token mask for a right-padded batch: completion_ids [B, C], completion_mask [B, C] -> bool [B, C]."""
-    mask = torch.zeros(completion_ids.shape, dtype=torch.bool)  # [B, C]
+    """Planning-token mask for a right-padded batch: completion_ids [B, C], completion_mask [B, C] -> bool [B, C].
+
+    The mask lives on completion_ids' device, like the rest of the batch.
+    """
+    mask = torch.zeros(completion_ids.shape, dtype=torch.bool, device=completion_ids.device)  # [B, C]
     for row, (ids, valid) in enumerate(zip(completion_ids, completion_mask)):
         length = int(valid.sum())
         mask[row, :length] = planning_token_mask(tokenizer, ids[:length].tolist(), grams)

@@ -235,7 +235,7 @@ def rollout_step(args, model, ref_model, tokenizer, problems: list[Problem], gra
     )
     group_problems = [p for p in problems for _ in range(args.group_size)]
     rewards, reward_errors = score_completions(reward_fn, rollout.texts, [p.answer for p in group_problems])
-    rewards = torch.tensor(rewards, dtype=torch.float32)  # [B]
+    rewards = torch.tensor(rewards, dtype=torch.float32, device=rollout.completion_mask.device)  # [B]
     advantages = group_advantages(rewards, args.group_size, args.advantage)  # [B]
     planning_mask = grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, grams)
     ref_logp = None
@@ -248,7 +248,7 @@ def rollout_step(args, model, ref_model, tokenizer, problems: list[Problem], gra
     batch = StepBatch(
         rollout=rollout,
         rewards=rewards,
-        token_advantages=token_advantages(args, advantages, rollout, planning_mask.to(rewards.device)),
+        token_advantages=token_advantages(args, advantages, rollout, planning_mask),
         planning_mask=planning_mask,
         ref_logp=ref_logp,
     )
