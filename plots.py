@@ -7,9 +7,12 @@ and "eval/..." on evaluation steps) and config.json ("algo", "seed"). PNGs go in
                                execution), semantic vs conditional entropy, accuracy and length;
 - fig6_comparison.png          Fig. 6/7, several runs: semantic entropy, validation accuracy, token
                                entropy, training pass@k; runs sharing an algo are drawn as their mean
-                               with a min-max band;
+                               with a min-max band (sweep.py: a 95% Student-t band, fig6_sweep.png);
 - fig5_error_types.png         Fig. 5, runs that logged error types (built-in world);
-- fig10_planning_vs_entropy.png Fig. 10: overlap of planning and top-30% entropy tokens.
+- fig10_planning_vs_entropy.png Fig. 10: overlap of planning and top-30% entropy tokens;
+- fig_phases.png               the two phases, measured (built-in world): share and execution accuracy of
+                               each strategy, and the progress of execution vs planning metrics toward
+                               their total change with the step where each reaches 80% (metrics.phase_summary).
 
 Curves are smoothed with a trailing moving average over SMOOTH_FRACTION of the run's points (at least 1,
 at most MAX_WINDOW), with the raw values drawn faintly behind. A panel whose keys no run logged shows a
@@ -26,6 +29,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
+
+from metrics import (EXECUTION_PHASE_KEYS, PHASE_FRACTION, PHASE_WINDOW, PLANNING_PHASE_KEYS, mean_confidence_interval,
+                     moving_average, phase_summary)
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -164,8 +170,16 @@ def aligned(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(common), np.asarray(values).reshape(len(runs), len(common))
 
 
-def plot_groups(ax, runs: list[Run], key: str, title: str, ylabel: str = "") -> None:
-    """One colour per algo: a single run as its own curve, several runs as mean with a min-max band."""
+def band_limits(values: np.ndarray, band: str) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper band over runs at each step: "minmax", or "ci" (95% Student-t interval). values [R, S]."""
+    if band == "minmax":
+        return values.min(axis=0), values.max(axis=0)
+    intervals = [mean_confidence_interval(column.tolist()) for column in values.T]
+    return np.array([i[1] for i in intervals]), np.array([i[2] for i in intervals])
+
+
+def plot_groups(ax, runs: list[Run], key: str, title: str, ylabel: str = "", band: str = "minmax") -> None:
+    """One colour per algo: a single run as its own curve, several runs as mean with a band (band_limits)."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         groups[run.algo].append(run)
@@ -178,21 +192,72 @@ def plot_groups(ax, runs: list[Run], key: str, title: str, ylabel: str = "") -> 
         elif logged:
             steps, values = aligned(logged, key)
             ax.plot(steps, values.mean(axis=0), color=color, linewidth=1.6, label=f"{algo} (mean of {len(logged)})")
-            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2)
+            ax.fill_between(steps, *band_limits(values, band), color=color, alpha=0.2)
         drawn = drawn or bool(logged)
     finish_panel(ax, title, ylabel, drawn, [key])
 
 
-def fig6_comparison(runs: list[Run], out: Path) -> Path:
-    """Fig. 6/7: methods compared on semantic entropy, validation accuracy, token entropy, training pass@k."""
+def fig6_comparison(runs: list[Run], out: Path, band: str = "minmax", name: str = "fig6_comparison.png") -> Path:
+    """Fig. 6/7: methods compared on semantic entropy, validation accuracy, token entropy, training pass@k.
+
+    band: "minmax" over seeds, or "ci" (95% Student-t interval of the mean over seeds).
+    """
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     accuracy_key = eval_accuracy_key(runs)
-    plot_groups(axes[0, 0], runs, "semantic_entropy", "semantic entropy of strategic grams", "nats")
-    plot_groups(axes[0, 1], runs, accuracy_key, f"validation accuracy ({accuracy_key})")
-    plot_groups(axes[1, 0], runs, "entropy_all", "token entropy (all tokens)", "nats")
-    plot_groups(axes[1, 1], runs, "pass_at_k", "training pass@k (k = group size)")
-    fig.suptitle("Comparison of runs (band: min-max over seeds)")
-    return save(fig, out / "fig6_comparison.png")
+    plot_groups(axes[0, 0], runs, "semantic_entropy", "semantic entropy of strategic grams", "nats", band)
+    plot_groups(axes[0, 1], runs, accuracy_key, f"validation accuracy ({accuracy_key})", band)
+    plot_groups(axes[1, 0], runs, "entropy_all", "token entropy (all tokens)", "nats", band)
+    plot_groups(axes[1, 1], runs, "pass_at_k", "training pass@k (k = group size)", band)
+    what = "95% t interval of the mean" if band == "ci" else "min-max"
+    fig.suptitle(f"Comparison of runs (band: {what} over seeds)")
+    return save(fig, out / name)
+
+
+def progress(values: np.ndarray) -> np.ndarray:
+    """A curve smoothed as metrics.phase_summary smooths it, rescaled to its total change: 0 at the first
+    point, 1 at the last."""
+    smoothed = np.asarray(moving_average(values.tolist(), PHASE_WINDOW))
+    total = smoothed[-1] - smoothed[0]
+    return (smoothed - smoothed[0]) / total if total else np.zeros_like(smoothed)
+
+
+def fig_phases(runs: list[Run], out: Path, name: str = "fig_phases.png") -> Path:
+    """The two phases, measured on the built-in world (runs of one arm; curves are means over runs).
+
+    Left: share of each strategy; middle: execution accuracy under each strategy (correct / completions
+    that follow it); right: progress of each execution and planning metric toward its total change, with
+    the mean step at which each group reaches PHASE_FRACTION of it (metrics.phase_summary, per run).
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    logged = sorted({key for run in runs for row in run.rows for key in row})
+    for ax, prefix, title in ((axes[0], "share_", "share of completions per strategy"),
+                              (axes[1], "exec_acc_", "execution accuracy per strategy")):
+        keys = [key for key in logged if key.startswith(prefix)]
+        for i, key in enumerate(keys):
+            present = [run for run in runs if len(series(run, key)[0])]
+            if present:
+                steps, values = aligned(present, key)
+                ax.plot(steps, values.mean(axis=0), color=f"C{i}", label=key.removeprefix(prefix))
+        finish_panel(ax, title, "fraction", bool(ax.lines), [prefix + "..."])
+    ax = axes[2]
+    for i, key in enumerate(EXECUTION_PHASE_KEYS + PLANNING_PHASE_KEYS):
+        present = [run for run in runs if len(series(run, key)[0])]
+        if present:
+            steps, _ = aligned(present, key)
+            curves = [progress(series(run, key)[1])[np.isin(series(run, key)[0], steps)] for run in present]
+            style = "-" if key in EXECUTION_PHASE_KEYS else "--"
+            ax.plot(steps, np.mean(curves, axis=0), color=f"C{i}", linestyle=style, label=key)
+    summaries = [phase_summary(run.rows) for run in runs]
+    for group, color in (("execution", "black"), ("planning", "gray")):
+        found = [s[f"t80/{group}"] for s in summaries if f"t80/{group}" in s]
+        if found:
+            ax.axvline(float(np.mean(found)), color=color, linestyle="-" if group == "execution" else "--",
+                       label=f"{group}: {PHASE_FRACTION:.0%} of change at step {np.mean(found):.0f}")
+    ax.axhline(PHASE_FRACTION, color="lightgray", linewidth=0.8)
+    finish_panel(ax, "progress toward total change (solid: execution, dashed: planning)", "fraction of change",
+                 bool(ax.lines), list(EXECUTION_PHASE_KEYS + PLANNING_PHASE_KEYS))
+    fig.suptitle(f"Phases — {runs[0].algo} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+    return save(fig, out / name)
 
 
 def run_and_style_legend(ax, runs: list[Run], styles: dict[str, str]) -> None:
@@ -265,6 +330,8 @@ def main(run_dirs: list[str]) -> list[Path]:
         written.append(fig6_comparison(runs, out))
     if has_key(runs, "errors_strategy"):
         written.append(fig5_error_types(runs, out))
+    if has_key(runs[:1], "share_sound"):
+        written.append(fig_phases(runs[:1], out))
     for path in written:
         print(f"wrote {path}")
     return written

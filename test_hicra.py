@@ -309,6 +309,24 @@ def test_every_algo_runs_a_step(tiny_model_dir, tmp_path, algo):
     assert len(read_metrics(tmp_path / algo)) == 1
 
 
+def test_placebo_amplifies_the_placebo_grams_it_draws_from_the_solutions(tiny_model_dir, tmp_path):
+    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b),
+             "solution": f"Let me check: {a} plus {b} gives {a + b}, so the answer is {a + b}."}
+            for a, b in [(2, 2), (3, 4), (12, 30), (5, 6)]]
+    data, grams = tmp_path / "solved.jsonl", tmp_path / "grams.txt"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grams.write_text("let me check\nso the answer is\n")
+    out = tmp_path / "placebo"
+    train.main([*tiny_args(tiny_model_dir, out, "--steps", "1", "--algo", "placebo"), "--data", str(data),
+                "--grams", str(grams)])
+    placebo = (out / "placebo_grams.txt").read_text().split("\n")[:-1]
+    assert sorted(len(g.split()) for g in placebo) == [3, 4]
+    assert all(" plus " in f" {g} " or " gives " in f" {g} " for g in placebo)  # only non-strategic text
+    assert "amplified_ratio" in read_metrics(out)[0]
+    with pytest.raises(SystemExit, match="has no 'solution' field"):
+        train.main(tiny_args(tiny_model_dir, tmp_path / "nosolution", "--steps", "1", "--algo", "placebo"))
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

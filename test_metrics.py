@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import plots
-from grams import extract_strategic_grams, lexical_embeddings, semantic_entropy, word_ngrams
+from grams import (contains_gram, extract_strategic_grams, lexical_embeddings, placebo_grams, semantic_entropy,
+                   word_ngrams)
 from hicra import high_entropy_mask
 from metrics import (RelativeToFirst, conditional_entropy, group_pass_at_k, perplexity, planning_entropy_overlap,
                      rollout_metrics, zero_variance_fraction)
@@ -174,3 +175,20 @@ def test_plots_write_nonempty_pngs(tmp_path):
     assert names == {"fig3_dynamics.png", "fig6_comparison.png", "fig5_error_types.png",
                      "fig10_planning_vs_entropy.png"}
     assert all(path.parent == runs[0] and path.stat().st_size > 1000 for path in written)
+
+
+def test_placebo_grams_match_count_and_lengths_and_avoid_strategic_grams():
+    strategic = ["let me check", "so the answer is", "wait, that is wrong", "that is right"]
+    corpus = [f"let me check: {a} + {b} = {a + b}. that is right. we add the two piles. so the answer is {a + b}."
+              for a in range(10, 40) for b in range(3, 9)]
+    placebo = placebo_grams(corpus, strategic, seed=0)
+    assert sorted(len(g.split()) for g in placebo) == sorted(len(g.split()) for g in strategic)  # 3, 3, 4, 4
+    assert len(set(placebo)) == len(placebo)
+    for gram in placebo:
+        assert not any(contains_gram(gram, s) or contains_gram(s, gram) for s in ("let me check", "that is right",
+                                                                                    "so the answer is", "that is wrong"))
+        assert any(gram in " ".join(text.lower().split()) for text in corpus)  # drawn from the corpus
+    assert placebo_grams(corpus, strategic, seed=0) == placebo
+    assert placebo_grams(corpus, strategic, seed=1) != placebo
+    with pytest.raises(ValueError, match="1 non-strategic 3-word n-grams, 2 needed"):
+        placebo_grams(["let me check: 1 + 2. so the answer is 3."], strategic, seed=0)

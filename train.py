@@ -14,6 +14,11 @@ log-probs come from one forward pass per rollout and are reused by every epoch (
   hicra         A_i + alpha * |A_i| on planning tokens (Sec. 3)
   entropy_reg   grpo plus an entropy bonus on all tokens (the paper's entropy-regularisation baseline)
   high_entropy  the HICRA amplification on the top-q entropy tokens instead (the paper's ablation)
+  placebo       the HICRA amplification on placebo n-grams instead of the strategic grams ("placebo HICRA"):
+                as many n-grams as --grams holds, with the same lengths, drawn (seeded by --seed) from the
+                non-strategic text of a corpus (grams.placebo_grams). The corpus: on the built-in world,
+                PLACEBO_CORPUS_SIZE reference traces (tasks.write_traces, seed 0); on other data, the
+                training problems' `solution` field. Written to RUN_DIR/placebo_grams.txt.
 
 Every step appends one JSON line to RUN_DIR/metrics.jsonl, and so does every held-out evaluation (its
 "step" is the number of updates done, its keys start with "eval/"); checkpoints are Hugging Face folders plus the
@@ -21,12 +26,14 @@ optimizer, scheduler and RNG state in RUN_DIR/checkpoint/, written atomically (t
 """
 
 import argparse
+import dataclasses
 import html
 import json
 import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +47,13 @@ from data import InputError, Problem, load_problems
 from eval import add_model_flags, evaluate, load_model
 from grpo import ADVANTAGE_MODES, AGGREGATIONS, aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
-from metrics import RelativeToFirst, rollout_metrics
+from metrics import RelativeToFirst, rollout_metrics, strategy_metrics
 from reward import REWARDS, score_completions
 from rollout import RolloutBatch, completion_logprobs, format_prompt, generate_rollouts
 from tasks import DEFAULT_MODEL_DIR
 
-ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy")
+ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo")
+PLACEBO_CORPUS_SIZE = 2000  # world reference traces the placebo n-grams are drawn from
 SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
 
 
@@ -156,6 +164,7 @@ class StepBatch:
     rewards: torch.Tensor  # [B]
     token_advantages: torch.Tensor  # [B, C]
     planning_mask: torch.Tensor  # [B, C] bool
+    amplified_mask: torch.Tensor | None  # [B, C] bool, tokens whose advantage --algo amplifies; None: no amplification
     ref_logp: torch.Tensor | None  # [B, C], only when beta > 0
 
 
@@ -178,14 +187,50 @@ def prompts_for_step(num_problems: int, step: int, per_step: int, seed: int) -> 
     return indices
 
 
-def token_advantages(args, advantages: torch.Tensor, rollout: RolloutBatch, planning_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token advantages [B, C] for --algo from per-completion advantages [B]."""
+def amplified_mask(args, tokenizer, rollout: RolloutBatch, planning_mask: torch.Tensor,
+                   placebo: list[str] | None) -> torch.Tensor | None:
+    """The tokens [B, C] whose advantage --algo amplifies: planning tokens (hicra), the top-q entropy tokens
+    (high_entropy), placebo-gram tokens (placebo); None for grpo and entropy_reg."""
     if args.algo == "hicra":
-        return hicra_advantages(advantages, planning_mask, args.alpha)
+        return planning_mask
     if args.algo == "high_entropy":
-        fork_mask = high_entropy_mask(rollout.entropy, rollout.completion_mask, args.entropy_top_q)  # [B, C]
-        return hicra_advantages(advantages, fork_mask, args.alpha)
-    return advantages[:, None].expand_as(rollout.completion_mask)  # [B, C]
+        return high_entropy_mask(rollout.entropy, rollout.completion_mask, args.entropy_top_q)  # [B, C]
+    if args.algo == "placebo":
+        return grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, placebo)
+    return None
+
+
+def token_advantages(advantages: torch.Tensor, completion_mask: torch.Tensor, amplified: torch.Tensor | None,
+                     alpha: float) -> torch.Tensor:
+    """Per-token advantages [B, C] from per-completion advantages [B]: HICRA's amplification on `amplified`."""
+    if amplified is not None:
+        return hicra_advantages(advantages, amplified, alpha)
+    return advantages[:, None].expand_as(completion_mask)  # [B, C]
+
+
+def placebo_corpus(args, train_problems: list[Problem]) -> list[str]:
+    """The texts placebo n-grams are drawn from: world reference traces, or the training solutions."""
+    if args.data.startswith("world"):
+        from tasks import write_traces
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "traces.jsonl"
+            write_traces(str(path), PLACEBO_CORPUS_SIZE, seed=0)
+            return [json.loads(line)["solution"] for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [p.meta["solution"] for p in train_problems if isinstance(p.meta.get("solution"), str)]
+    if not texts:
+        raise InputError(f"--algo placebo: {args.data} has no 'solution' field to draw placebo n-grams from")
+    return texts
+
+
+def placebo_gram_set(args, train_problems: list[Problem], grams: list[str], run_dir: Path) -> list[str]:
+    """grams.placebo_grams for this run (seeded by --seed), written to RUN_DIR/placebo_grams.txt."""
+    try:
+        placebo = grams_lib.placebo_grams(placebo_corpus(args, train_problems), grams, args.seed)
+    except ValueError as error:
+        raise InputError(f"--algo placebo: {error}") from None
+    (run_dir / "placebo_grams.txt").write_text("".join(f"{g}\n" for g in placebo), encoding="utf-8")
+    return placebo
 
 
 def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
@@ -227,7 +272,8 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
     return totals
 
 
-def rollout_step(args, model, ref_model, tokenizer, problems: list[Problem], grams: list[str], reward_fn):
+def rollout_step(args, model, ref_model, tokenizer, problems: list[Problem], grams: list[str], reward_fn,
+                 placebo: list[str] | None = None):
     """Sample, reward and shape advantages for one step; returns the batch and its reward bookkeeping."""
     prompts = [format_prompt(tokenizer, p.problem) for p in problems]
     rollout = generate_rollouts(
@@ -245,11 +291,13 @@ def rollout_step(args, model, ref_model, tokenizer, problems: list[Problem], gra
                 ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
                 args.temperature, args.logprob_chunk,
             )  # [B, C]
+    amplified = amplified_mask(args, tokenizer, rollout, planning_mask, placebo)
     batch = StepBatch(
         rollout=rollout,
         rewards=rewards,
-        token_advantages=token_advantages(args, advantages, rollout, planning_mask),
+        token_advantages=token_advantages(advantages, rollout.completion_mask, amplified, args.alpha),
         planning_mask=planning_mask,
+        amplified_mask=amplified,
         ref_logp=ref_logp,
     )
     return batch, group_problems, reward_errors
@@ -262,6 +310,26 @@ def world_error_types(args, problems: list[Problem], texts: list[str]) -> list[s
     from tasks import classify_error
 
     return [classify_error(problem, text) for problem, text in zip(problems, texts)]
+
+
+NEVER_AN_ANSWER = "not a number"  # a boxed integer never equals it, so classify_error always sees a failure
+
+
+def world_strategy_metrics(args, problems: list[Problem], texts: list[str], correct: list[bool]) -> dict[str, float]:
+    """Share and execution accuracy of each strategy (metrics.strategy_metrics), on the built-in world.
+
+    A completion's plan is sound iff the world's classifier would call its failure an execution error
+    (tasks.classify_error asked with an answer no completion gives), so the set of sound strategies stays
+    the world's own.
+    """
+    if not args.data.startswith("world"):
+        return {}
+    from tasks import STRATEGIES, classify_error, detect_strategy
+
+    strategies = [detect_strategy(problem, text) for problem, text in zip(problems, texts)]
+    sound = [classify_error(dataclasses.replace(problem, answer=NEVER_AN_ANSWER), text) == "execution"
+             for problem, text in zip(problems, texts)]
+    return strategy_metrics(strategies, sound, correct, STRATEGIES)
 
 
 def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]) -> None:
@@ -399,6 +467,7 @@ def run(args) -> Path:
     train_problems = load_problems(args.data)
     eval_problems = load_problems(args.eval_data, limit=args.eval_limit) if args.eval_every else []
     grams = grams_lib.load_grams(args.grams)
+    placebo = placebo_gram_set(args, train_problems, grams, run_dir) if args.algo == "placebo" else None
     checkpoint = run_dir / "checkpoint" if resuming else None
     model, tokenizer, ref_model = prepare_model(args, checkpoint)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -422,7 +491,7 @@ def run(args) -> Path:
         started = time.time()
         indices = prompts_for_step(len(train_problems), step, args.prompts_per_step, args.seed)
         batch, group_problems, reward_errors = rollout_step(
-            args, model, ref_model, tokenizer, [train_problems[i] for i in indices], grams, reward_fn
+            args, model, ref_model, tokenizer, [train_problems[i] for i in indices], grams, reward_fn, placebo
         )
         rollout_seconds = time.time() - started
         update = policy_update(args, model, optimizer, batch)
@@ -433,6 +502,10 @@ def run(args) -> Path:
             batch.rollout, batch.planning_mask, correct, grams,
             error_types=world_error_types(args, group_problems, batch.rollout.texts),
         )))
+        record.update(world_strategy_metrics(args, group_problems, batch.rollout.texts, correct.tolist()))
+        if batch.amplified_mask is not None:
+            completion = batch.rollout.completion_mask.bool()  # [B, C]
+            record["amplified_ratio"] = float((batch.amplified_mask & completion).sum()) / max(int(completion.sum()), 1)
         record.update(update)
         record.update(lr=scheduler.get_last_lr()[0], rollout_seconds=rollout_seconds, step_seconds=time.time() - started)
         last_step = step == args.steps - 1

@@ -1,0 +1,360 @@
+"""Sweeps: a grid of algorithms x seeds x flag values, run in parallel, aggregated with confidence intervals.
+
+    python sweep.py --algos grpo hicra --seeds 0 1 2 --out runs/sweep --workers 2 -- --eval-samples 4
+    python sweep.py --algos grpo hicra --seeds 0 1 2 --set lr=1e-4,2e-4,4e-4 --out runs/lr --workers 2
+    python sweep.py --algos grpo hicra --seeds 0 1 2 --out runs/sweep --report-only     # tables and figures only
+
+Everything after `--` goes to every `train.py` run. Each run is one process with one thread
+(`--threads 1`), in RUN_DIR = OUT/ALGO[-FLAGVALUE...]-seedS, its output in RUN_DIR/train.log. A run is
+finished when its metrics.jsonl holds the last training step and, with evaluation on, the evaluation
+after it; finished runs are skipped, an unfinished one continues from its checkpoint (`train.py --resume`)
+or, without one, starts over. Then the report (OUT/results.md, results.json, fig6_sweep.png,
+phases_ARM.png, also copied to --report DIR) gives for each arm (algorithm and flag values), over its
+seeds, the mean and 95% Student-t interval of these pre-declared metrics:
+
+- final:  held-out pass@1 after the last step (`eval/pass@1`: train.py's --eval-samples samples per problem);
+- auc:    area under the held-out pass@1 curve over steps, divided by the steps (mean accuracy over training);
+- steps_to_target: steps until held-out pass@1 first reaches --target (linear between evaluations); runs
+          that never reach it are left out of the mean and counted ("k/n reached");
+- t80/execution, t80/planning: metrics.phase_summary, the step at which execution metrics (sound-strategy
+          execution accuracy, execution perplexity and entropy) and planning metrics (sound-strategy share,
+          semantic entropy) reach 80% of their total change (built-in world);
+
+and, for every arm against the --baseline algorithm with the same flag values, the paired difference
+(arm - baseline) over their common seeds with its t interval. With --set, it also compares each
+algorithm at its best flag value (highest mean final pass@1: a choice made on the same seeds, equally
+optimistic for every algorithm).
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from metrics import mean_confidence_interval, phase_summary
+
+EVAL_KEY = "eval/pass@1"
+OUTCOMES = ("final", "auc", "steps_to_target", "t80/execution", "t80/planning")
+TRAIN_SCRIPT = Path(__file__).parent / "train.py"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the grid: an algorithm, a seed and the swept flag values."""
+
+    algo: str
+    seed: int
+    settings: tuple[tuple[str, str], ...] = ()  # ((flag name without dashes, value), ...)
+
+    @property
+    def arm(self) -> str:
+        return "-".join([self.algo, *(f"{name}{value}" for name, value in self.settings)])
+
+    def run_dir(self, out: Path) -> Path:
+        return out / f"{self.arm}-seed{self.seed}"
+
+    def flags(self) -> list[str]:
+        return ["--algo", self.algo, "--seed", str(self.seed),
+                *(item for name, value in self.settings for item in (f"--{name.replace('_', '-')}", value))]
+
+
+@dataclass
+class Outcome:
+    """The pre-declared metrics of one finished run."""
+
+    job: Job
+    values: dict[str, float | None] = field(default_factory=dict)
+
+
+def parse_settings(items: list[str]) -> list[tuple[tuple[str, str], ...]]:
+    """['lr=1e-4,2e-4', 'alpha=0.2'] -> the grid of combinations, each ((name, value), ...)."""
+    axes = []
+    for item in items:
+        name, _, values = item.partition("=")
+        if not name or not values:
+            raise SystemExit(f"error: --set {item!r}: expected FLAG=V1,V2,... (e.g. lr=1e-4,2e-4)")
+        axes.append([(name.lstrip("-"), v) for v in values.split(",") if v])
+    return [tuple(combo) for combo in itertools.product(*axes)]
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def is_eval(record: dict) -> bool:
+    return any(key.startswith("eval/") for key in record)
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Whether the run logged its last training step and, with evaluation on, the evaluation after it."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        return False
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    records = read_records(run_dir)
+    steps = config["steps"]
+    trained = any(not is_eval(r) and r["step"] == steps - 1 for r in records)
+    evaluated = not config.get("eval_every") or any(is_eval(r) and r["step"] == steps for r in records)
+    return trained and evaluated
+
+
+def launch(job: Job, out: Path, train_flags: list[str]) -> tuple[Job, int, float]:
+    """Run (or continue) one job in its own process with one thread; returns (job, exit code, seconds)."""
+    run_dir = job.run_dir(out)
+    if (run_dir / "checkpoint" / "trainer_state.pt").is_file():
+        command = [sys.executable, str(TRAIN_SCRIPT), "--resume", str(run_dir)]
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        command = [sys.executable, str(TRAIN_SCRIPT), *train_flags, *job.flags(), "--threads", "1", "--out", str(run_dir)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    started = time.time()
+    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    return job, code, time.time() - started
+
+
+def run_grid(jobs: list[Job], out: Path, train_flags: list[str], workers: int) -> list[Job]:
+    """Run the unfinished jobs, `workers` at a time; returns the jobs that failed."""
+    todo = [job for job in jobs if not run_finished(job.run_dir(out))]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run, {workers} at a time")
+    failed = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for job, code, seconds in pool.map(lambda j: launch(j, out, train_flags), todo):
+            ok = code == 0 and run_finished(job.run_dir(out))
+            print(f"  {'done  ' if ok else 'FAILED'} {job.run_dir(out).name}  {seconds:.0f} s"
+                  + ("" if ok else f"  (exit {code}; see {job.run_dir(out) / 'train.log'})"), flush=True)
+            if not ok:
+                failed.append(job)
+    return failed
+
+
+def steps_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """First step at which (step, accuracy) points reach `target`, linear between points; None if never."""
+    if curve[0][1] >= target:
+        return curve[0][0]
+    for (s0, a0), (s1, a1) in zip(curve, curve[1:]):
+        if a1 >= target:  # a0 < target <= a1
+            return s0 + (target - a0) / (a1 - a0) * (s1 - s0)
+    return None
+
+
+def run_outcome(job: Job, records: list[dict], target: float) -> Outcome:
+    """The pre-declared metrics of one run from its metrics.jsonl records."""
+    curve = sorted((r["step"], r[EVAL_KEY]) for r in records if EVAL_KEY in r)
+    values: dict[str, float | None] = dict.fromkeys(OUTCOMES)
+    if curve:
+        values["final"] = curve[-1][1]
+        values["steps_to_target"] = steps_to_reach(curve, target)
+    if len(curve) >= 2:
+        area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(curve, curve[1:]))
+        values["auc"] = area / (curve[-1][0] - curve[0][0])
+    phases = phase_summary([r for r in records if not is_eval(r)])
+    values["t80/execution"] = phases.get("t80/execution")
+    values["t80/planning"] = phases.get("t80/planning")
+    values["seconds"] = sum(r.get("step_seconds", 0.0) + r.get("eval/wall_s", 0.0) for r in records)
+    return Outcome(job, values)
+
+
+def collect(jobs: list[Job], out: Path, target: float) -> list[Outcome]:
+    """Outcomes of the finished runs (unfinished ones are skipped, and said so)."""
+    outcomes = []
+    for job in jobs:
+        run_dir = job.run_dir(out)
+        if run_finished(run_dir):
+            outcomes.append(run_outcome(job, read_records(run_dir), target))
+        else:
+            print(f"  skipped (not finished): {run_dir}")
+    return outcomes
+
+
+def summarize(values: list[float | None]) -> dict:
+    """Mean and 95% t interval of the values that exist; n = how many."""
+    present = [v for v in values if v is not None]
+    mean, low, high = mean_confidence_interval(present)
+    return {"n": len(present), "of": len(values), "mean": mean, "low": low, "high": high}
+
+
+def arm_table(outcomes: list[Outcome]) -> dict[str, dict]:
+    """arm -> {"algo", "settings", "seeds", metric -> summary}."""
+    arms: dict[str, dict] = {}
+    for outcome in outcomes:
+        arm = arms.setdefault(outcome.job.arm, {"algo": outcome.job.algo, "settings": dict(outcome.job.settings),
+                                                "seeds": [], "runs": []})
+        arm["seeds"].append(outcome.job.seed)
+        arm["runs"].append(outcome.values)
+    for arm in arms.values():
+        for metric in (*OUTCOMES, "seconds"):
+            arm[metric] = summarize([run[metric] for run in arm["runs"]])
+    return arms
+
+
+def paired_difference(a: list[Outcome], b: list[Outcome], metric: str) -> dict:
+    """Mean and 95% t interval of (a - b) over the seeds both have a value for."""
+    by_seed = {o.job.seed: o.values[metric] for o in b if o.values[metric] is not None}
+    diffs = {o.job.seed: o.values[metric] - by_seed[o.job.seed] for o in a
+             if o.values[metric] is not None and o.job.seed in by_seed}
+    mean, low, high = mean_confidence_interval(list(diffs.values()))
+    return {"n": len(diffs), "seeds": sorted(diffs), "mean": mean, "low": low, "high": high}
+
+
+def paired_comparisons(outcomes: list[Outcome], baseline: str) -> list[dict]:
+    """Every arm against the baseline algorithm at the same flag values, paired by seed."""
+    by_arm: dict[tuple, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_arm.setdefault((outcome.job.algo, outcome.job.settings), []).append(outcome)
+    rows = []
+    for (algo, settings), members in by_arm.items():
+        partner = by_arm.get((baseline, settings))
+        if algo != baseline and partner:
+            rows.append({"arm": members[0].job.arm, "baseline": partner[0].job.arm,
+                         **{metric: paired_difference(members, partner, metric) for metric in OUTCOMES}})
+    return rows
+
+
+def best_settings(outcomes: list[Outcome], arms: dict[str, dict], baseline: str) -> list[dict]:
+    """Each algorithm at its flag values of highest mean final pass@1, paired against the baseline's best."""
+    best: dict[str, str] = {}
+    for name, arm in arms.items():
+        mean = arm["final"]["mean"]
+        if not math.isnan(mean) and (arm["algo"] not in best or mean > arms[best[arm["algo"]]]["final"]["mean"]):
+            best[arm["algo"]] = name
+    if baseline not in best:
+        return []
+    members = {name: [o for o in outcomes if o.job.arm == name] for name in best.values()}
+    return [{"arm": name, "baseline": best[baseline],
+             **{metric: paired_difference(members[name], members[best[baseline]], metric) for metric in OUTCOMES}}
+            for algo, name in best.items() if algo != baseline]
+
+
+def cell(summary: dict, digits: int = 3) -> str:
+    """'mean [low, high]' (n/of when some runs have no value)."""
+    if summary["n"] == 0:
+        return "—"
+    text = f"{summary['mean']:.{digits}f}"
+    if not math.isnan(summary["low"]):
+        text += f" [{summary['low']:.{digits}f}, {summary['high']:.{digits}f}]"
+    if "of" in summary and summary["n"] < summary["of"]:
+        text += f" ({summary['n']}/{summary['of']})"
+    return text
+
+
+METRIC_TITLES = {"final": "final pass@1", "auc": "AUC of pass@1", "steps_to_target": "steps to {target}",
+                 "t80/execution": "t80 execution", "t80/planning": "t80 planning"}
+DIGITS = {"final": 3, "auc": 3, "steps_to_target": 0, "t80/execution": 0, "t80/planning": 0}
+
+
+def markdown_report(arms: dict[str, dict], paired: list[dict], best: list[dict], target: float, header: str) -> str:
+    """The results as Markdown tables."""
+    titles = [METRIC_TITLES[m].format(target=target) for m in OUTCOMES]
+    lines = [header, "", "Per arm: mean [95% Student-t interval] over seeds; (k/n): only k of n runs have a value "
+             "(steps to target: runs that reached it).", "",
+             "| arm | seeds | " + " | ".join(titles) + " | s per run |", "|---|---|" + "---|" * (len(OUTCOMES) + 1)]
+    for name, arm in arms.items():
+        seeds = ",".join(map(str, sorted(arm["seeds"])))
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cell(arm[m], DIGITS[m]) for m in OUTCOMES)
+                     + f" | {arm['seconds']['mean']:.0f} |")
+    for title, rows in (("Paired differences, arm - baseline at the same flag values, over common seeds", paired),
+                        ("Each algorithm at its best flag value (by mean final pass@1), paired against the "
+                         "baseline's best", best)):
+        if rows:
+            lines += ["", f"{title}: mean [95% t interval] (pairs).", "",
+                      "| arm - baseline | " + " | ".join(titles) + " |", "|---|" + "---|" * len(OUTCOMES)]
+            for row in rows:
+                cells = [f"{cell(row[m], DIGITS[m])} ({row[m]['n']})" for m in OUTCOMES]
+                lines.append(f"| {row['arm']} - {row['baseline']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_figures(outcomes: list[Outcome], out: Path) -> list[Path]:
+    """Fig. 6 with 95% t bands per arm, and one phase figure per arm (built-in world)."""
+    import plots
+
+    runs = []
+    for outcome in outcomes:
+        run = plots.load_run(str(outcome.job.run_dir(out)))
+        run.algo = outcome.job.arm  # plots group runs by this label
+        runs.append(run)
+    written = [plots.fig6_comparison(runs, out, band="ci", name="fig6_sweep.png")] if runs else []
+    for arm in sorted({run.algo for run in runs}):
+        members = [run for run in runs if run.algo == arm]
+        if plots.has_key(members, "share_sound"):
+            written.append(plots.fig_phases(members, out, name=f"phases_{arm}.png"))
+    return written
+
+
+def report(jobs: list[Job], out: Path, target: float, baseline: str, header: str, copy_to: Path | None) -> str:
+    """Aggregate the finished runs; write results.md, results.json and the figures; returns the Markdown."""
+    outcomes = collect(jobs, out, target)
+    arms = arm_table(outcomes)
+    paired = paired_comparisons(outcomes, baseline)
+    best = best_settings(outcomes, arms, baseline) if any(job.settings for job in jobs) else []
+    text = markdown_report(arms, paired, best, target, header)
+    (out / "results.md").write_text(text, encoding="utf-8")
+    (out / "results.json").write_text(json.dumps({"arms": arms, "paired": paired, "best": best}, indent=1),
+                                      encoding="utf-8")
+    written = [out / "results.md", out / "results.json", *write_figures(outcomes, out)]
+    if copy_to is not None:
+        copy_to.mkdir(parents=True, exist_ok=True)
+        for path in written:
+            shutil.copy(path, copy_to / path.name)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run a grid of train.py runs in parallel and aggregate them.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--algos", nargs="+", default=["grpo", "hicra"], help="train.py --algo values")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.py --seed values")
+    parser.add_argument("--set", action="append", default=[], metavar="FLAG=V1,V2",
+                        help="sweep a train.py flag over values (repeatable: the grid is their product)")
+    parser.add_argument("--out", required=True, help="sweep folder (one run directory per job inside)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--target", type=float, default=0.6, help="held-out pass@1 for steps_to_target")
+    parser.add_argument("--baseline", default="grpo", help="algorithm the paired differences subtract")
+    parser.add_argument("--report", default=None, metavar="DIR", help="also copy results and figures here")
+    parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, start none")
+    parser.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags for every train.py run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    train_flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    jobs = [Job(algo, seed, settings) for settings in parse_settings(args.set)
+            for algo in args.algos for seed in args.seeds]
+    import train  # checks every run's flags before starting any (one-line argparse errors)
+
+    for job in {Job(j.algo, 0, j.settings) for j in jobs}:
+        train.parse_args([*train_flags, *job.flags()])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    failed = [] if args.report_only else run_grid(jobs, out, train_flags, args.workers)
+    header = (f"# Sweep {out.name}\n\n`python sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+              + ("" if args.report_only else f"\n\nwall time of this invocation: {time.time() - started:.0f} s"))
+    text = report(jobs, out, args.target, args.baseline, header, Path(args.report) if args.report else None)
+    print(text)
+    if failed:
+        sys.exit(f"error: {len(failed)} run(s) failed: " + ", ".join(j.run_dir(out).name for j in failed))
+    return text
+
+
+if __name__ == "__main__":
+    main()
