@@ -205,9 +205,9 @@ def fig6_comparison(runs: list[Run], out: Path, band: str = "minmax", name: str 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     accuracy_key = eval_accuracy_key(runs)
     plot_groups(axes[0, 0], runs, "semantic_entropy", "semantic entropy of strategic grams", "nats", band)
-    plot_groups(axes[0, 1], runs, accuracy_key, f"validation accuracy ({accuracy_key})", band)
+    plot_groups(axes[0, 1], runs, accuracy_key, f"validation accuracy ({accuracy_key})", band=band)
     plot_groups(axes[1, 0], runs, "entropy_all", "token entropy (all tokens)", "nats", band)
-    plot_groups(axes[1, 1], runs, "pass_at_k", "training pass@k (k = group size)", band)
+    plot_groups(axes[1, 1], runs, "pass_at_k", "training pass@k (k = group size)", band=band)
     what = "95% t interval of the mean" if band == "ci" else "min-max"
     fig.suptitle(f"Comparison of runs (band: {what} over seeds)")
     return save(fig, out / name)
@@ -225,7 +225,7 @@ def fig_phases(runs: list[Run], out: Path, name: str = "fig_phases.png") -> Path
     """The two phases, measured on the built-in world (runs of one arm; curves are means over runs).
 
     Left: share of each strategy; middle: execution accuracy under each strategy (correct / completions
-    that follow it); right: progress of each execution and planning metric toward its total change, with
+    that follow it), both smoothed as every curve here; right: progress of each execution and planning metric toward its total change, with
     the mean step at which each group reaches PHASE_FRACTION of it (metrics.phase_summary, per run).
     """
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -236,7 +236,7 @@ def fig_phases(runs: list[Run], out: Path, name: str = "fig_phases.png") -> Path
         for i, key in enumerate(keys):
             present = [run for run in runs if len(series(run, key)[0])]
             if present:
-                steps, values = aligned(present, key)
+                steps, values = aligned(present, key)  # smoothed per run
                 ax.plot(steps, values.mean(axis=0), color=f"C{i}", label=key.removeprefix(prefix))
         finish_panel(ax, title, "fraction", bool(ax.lines), [prefix + "..."])
     ax = axes[2]

@@ -7,7 +7,8 @@
 Everything after `--` goes to every `train.py` run. Each run is one process with one thread
 (`--threads 1`), in RUN_DIR = OUT/ALGO[-FLAGVALUE...]-seedS, its output in RUN_DIR/train.log. A run is
 finished when its metrics.jsonl holds the last training step and, with evaluation on, the evaluation
-after it; finished runs are skipped, an unfinished one continues from its checkpoint (`train.py --resume`)
+after it; runs start seed by seed (all arms of the first seed first, so a sweep stopped early holds whole
+seeds); finished runs are skipped, an unfinished one continues from its checkpoint (`train.py --resume`)
 or, without one, starts over. Then the report (OUT/results.md, results.json, fig6_sweep.png,
 phases_ARM.png, also copied to --report DIR) gives for each arm (algorithm and flag values), over its
 seeds, the mean and 95% Student-t interval of these pre-declared metrics:
@@ -243,7 +244,7 @@ def best_settings(outcomes: list[Outcome], arms: dict[str, dict], baseline: str)
 def cell(summary: dict, digits: int = 3) -> str:
     """'mean [low, high]' (n/of when some runs have no value)."""
     if summary["n"] == 0:
-        return "—"
+        return f"— (0/{summary['of']})" if "of" in summary else "—"
     text = f"{summary['mean']:.{digits}f}"
     if not math.isnan(summary["low"]):
         text += f" [{summary['low']:.{digits}f}, {summary['high']:.{digits}f}]"
@@ -337,8 +338,9 @@ def main(argv: list[str] | None = None) -> str:
     train_flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    jobs = [Job(algo, seed, settings) for settings in parse_settings(args.set)
-            for algo in args.algos for seed in args.seeds]
+    # seed-major order: a sweep stopped early still holds whole seeds of every arm
+    jobs = [Job(algo, seed, settings) for seed in args.seeds for settings in parse_settings(args.set)
+            for algo in args.algos]
     import train  # checks every run's flags before starting any (one-line argparse errors)
 
     for job in {Job(j.algo, 0, j.settings) for j in jobs}:
