@@ -21,6 +21,9 @@ seeds, the mean and 95% Student-t interval of these pre-declared metrics:
           execution accuracy, execution perplexity and entropy) and planning metrics (sound-strategy share,
           semantic entropy) reach 80% of their total change (built-in world);
 
+with, for information, the mean share of completion tokens whose advantage was amplified (train.py's
+`amplified_ratio`: hicra, placebo, high_entropy) and the seconds of training steps and evaluations;
+
 and, for every arm against the --baseline algorithm with the same flag values, the paired difference
 (arm - baseline) over their common seeds with its t interval. With --set, it also compares each
 algorithm at its best flag value (highest mean final pass@1: a choice made on the same seeds, equally
@@ -44,6 +47,7 @@ from metrics import mean_confidence_interval, phase_summary
 
 EVAL_KEY = "eval/pass@1"
 OUTCOMES = ("final", "auc", "steps_to_target", "t80/execution", "t80/planning")
+INFORMATIVE = ("amplified", "seconds")  # shown per arm, not compared: share of tokens amplified, run time
 TRAIN_SCRIPT = Path(__file__).parent / "train.py"
 
 
@@ -166,6 +170,8 @@ def run_outcome(job: Job, records: list[dict], target: float) -> Outcome:
     phases = phase_summary([r for r in records if not is_eval(r)])
     values["t80/execution"] = phases.get("t80/execution")
     values["t80/planning"] = phases.get("t80/planning")
+    amplified = [r["amplified_ratio"] for r in records if "amplified_ratio" in r]
+    values["amplified"] = sum(amplified) / len(amplified) if amplified else None
     values["seconds"] = sum(r.get("step_seconds", 0.0) + r.get("eval/wall_s", 0.0) for r in records)
     return Outcome(job, values)
 
@@ -198,7 +204,7 @@ def arm_table(outcomes: list[Outcome]) -> dict[str, dict]:
         arm["seeds"].append(outcome.job.seed)
         arm["runs"].append(outcome.values)
     for arm in arms.values():
-        for metric in (*OUTCOMES, "seconds"):
+        for metric in (*OUTCOMES, *INFORMATIVE):
             arm[metric] = summarize([run[metric] for run in arm["runs"]])
     return arms
 
@@ -263,11 +269,12 @@ def markdown_report(arms: dict[str, dict], paired: list[dict], best: list[dict],
     titles = [METRIC_TITLES[m].format(target=target) for m in OUTCOMES]
     lines = [header, "", "Per arm: mean [95% Student-t interval] over seeds; (k/n): only k of n runs have a value "
              "(steps to target: runs that reached it).", "",
-             "| arm | seeds | " + " | ".join(titles) + " | s per run |", "|---|---|" + "---|" * (len(OUTCOMES) + 1)]
+             "| arm | seeds | " + " | ".join(titles) + " | amplified tokens | s per run (steps + evals) |",
+             "|---|---|" + "---|" * (len(OUTCOMES) + 2)]
     for name, arm in arms.items():
         seeds = ",".join(map(str, sorted(arm["seeds"])))
         lines.append(f"| {name} | {seeds} | " + " | ".join(cell(arm[m], DIGITS[m]) for m in OUTCOMES)
-                     + f" | {arm['seconds']['mean']:.0f} |")
+                     + f" | {cell(arm['amplified'])} | {arm['seconds']['mean']:.0f} |")
     for title, rows in (("Paired differences, arm - baseline at the same flag values, over common seeds", paired),
                         ("Each algorithm at its best flag value (by mean final pass@1), paired against the "
                          "baseline's best", best)):
@@ -347,10 +354,12 @@ def main(argv: list[str] | None = None) -> str:
         train.parse_args([*train_flags, *job.flags()])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()[0]
     failed = [] if args.report_only else run_grid(jobs, out, train_flags, args.workers)
-    header = (f"# Sweep {out.name}\n\n`python sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-              + ("" if args.report_only else f"\n\nwall time of this invocation: {time.time() - started:.0f} s"))
+    header = f"# Sweep {out.name}\n\n`python sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+    if not args.report_only:
+        header += (f"\n\nThis invocation: {time.time() - started:.0f} s wall on {os.cpu_count()} CPUs, 1-minute load "
+                   f"average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end.")
     text = report(jobs, out, args.target, args.baseline, header, Path(args.report) if args.report else None)
     print(text)
     if failed:
