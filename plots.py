@@ -254,7 +254,7 @@ def fig_phases(runs: list[Run], out: Path, name: str = "fig_phases.png") -> Path
             ax.axvline(float(np.mean(found)), color=color, linestyle="-" if group == "execution" else "--",
                        label=f"{group}: {PHASE_FRACTION:.0%} of change at step {np.mean(found):.0f}")
     ax.axhline(PHASE_FRACTION, color="lightgray", linewidth=0.8)
-    finish_panel(ax, "progress toward total change (solid: execution, dashed: planning)", "fraction of change",
+    finish_panel(ax, "share of total change (solid: execution, dashed: planning)", "fraction of change",
                  bool(ax.lines), list(EXECUTION_PHASE_KEYS + PLANNING_PHASE_KEYS))
     fig.suptitle(f"Phases — {runs[0].algo} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return save(fig, out / name)
