@@ -180,8 +180,15 @@ def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_
     cache) is an InputError naming `flag` and the folder.
     """
     device, dtype = resolve_device_and_dtype(device, dtype)
+    local = Path(path_or_id).expanduser()
     if path_or_id.endswith(".gguf"):
-        path_or_id, gguf_file = str(Path(path_or_id).parent), Path(path_or_id).name
+        if not local.is_file():
+            raise InputError(f"{flag}: {path_or_id}: no such file")
+        path_or_id, gguf_file = str(local.parent), local.name
+    elif local.is_file():
+        raise InputError(f"{flag}: {path_or_id} is a file; expected a model folder, a hub id or a .gguf file")
+    elif not local.exists() and looks_like_a_path(path_or_id):
+        raise InputError(f"{flag}: {path_or_id}: no such folder")
     try:
         if gguf_file is not None:
             path_or_id = dequantized_folder(path_or_id, gguf_file)
@@ -194,6 +201,11 @@ def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_
         reason = lines[0] if lines else type(error).__name__
         raise InputError(f"{flag}: cannot load '{path_or_id}': {reason}") from None
     return model, tokenizer
+
+
+def looks_like_a_path(path_or_id: str) -> bool:
+    """Whether a --model value can only be a local path: a hub id is NAME or OWNER/NAME."""
+    return path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or "\\" in path_or_id
 
 
 def dequantized_folder(folder: str, gguf_file: str) -> str:

@@ -21,13 +21,13 @@ Train and test problems are disjoint by their operands (a fixed hash splits the 
 arithmetic was never seen verbatim during fine-tuning.
 """
 
-import argparse
 import json
 import random
 import re
 import zlib
 from pathlib import Path
 
+from cli import OneLineParser
 from data import Problem
 
 FAMILIES = ("sum", "mul", "change")
@@ -217,7 +217,7 @@ def write_traces(path: str, n: int, seed: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="The built-in world: write a corpus of reference traces.")
+    parser = OneLineParser(description="The built-in world: write a corpus of reference traces.")
     commands = parser.add_subparsers(dest="command", required=True)
     traces = commands.add_parser("traces", help="write N reference traces as JSONL (problem, answer, solution)")
     traces.add_argument("--n", type=int, default=2000, help="number of traces")
