@@ -315,7 +315,7 @@ def test_every_algo_runs_a_step(tiny_model_dir, tmp_path, algo):
         (["--alpha", "1.5"], "--alpha: must be in [0, 1]"),
         (["--group-size", "1"], "--group-size: must be >= 2"),
         (["--algo", "ppo"], "invalid choice: 'ppo'"),
-        (["--model", "no/such/model_dir"], "--model: cannot load 'no/such/model_dir'"),
+        (["--model", "no/such/model_dir"], "--model: no/such/model_dir: no such folder"),
         (["--data", "missing.jsonl"], "missing.jsonl"),
         (["--grams", "nope.txt"], "--grams: 'nope.txt'"),
     ],

@@ -18,6 +18,8 @@ log-probs come from one forward pass per rollout and are reused by every epoch (
 Every step appends one JSON line to RUN_DIR/metrics.jsonl, and so does every held-out evaluation (its
 "step" is the number of updates done, its keys start with "eval/"); checkpoints are Hugging Face folders plus the
 optimizer, scheduler and RNG state in RUN_DIR/checkpoint/, written atomically (temp folder, then rename).
+Every flag is checked (TRAIN_BOUNDS, cli.py) before anything is written; bad input exits with one line
+`error: ...` on stderr and exit code 2.
 """
 
 import argparse
