@@ -199,6 +199,8 @@ def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, safetensors errors, ...
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         reason = lines[0] if lines else type(error).__name__
+        if (local / "checkpoint").is_dir():  # a train.py run folder: its model is in checkpoint/
+            reason = f"a train.py run folder? its model is {local / 'checkpoint'}"
         raise InputError(f"{flag}: cannot load '{path_or_id}': {reason}") from None
     return model, tokenizer
 

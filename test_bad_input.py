@@ -90,6 +90,7 @@ CASES = [
     Case("model-is-a-file", TRAIN, "--model {dir}/train.jsonl", ("--model", "train.jsonl", "is a file")),
     Case("model-truncated-weights", TRAIN, "--model {dir}/truncated_model", ("--model", "truncated_model")),
     Case("model-bad-config-json", TRAIN, "--model {dir}/bad_config", ("--model", "bad_config", "config.json")),
+    Case("model-is-a-run-folder", TRAIN, "--model {run}", ("--model", "train.py run folder", "checkpoint")),
     Case("gguf-file-missing", TRAIN, "--gguf-file nope.gguf", ("--gguf-file", "nope.gguf", "no such file")),
     # data and grams files
     Case("data-latin1", TRAIN, "--data {dir}/latin1.jsonl", ("--data", "latin1.jsonl:2:", "not UTF-8", "0xe9")),
@@ -107,6 +108,7 @@ CASES = [
     # resuming: bad flags and a bad config must leave the finished run as it was
     Case("resume-lr-nan", TRAIN, "--resume {run} --lr nan", ("--lr", "nan"), bare=True),
     Case("resume-no-run", TRAIN, "--resume {dir}/no_run", ("--resume", "no_run", "config.json"), bare=True),
+    Case("resume-with-another-out", TRAIN, "--resume {run} --out {out}/elsewhere", ("--out", "--resume"), bare=True),
     Case("resume-bad-config", TRAIN, "--resume {run} --corrupt-config", ("--resume", "config.json", "not valid JSON"),
          bare=True),
     # eval.py shares the checks of the flags it shares
@@ -119,7 +121,10 @@ CASES = [
     Case("eval-benchmark-latin1", EVAL, "--benchmark {dir}/latin1.jsonl", ("--benchmark", "latin1.jsonl:2:")),
     Case("eval-model-no-model-type", EVAL, "--model {dir}/no_model_type", ("--model", "no_model_type")),
     Case("eval-out-is-a-file", EVAL, "--out {dir}/train.jsonl", ("--out", "train.jsonl", "is a file")),
+    Case("eval-model-is-a-run-folder", EVAL, "--model {run}", ("--model", "train.py run folder")),
     Case("eval-plot-nothing", EVAL, "plot", ("plot:",), bare=True),
+    Case("eval-plot-cut-metrics-line", EVAL, "plot {dir}/cut_run", ("cut_run/metrics.jsonl:2:", "malformed JSON"),
+         bare=True),
 ]
 
 
@@ -142,7 +147,9 @@ def inputs(tmp_path_factory) -> Path:
         "list_answer.jsonl": '{"problem": "1 + 1?", "answer": [2]}\n',
         "empty.jsonl": "",
         "blank_grams.txt": "\n  \n",
+        "cut_run/metrics.jsonl": '{"step": 0, "reward": 1.0}\n{"step": 1, "rew',
     }
+    (folder / "cut_run").mkdir()
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
     (folder / "latin1.jsonl").write_bytes((lines[0] + '\n{"problem": "caf\xe9: 1 + 1?", "answer": "2"}\n').encode("latin-1"))

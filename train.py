@@ -170,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for action in parser._actions:  # a second parse that keeps only the flags given explicitly
             action.default = argparse.SUPPRESS
         explicit = vars(parser.parse_args(argv))
+        if explicit.get("out", args.resume) != args.resume:
+            raise InputError("--out: a resumed run stays in its folder; give --resume RUN_DIR alone")
         args = argparse.Namespace(**{**defaults, **saved, **explicit, "out": args.resume})
     validate_args(args)
     return args
