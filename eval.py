@@ -133,7 +133,7 @@ def summarize(records: list[dict], samples: int, temperature: float, ks: list[in
     summary["no_box"] = sum(e is None for r in records for e in r["extracted"])
     summary["truncated"] = sum(t for r in records for t in r["truncated"])
     summary["timeouts"] = sum(f == "timeout" for r in records for f in r["failures"])
-    summary["grading_errors"] = sum(f == "error" for r in records for f in r["failures"])
+    summary["grading_errors"] = sum(f in ("error", "invalid") for r in records for f in r["failures"])
     return summary
 
 

@@ -39,7 +39,9 @@ import torch
 from tqdm import tqdm
 
 import grams as grams_lib
-from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, OneLineParser, check_bounds, report, use_colour
+from cli import (
+    AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, OneLineParser, check_bounds, report, use_colour,
+)
 from data import InputError, Problem, load_problems
 from eval import add_model_flags, check_model_flags, evaluate, load_model
 from grpo import ADVANTAGE_MODES, AGGREGATIONS, aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
