@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from data import InputError
 
@@ -58,6 +59,15 @@ def check_bounds(args: argparse.Namespace, bounds: dict[str, Bound]) -> None:
             raise InputError(f"{flag_name(dest)}: must be a finite number {wanted}, got {value}")
         if not holds(value):
             raise InputError(f"{flag_name(dest)}: must be {wanted}, got {value}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Raise InputError unless `path` can be written as a file: not a folder, in a folder that exists."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{flag}: {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise InputError(f"{flag}: {path}: folder {target.parent} does not exist")
 
 
 def use_colour(stream) -> bool:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from cli import OneLineParser
+from cli import OneLineParser, check_output_file
 from data import InputError, read_text_lines
 
 PRESET_FILES = {"paper": Path(__file__).parent / "grams" / "listing1.txt"}
@@ -396,6 +396,7 @@ def extract_main(args: argparse.Namespace) -> None:
         raise InputError("--n-min/--n-max: need 1 <= n-min <= n-max")
     if not 0 < args.top_fraction <= 1:
         raise InputError("--top-fraction: must be in (0, 1]")
+    check_output_file(args.out, "--out")
     started = time.perf_counter()
     docs = read_corpus(args.corpus, args.field, args.correct_only)
     embed, description = choose_embedder(args.embedder)

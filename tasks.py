@@ -27,8 +27,8 @@ import re
 import zlib
 from pathlib import Path
 
-from cli import OneLineParser
-from data import Problem
+from cli import OneLineParser, check_output_file
+from data import InputError, Problem
 
 FAMILIES = ("sum", "mul", "change")
 STRATEGIES = ("direct", "steps", "check")
@@ -226,6 +226,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.n < 1:
         parser.error("--n must be >= 1")
+    try:
+        check_output_file(args.out, "--out")
+    except InputError as error:
+        parser.error(str(error))
     write_traces(args.out, args.n, args.seed)
     print(f"wrote {args.n} traces to {args.out}")
 

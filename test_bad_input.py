@@ -123,6 +123,13 @@ CASES = [
     Case("eval-out-is-a-file", EVAL, "--out {dir}/train.jsonl", ("--out", "train.jsonl", "is a file")),
     Case("eval-model-is-a-run-folder", EVAL, "--model {run}", ("--model", "train.py run folder")),
     Case("eval-plot-nothing", EVAL, "plot", ("plot:",), bare=True),
+    # the other command-line tools
+    Case("tasks-out-in-missing-folder", "tasks.py", "traces --n 2 --out {out}/no_folder/traces.jsonl",
+         ("--out", "no_folder", "does not exist"), bare=True),
+    Case("grams-extract-out-is-a-folder", "grams.py", "extract --corpus {dir}/train.jsonl --field problem --out {out}",
+         ("--out", "is a folder"), bare=True),
+    Case("grams-compare-latin1", "grams.py", "compare --grams {dir}/latin1_grams.txt", ("--grams", "latin1_grams.txt:2:"),
+         bare=True),
     Case("eval-plot-cut-metrics-line", EVAL, "plot {dir}/cut_run", ("cut_run/metrics.jsonl:2:", "malformed JSON"),
          bare=True),
 ]
