@@ -371,9 +371,9 @@ TOWER = "\\boxed{9^{9^{9^{9}}}}"  # math-verify / sympy would run for minutes on
 
 
 def short_timeout_reward(completion: str, answer: str) -> float:
-    """boxed_reward with a 0.5 s grading timeout, to keep the test fast."""
+    """boxed_reward with a 2 s grading timeout (not 5 s), to keep the test short; a real comparison takes ~20 ms."""
     pred = reward.extract_boxed(completion)
-    return float(pred is not None and reward.answers_match(pred, answer, timeout_s=0.5))
+    return float(pred is not None and reward.answers_match(pred, answer, timeout_s=2.0))
 
 
 def test_a_slow_answer_times_out_while_the_rest_of_the_batch_is_graded():
