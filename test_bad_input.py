@@ -109,7 +109,7 @@ CASES = [
     Case("resume-lr-nan", TRAIN, "--resume {run} --lr nan", ("--lr", "nan"), bare=True),
     Case("resume-no-run", TRAIN, "--resume {dir}/no_run", ("--resume", "no_run", "config.json"), bare=True),
     Case("resume-with-another-out", TRAIN, "--resume {run} --out {out}/elsewhere", ("--out", "--resume"), bare=True),
-    Case("resume-bad-config", TRAIN, "--resume {run} --corrupt-config", ("--resume", "config.json", "not valid JSON"),
+    Case("resume-bad-config", TRAIN, "--resume {run} --corrupt-config", ("--resume", "config.json"),
          bare=True),
     # eval.py shares the checks of the flags it shares
     Case("eval-missing-benchmark", EVAL, "--model {dir}/model --out {out}", ("required", "--benchmark"), bare=True),
