@@ -94,6 +94,7 @@ CASES = [
     Case("gguf-file-missing", TRAIN, "--gguf-file nope.gguf", ("--gguf-file", "nope.gguf", "no such file")),
     # data and grams files
     Case("data-latin1", TRAIN, "--data {dir}/latin1.jsonl", ("--data", "latin1.jsonl:2:", "not UTF-8", "0xe9")),
+    Case("data-utf16", TRAIN, "--data {dir}/utf16.jsonl", ("--data", "utf16.jsonl:1:", "not UTF-8", "0xff")),
     Case("data-malformed-line", TRAIN, "--data {dir}/malformed.jsonl", ("--data", "malformed.jsonl:2:", "malformed JSON")),
     Case("data-missing-field", TRAIN, "--data {dir}/no_answer.jsonl", ("--data", "no_answer.jsonl:1:", "'answer'")),
     Case("data-answer-not-text", TRAIN, "--data {dir}/list_answer.jsonl", ("--data", "list_answer.jsonl:1:", "'answer'")),
@@ -160,6 +161,7 @@ def inputs(tmp_path_factory) -> Path:
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
     (folder / "latin1.jsonl").write_bytes((lines[0] + '\n{"problem": "caf\xe9: 1 + 1?", "answer": "2"}\n').encode("latin-1"))
+    (folder / "utf16.jsonl").write_text(lines[0] + "\n", encoding="utf-16")  # Notepad's "Unicode"
     (folder / "latin1_grams.txt").write_bytes("wait\nr\xe9sum\xe9 the plan\n".encode("latin-1"))
     for name in ("no_model_type", "truncated_model", "bad_config"):
         shutil.copytree(folder / "model", folder / name)
@@ -285,10 +287,10 @@ def test_a_resumed_config_with_a_string_for_a_number_is_refused():
 # ---------------------------------------------------------------- inputs that must work
 
 
-def test_files_with_a_byte_order_mark_are_read_and_keep_their_first_line(tmp_path):
+def test_files_with_a_byte_order_mark_or_crlf_are_read_and_keep_their_first_line(tmp_path):
     data, gram_file = tmp_path / "bom.jsonl", tmp_path / "bom_grams.txt"
-    data.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in ROWS).encode())
-    gram_file.write_bytes(b"\xef\xbb\xbfwait\nlet me check\n")
+    data.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in ROWS).encode())
+    gram_file.write_bytes(b"\xef\xbb\xbfwait\r\nlet me check\r\n")
     assert [p.answer for p in load_problems(str(data))] == [r["answer"] for r in ROWS]
     assert grams.load_grams(str(gram_file)) == ["wait", "let me check"]
 
