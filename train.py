@@ -566,12 +566,16 @@ def restore_checkpoint(folder: Path, optimizer, scheduler) -> tuple[int, Relativ
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after the checkpoint of step `last_step` (a run stopped between a log and a save).
 
-    Kept: training records up to `last_step` and evaluations up to `last_step + 1` updates.
+    Kept: training records up to `last_step` and evaluations up to `last_step + 1` updates. A last line
+    without its newline (torn by a crash mid-write) is dropped; the file is replaced whole, never half-written.
     """
     if path.exists():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        lines = path.read_text().split("\n")[:-1]  # complete lines only: each ends with "\n"
+        records = [json.loads(line) for line in lines if line]
         kept = [r for r in records if r["step"] <= last_step + is_eval_record(r)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        temp = path.with_name(path.name + ".tmp")
+        temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        temp.replace(path)
 
 
 def load_policy(source: str, args, gguf_file: str | None):
