@@ -273,3 +273,29 @@ def test_a_metrics_line_torn_by_a_crash_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 0, "reward": 1.0}\n{"step": 1, "reward": 0.5}\n{"step": 2, "rew')
     train.truncate_metrics(path, last_step=5)
     assert path.read_text() == '{"step": 0, "reward": 1.0}\n{"step": 1, "reward": 0.5}\n'
+
+
+def test_ctrl_c_says_how_to_resume_and_the_resume_continues(tmp_path, monkeypatch, capsys):
+    clean, calls = train.policy_update, itertools.count()
+
+    def interrupted_at_step_2(*args):
+        if next(calls) == 2:
+            raise KeyboardInterrupt
+        return clean(*args)
+
+    monkeypatch.setattr(train, "policy_update", interrupted_at_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        short_run(out, "--steps", "3", "--save-every", "1")
+    assert stop.value.code == 130
+    assert f"interrupted: continue with  python train.py --resume {out}" in capsys.readouterr().err
+    monkeypatch.setattr(train, "policy_update", clean)
+    train.main(["--resume", str(out)])
+    assert [r["step"] for r in records(out)] == [0, 1, 2]
+
+
+def test_a_damaged_run_config_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    short_run(out, "--steps", "1")
+    (out / "config.json").write_text('{"algo": "hicra", ')
+    assert f"--resume: {out / 'config.json'}: not a readable run config" in error_of(["--resume", str(out)], capsys)

@@ -183,7 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         config_path = Path(args.resume) / "config.json"
         if not config_path.is_file():
             parser.error(f"--resume: {config_path} not found")
-        saved = json.loads(config_path.read_text())
+        try:
+            saved = json.loads(config_path.read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--resume: {config_path}: not a readable run config ({str(error).splitlines()[0]})")
         for action in parser._actions:  # a second parse that keeps only the flags given explicitly
             action.default = argparse.SUPPRESS
         explicit = vars(parser.parse_args(argv))
@@ -289,7 +292,7 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
 
 def weights_finite(model) -> bool:
     """True when no trainable weight is inf or NaN."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]).all())
 
 
 def nonfinite_causes(args, rewards: torch.Tensor) -> str:
@@ -483,9 +486,9 @@ def promote_checkpoint(run_dir: Path, source: Path, step: int) -> None:
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete the checkpoint-N/ folders beyond the newest `keep - 1` (checkpoint/ is the keep-th)."""
-    older = [p for p in checkpoint_folders(run_dir) if p.name.removeprefix(f"{CHECKPOINT}-").isdigit()]
-    older.sort(key=lambda p: checkpoint_step(p) if checkpoint_step(p) is not None else -1, reverse=True)
-    for folder in older[keep - 1:]:
+    steps = {p: checkpoint_step(p) for p in checkpoint_folders(run_dir) if p.name.removeprefix(f"{CHECKPOINT}-").isdigit()}
+    newest_first = sorted(steps, key=lambda p: -1 if steps[p] is None else steps[p], reverse=True)
+    for folder in newest_first[keep - 1:]:
         shutil.rmtree(folder)
 
 
@@ -729,6 +732,9 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as error:
         if made_here and not (run_dir / "metrics.jsonl").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves no empty run folder behind
+        elif isinstance(error, KeyboardInterrupt):
+            print(f"\ninterrupted: continue with  python train.py --resume {run_dir}", file=sys.stderr)
+            sys.exit(130)
         if isinstance(error, (InputError, TrainingError)):
             sys.exit(f"error: {error}")
         raise
