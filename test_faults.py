@@ -1,8 +1,11 @@
 """Failure behaviour of train.py: kills at any instant, damaged or planted run folders, non-finite training.
 
-The kill test forks a child per run that SIGKILLs itself at a named point (train.fault_point, through the
-HICRA_FAULT environment variable), resumes in the next child, and compares the final records with an
-uninterrupted run's. Forked children share the parent's imports, so each costs a fraction of a second.
+The kill test runs each training in a child process that SIGKILLs itself at a named point
+(train.fault_point, through the HICRA_FAULT environment variable), resumes in the next child, and compares
+the final records with an uninterrupted run's. The children are forks of this test process, which has
+imported and warmed up torch and transformers already, so each costs well under a second more than its
+training steps. Forking is safe only from a process with one thread (a lock held by another thread would
+stay held in the child forever): tqdm's monitor thread is stopped first, and the test checks there is no other.
 """
 
 import itertools
@@ -11,10 +14,13 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
+from tqdm._monitor import TMonitor
 from transformers import AutoModelForCausalLM
 
 import train
@@ -46,6 +52,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill test f
 
 
 def fault_child(argv: list[str], fault: str | None) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ.pop(train.FAULT_ENV, None)
     if fault:
         os.environ[train.FAULT_ENV] = fault
@@ -54,6 +61,7 @@ def fault_child(argv: list[str], fault: str | None) -> None:
 
 def run_in_child(argv: list[str], fault: str | None = None) -> int:
     """Exit code of train.main(argv) run in a forked child; -SIGKILL when it killed itself."""
+    assert threading.active_count() == 1, f"cannot fork safely beside other threads: {threading.enumerate()}"
     child = multiprocessing.get_context("fork").Process(target=fault_child, args=(argv, fault))
     child.start()
     child.join(timeout=300)
@@ -73,8 +81,11 @@ def folders(run_dir) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.is_dir())
 
 
-def test_killed_anywhere_and_resumed_a_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path):
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def test_killed_anywhere_and_resumed_a_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
+    monkeypatch.setattr(tqdm, "monitor_interval", 0)  # no new monitor thread for the bars of this process...
+    for thread in threading.enumerate():
+        if isinstance(thread, TMonitor):  # ...and none left by an earlier test's progress bar
+            thread.exit()
     flags = [*FLAGS, "--steps", str(STEPS), "--save-every", "1", "--keep-checkpoints", "2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_in_child([*flags, "--out", str(straight)]) == 0
