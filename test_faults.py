@@ -3,8 +3,7 @@
 The kill test runs each training in a child process that SIGKILLs itself at a named point
 (train.fault_point, through the HICRA_FAULT environment variable), resumes in the next child, and compares
 the final records with an uninterrupted run's. The children are forks of this test process, which has
-imported and warmed up torch and transformers already, so each costs well under a second more than its
-training steps. Forking is safe only from a process with one thread (a lock held by another thread would
+imported torch and transformers already, so no child pays for the imports again. Forking is safe only from a process with one thread (a lock held by another thread would
 stay held in the child forever): tqdm's monitor thread is stopped first, and the test checks there is no other.
 """
 
@@ -104,6 +103,8 @@ def test_killed_anywhere_and_resumed_a_run_logs_exactly_what_an_uninterrupted_ru
             weights = [load_file(run / name / file) for run in (straight, killed)]
             assert weights[0].keys() == weights[1].keys()
             assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), (name, file)
+        states = [json.loads((run / name / "trainer_state.json").read_text()) for run in (straight, killed)]
+        assert states[0] == states[1]  # scheduler, Python and NumPy RNG states, the non-finite streak
     AutoModelForCausalLM.from_pretrained(killed / "checkpoint")  # still a plain HF folder
 
 
