@@ -212,6 +212,14 @@ def test_a_failed_start_removes_the_folder_it_made_and_only_that(tmp_path, capsy
     assert kept.is_dir()
 
 
+def test_a_new_run_never_overwrites_a_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    short_run(out, "--steps", "1")
+    (out / "metrics.jsonl").unlink()  # a checkpoint alone is a run too
+    assert f"--out: {out} already holds a run; pass --resume {out}" in error_of([*FLAGS, "--out", str(out)], capsys)
+    assert train.checkpoint_step(out / "checkpoint") == 0
+
+
 def test_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
     file = tmp_path / "notes.txt"
     file.write_text("mine")

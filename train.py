@@ -625,7 +625,7 @@ def run(args) -> Path:
     resuming = bool(args.resume)
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"--out: {run_dir} is a file, not a folder")
-    if not resuming and (run_dir / "metrics.jsonl").exists():
+    if not resuming and ((run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT).exists()):
         raise InputError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} or another --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
