@@ -283,7 +283,13 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
         totals["grad_norm"] += grad_norm.item() / args.ppo_epochs
         if finite_loss and math.isfinite(grad_norm.item()):
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as error:  # a step size the weights' dtype cannot hold, e.g. --lr 1e39 in float32
+                if "overflow" not in str(error):
+                    raise
+                raise TrainingError(f"the update overflowed ({str(error).splitlines()[0]}); nothing of it was saved; "
+                                    f"likely cause: {nonfinite_causes(args, batch.rewards)}") from None
         else:
             totals["nonfinite_updates"] += 1
         optimizer.zero_grad(set_to_none=True)
