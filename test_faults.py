@@ -324,6 +324,6 @@ def test_a_damaged_run_config_is_a_one_line_error(tmp_path, capsys):
 def test_a_learning_rate_that_overflows_the_update_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "run"
     message = error_of([*FLAGS, "--eval-every", "0", "--out", str(out), "--steps", "2", "--lr", "1e39"], capsys)
-    assert message.startswith("error: the update overflowed (value cannot be converted to type float without overflow)")
+    assert message.startswith("error: the update overflowed (")
     assert message.endswith("likely cause: a learning rate too high (--lr 1e+39)")
     assert not out.exists()
