@@ -117,7 +117,7 @@ def run_finished(run_dir: Path) -> bool:
 def launch(job: Job, out: Path, train_flags: list[str]) -> tuple[Job, int, float]:
     """Run (or continue) one job in its own process with one thread; returns (job, exit code, seconds)."""
     run_dir = job.run_dir(out)
-    if (run_dir / "checkpoint" / "trainer_state.pt").is_file():
+    if (run_dir / "config.json").is_file():  # train.py resumes from the newest complete checkpoint, or from step 0
         command = [sys.executable, str(TRAIN_SCRIPT), "--resume", str(run_dir)]
     else:
         shutil.rmtree(run_dir, ignore_errors=True)

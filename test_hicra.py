@@ -309,7 +309,7 @@ def test_every_algo_runs_a_step(tiny_model_dir, tmp_path, algo):
     assert len(read_metrics(tmp_path / algo)) == 1
 
 
-def test_placebo_amplifies_the_placebo_grams_it_draws_from_the_solutions(tiny_model_dir, tmp_path):
+def test_placebo_amplifies_the_placebo_grams_it_draws_from_the_solutions(tiny_model_dir, tmp_path, capsys):
     rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b),
              "solution": f"Let me check: {a} plus {b} gives {a + b}, so the answer is {a + b}."}
             for a, b in [(2, 2), (3, 4), (12, 30), (5, 6)]]
@@ -323,17 +323,19 @@ def test_placebo_amplifies_the_placebo_grams_it_draws_from_the_solutions(tiny_mo
     assert sorted(len(g.split()) for g in placebo) == [3, 4]
     assert all(" plus " in f" {g} " or " gives " in f" {g} " for g in placebo)  # only non-strategic text
     assert "amplified_ratio" in read_metrics(out)[0]
-    with pytest.raises(SystemExit, match="has no 'solution' field"):
+    with pytest.raises(SystemExit):
         train.main(tiny_args(tiny_model_dir, tmp_path / "nosolution", "--steps", "1", "--algo", "placebo"))
+    error = capsys.readouterr().err
+    assert "--algo placebo: " in error and "has no 'solution' field" in error
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
-        (["--group-size", "1"], "--group-size must be >= 2"),
+        (["--alpha", "1.5"], "--alpha: must be in [0, 1]"),
+        (["--group-size", "1"], "--group-size: must be >= 2"),
         (["--algo", "ppo"], "invalid choice: 'ppo'"),
-        (["--model", "no/such/model_dir"], "--model: cannot load 'no/such/model_dir'"),
+        (["--model", "no/such/model_dir"], "--model: no/such/model_dir: no such folder"),
         (["--data", "missing.jsonl"], "missing.jsonl"),
         (["--grams", "nope.txt"], "--grams: 'nope.txt'"),
     ],
@@ -345,12 +347,12 @@ def test_bad_input_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, flags, 
     assert message in text and "\n" not in text.strip()
 
 
-def test_malformed_data_line_names_file_and_line(tiny_model_dir, tmp_path):
+def test_malformed_data_line_names_file_and_line(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "oops"\n')
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--steps", "1", "--data", str(bad)))
-    assert f"{bad}:2" in str(stop.value.code)
+    assert stop.value.code == 2 and f"--data: {bad}:2" in capsys.readouterr().err
 
 
 def test_lora_run_with_gradient_checkpointing_saves_and_resumes(tiny_model_dir, tmp_path):
