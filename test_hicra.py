@@ -9,10 +9,12 @@ from transformers import AutoModelForCausalLM
 
 import train
 from conftest import build_model, build_tokenizer
-from grams import batch_planning_mask, find_gram_spans, gram_occurrences, planning_token_mask, semantic_entropy
+from grams import (
+    batch_planning_mask, find_gram_spans, gram_occurrences, incremental_char_spans, planning_token_mask, semantic_entropy,
+)
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import high_entropy_mask, hicra_advantages, validate_alpha
-from rollout import completion_logprobs, completion_mask_from_eos, format_prompt, generate_rollouts
+from rollout import completion_logprobs, completion_mask_from_eos, format_prompt, generate_rollouts, sample_next_token
 
 # ---------------------------------------------------------------- group advantages (Sec. 3)
 
@@ -144,6 +146,16 @@ def test_completion_mask_includes_first_eos_and_excludes_what_follows():
     assert truncated.tolist() == [False, False, True]
 
 
+def test_top_p_samples_only_the_nucleus_in_proportion():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)  # [b, V]
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_next_token(logits, temperature=1.0, top_p=0.8), minlength=4)
+    assert counts[2:].sum() == 0  # 0.5 + 0.3 already reach 0.8
+    assert abs(counts[0] / counts[:2].sum() - 0.5 / 0.8) < 0.03
+    assert (torch.bincount(sample_next_token(logits, temperature=1.0, top_p=1.0), minlength=4) > 0).all()
+    assert (sample_next_token(logits, temperature=0.0, top_p=0.8) == 0).all()
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_match_a_fresh_training_forward(tokenizer, architecture, temperature):
@@ -159,6 +171,18 @@ def test_rollout_logprobs_match_a_fresh_training_forward(tokenizer, architecture
     assert torch.allclose(torch.exp(logp - batch.old_logp), torch.ones_like(logp), atol=1e-5)
     assert torch.allclose(entropy, batch.entropy, atol=1e-5)
     assert (batch.old_logp[batch.completion_mask == 0] == 0).all()
+
+
+def test_bfloat16_rollouts_are_rescored_by_the_training_forward_and_near_float32(tokenizer):
+    model = build_model(tokenizer)
+    half = build_model(tokenizer).to(torch.bfloat16)
+    prompts = [format_prompt(tokenizer, "What is 2 + 2?"), format_prompt(tokenizer, "Add 12 and 30.")]
+    torch.manual_seed(0)
+    batch = generate_rollouts(half, tokenizer, prompts, group_size=2, max_new_tokens=10, temperature=1.0)
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, 1.0)
+    with torch.no_grad():
+        assert torch.equal(completion_logprobs(half, *args)[0], batch.old_logp)
+        assert (completion_logprobs(model, *args)[0] - batch.old_logp).abs().max() < 0.05
 
 
 def test_rollout_logprobs_are_those_generate_sampled_from(tokenizer, model):
@@ -233,6 +257,30 @@ def test_planning_mask_handles_a_non_canonical_tokenisation(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)[0]) for p in pieces]
     mask = planning_token_mask(tokenizer, ids, ["let me check"])
     assert mask.tolist() == [False, False, True, True, True, True, False]
+
+
+def prefix_decoding_spans(tokenizer, ids):
+    """The definition the linear fallback must reproduce: token i spans [len(decode(ids[:i])), len(decode(ids[:i+1])))."""
+    lengths = [len(tokenizer.decode(ids[:i], skip_special_tokens=False)) for i in range(len(ids) + 1)]
+    return list(zip(lengths[:-1], lengths[1:]))
+
+
+def test_incremental_char_spans_equal_prefix_decoding(tokenizer):
+    words = ["we", " get", " 5", ".", " Let", " me", " check", ":", " 5", " +", " 0", " =", " 5", "."] * 30
+    ids = [i for w in words for i in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    ids = [i for t in ids for i in (tokenizer.convert_tokens_to_ids(list(tokenizer.convert_ids_to_tokens(t))) if t % 3 == 0 else [t])]
+    assert ids != tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"]  # really non-canonical
+    assert incremental_char_spans(tokenizer, ids) == prefix_decoding_spans(tokenizer, ids)
+
+
+def test_incremental_char_spans_give_a_split_character_to_the_token_that_completes_it(tokenizer):
+    byte_tokens = tokenizer.convert_tokens_to_ids(["Ã", "©"])  # byte-level tokens of the two UTF-8 bytes of "é"
+    ids = tokenizer("caf", add_special_tokens=False)["input_ids"] + byte_tokens + tokenizer(" ok", add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids)
+    spans = incremental_char_spans(tokenizer, ids)
+    first_byte = len(ids) - len(byte_tokens) - len(tokenizer(" ok", add_special_tokens=False)["input_ids"])
+    assert text.startswith("café ok") and spans[-1][1] == len(text)
+    assert spans[first_byte][0] == spans[first_byte][1] == 3 and spans[first_byte + 1] == (3, 4)
 
 
 def test_batch_planning_mask_ignores_padding(tokenizer):

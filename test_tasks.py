@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tasks
 from data import Problem
-from rollout import format_prompt, generate_rollouts
+from rollout import completion_mask_from_eos, encode_prompts, eos_token_ids, format_prompt, generate_rollouts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL_DIR = Path(tasks.DEFAULT_MODEL_DIR)
@@ -112,3 +112,18 @@ def test_shipped_model_loads_offline_and_reaches_base_accuracy():
     accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
     assert BASE_BAND[0] <= accuracy <= BASE_BAND[1]
     assert not batch.truncated.any()
+
+
+def test_sampler_decodes_greedily_like_generate_while_rows_finish_at_different_steps():
+    """Our RL sampling loop (shared prompt prefill, static cache, finished rows dropped) against model.generate."""
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    prompts = [format_prompt(tokenizer, p.problem) for p in tasks.world_problems("test", 12, seed=1)]
+    batch = generate_rollouts(model, tokenizer, prompts, group_size=2, max_new_tokens=96, temperature=0.0)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, "cpu")
+    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=96)
+    expected = sequences[:, prompt_ids.shape[1] :].repeat_interleave(2, dim=0)  # [B, C']
+    expected_mask, _ = completion_mask_from_eos(expected, eos_token_ids(model, tokenizer))
+    assert len(set(batch.lengths.tolist())) > 3  # rows did finish at different steps
+    assert torch.equal(batch.completion_mask, expected_mask[:, : batch.completion_mask.shape[1]])
+    assert torch.equal(batch.completion_ids * batch.completion_mask.long(), (expected * expected_mask.long())[:, : batch.completion_ids.shape[1]])

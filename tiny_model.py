@@ -149,7 +149,7 @@ def measure(model, tokenizer, problems, temperature: float, seed: int, batch_siz
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
         batch = generate_rollouts(model, tokenizer, [format_prompt(tokenizer, p.problem) for p in chunk],
-                                  group_size=1, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature)
+                                  group_size=1, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature, score=False)
         texts += batch.texts
         lengths += batch.completion_mask.sum(-1).tolist()
     strategies = [tasks.detect_strategy(p, t) for p, t in zip(problems, texts)]

@@ -195,10 +195,12 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
     batch_tokens = rollout.completion_mask.sum().clamp(min=1)
     entropy_coef = args.entropy_coef if args.algo == "entropy_reg" else 0.0
     totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    # Micro-batches of rows of similar length: completion_logprobs drops the columns all rows pad.
+    by_length = rollout.completion_mask.sum(-1).argsort(stable=True)  # [B]
     model.train()
     for _ in range(args.ppo_epochs):
         for start in range(0, size, args.micro_batch_size):
-            rows = slice(start, start + args.micro_batch_size)
+            rows = by_length[start : start + args.micro_batch_size]  # [b]
             mask = rollout.completion_mask[rows]  # [b, C]
             logp, entropy = completion_logprobs(
                 model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], mask,
