@@ -3,7 +3,7 @@
 Choices, and the quirks that bite:
 - Sampling is our own loop over the model's decoder (`sample_completions`), built for RL rollouts rather than
   `model.generate`: each distinct prompt is encoded once and its KV cache copied to its G completions; the KV
-  cache is a pre-allocated `StaticCache` and the attention mask one boolean [B, 1, 1, L] tensor updated in
+  cache is pre-allocated (transformers' `StaticLayer`s, read up to the filled slots) and the attention mask one boolean [B, 1, 1, L] tensor updated in
   place (nothing rebuilt per token); rows that produced an EOS are dropped from the batch and the cache
   (in bulk, whenever a quarter of the rows have finished), so finished completions stop costing.
   Prompts use the tokenizer's chat template when it has one, a plain template otherwise.
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import StaticCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import StaticLayer
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {content}\nAnswer:"
@@ -112,6 +113,49 @@ def _head_logp_and_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets:
     return _token_logp_and_entropy(head(hidden), targets, temperature)
 
 
+def activation_checkpointing(model) -> bool:
+    """Whether any layer recomputes its activations in the backward pass (HF gradient checkpointing)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def _states_before_tokens(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Last hidden states before each completion token, [B, C, H], from one forward over prompt + completion."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+C]
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+C]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+C]
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state  # [B, P+C, H]
+    prompt_len, completion_len = prompt_ids.shape[1], completion_ids.shape[1]
+    return hidden[:, prompt_len - 1 : prompt_len + completion_len - 1]  # [B, C, H]
+
+
+def _states_before_tokens_shared_prompts(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """As _states_before_tokens, with each distinct prompt encoded once for all the rows that share it.
+
+    The G completions of a group share their prompt: its keys/values are computed once, copied to each of
+    its rows as the cache the completion attends to, and gradients flow back through the copies. Same
+    result as one forward per row (up to float rounding), for ~1/G of the prompt's cost.
+    """
+    prompt_len = prompt_ids.shape[1]
+    prompts, prompt_of_row = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    unique_ids, unique_mask = prompts[:, :prompt_len], prompts[:, prompt_len:]  # [U, P] each
+    decoder = model.get_decoder()
+    cache = DynamicCache(config=model.config)
+    prompt_hidden = decoder(
+        input_ids=unique_ids, attention_mask=unique_mask, position_ids=(unique_mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # [U, P, H]
+    cache.reorder_cache(prompt_of_row)  # [B, ...] per layer
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+C]
+    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.shape[1], device=prompt_ids.device)  # [B, C]
+    completion_hidden = decoder(
+        input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # [B, C, H]
+    return torch.cat([prompt_hidden[prompt_of_row, -1:], completion_hidden[:, :-1]], dim=1)  # [B, C, H]
+
+
 def completion_logprobs(
     model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float, chunk_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,14 +172,11 @@ def completion_logprobs(
     width = max(int(completion_mask.sum(-1).max()), 1)  # the longest completion
     prompt_ids, prompt_mask = prompt_ids[:, first_prompt_column:], prompt_mask[:, first_prompt_column:]  # [B, P']
     completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]  # [B, C']
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+C]
-    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+C]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+C]
-    hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state  # [B, P+C, H]
-    prompt_len, completion_len = prompt_ids.shape[1], completion_ids.shape[1]
-    hidden = hidden[:, prompt_len - 1 : prompt_len + completion_len - 1]  # [B, C, H], state before each token
+    if activation_checkpointing(model) and torch.is_grad_enabled():  # recomputation drops the KV cache
+        hidden = _states_before_tokens(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # [B, C, H]
+    else:
+        hidden = _states_before_tokens_shared_prompts(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    completion_len = completion_ids.shape[1]
     head = model.get_output_embeddings()
     logps, entropies = [], []
     for start in range(0, completion_len, chunk_size):
@@ -168,6 +209,16 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float) ->
     return torch.multinomial(probs, num_samples=1).squeeze(-1)  # [b]
 
 
+class FilledStaticLayer(StaticLayer):
+    """A pre-allocated KV-cache layer (transformers' StaticLayer) whose attention reads only the slots filled
+    so far: the empty tail of the buffer would cost memory traffic at every decoding step."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # [b, heads, L, d] each
+        filled = int(self.cumulative_length)
+        return keys[:, :, :filled], values[:, :, :filled]
+
+
 def full_attention_only(model) -> bool:
     """True when every layer attends to the whole prefix (no sliding window): the sampler's mask assumes it."""
     config = model.config.get_text_config(decoder=True)
@@ -192,14 +243,15 @@ def sample_completions(
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     num_prompts, prompt_len = prompt_ids.shape
     device = prompt_ids.device
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    cache = Cache(layers=[FilledStaticLayer(max_cache_len=prompt_len + max_new_tokens) for _ in range(num_layers)])
     # key_mask[b, j]: may row b attend to cache slot j? The real prompt tokens, then each token once written.
     key_mask = torch.cat(
         [prompt_mask.bool(), torch.zeros(num_prompts, max_new_tokens, dtype=torch.bool, device=device)], dim=1
     )  # [N, L]
-    causal = torch.ones(prompt_len, key_mask.shape[1], dtype=torch.bool, device=device).tril()  # [P, L]
-    diagonal = torch.eye(prompt_len, key_mask.shape[1], dtype=torch.bool, device=device)  # [P, L]
-    prefill_mask = (causal & key_mask[:, None, :]) | diagonal  # [N, P, L], a pad query sees itself (no NaN)
+    causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()  # [P, P]
+    diagonal = torch.eye(prompt_len, dtype=torch.bool, device=device)  # [P, P]
+    prefill_mask = (causal & key_mask[:, None, :prompt_len]) | diagonal  # [N, P, P], a pad query sees itself (no NaN)
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
     hidden = decoder(
         input_ids=prompt_ids, attention_mask=prefill_mask[:, None], position_ids=positions,
@@ -234,7 +286,8 @@ def sample_completions(
             key_mask, next_position = key_mask[keep], next_position[keep]
         key_mask[:, prompt_len + step] = True
         hidden = decoder(
-            input_ids=token[:, None], attention_mask=key_mask[:, None, None, :], position_ids=next_position[:, None],
+            input_ids=token[:, None], attention_mask=key_mask[:, None, None, : prompt_len + step + 1],
+            position_ids=next_position[:, None],
             past_key_values=cache, use_cache=True,
         ).last_hidden_state[:, -1]  # [b, H]
         next_position += 1
