@@ -29,7 +29,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def run_ours(model: str, steps: int, threads: int) -> None:
+def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int) -> None:
     """Our train.py step (rollout_step + policy_update) with the shared configuration."""
     import torch
 
@@ -43,7 +43,7 @@ def run_ours(model: str, steps: int, threads: int) -> None:
         "--model", model, "--data", "gsm8k_train", "--reward", "gsm8k", "--grams", "paper", "--algo", "grpo",
         "--prompts-per-step", str(PROMPTS), "--group-size", str(GROUP), "--max-new-tokens", str(MAX_NEW),
         "--lr", str(LR), "--micro-batch-size", str(MICRO_BATCH), "--dtype", "float32", "--threads", str(threads),
-        "--eval-every", "0",
+        "--eval-every", "0", "--micro-batch-tokens", str(micro_batch_tokens),
     ])
     torch.set_num_threads(threads)
     problems, grams = load_problems(args.data), grams_lib.load_grams(args.grams)
@@ -57,8 +57,8 @@ def run_ours(model: str, steps: int, threads: int) -> None:
         print(RECORD, json.dumps({"step": step, "seconds": time.perf_counter() - started}), flush=True)
 
 
-def run_trl(model: str, steps: int, threads: int) -> None:
-    """TRL's GRPOTrainer with the shared configuration."""
+def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int) -> None:
+    """TRL's GRPOTrainer with the shared configuration (micro_batch_tokens is ours only, unused here)."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -103,9 +103,12 @@ def run_trl(model: str, steps: int, threads: int) -> None:
         trainer.train()
 
 
-def child(kind: str, model: str, steps: int, threads: int) -> tuple[list[float], float]:
+def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
     """Run one side in a fresh process; its timed step seconds (first step dropped) and peak RSS in MiB."""
-    command = [sys.executable, __file__, "--child", kind, "--model", model, "--steps", str(steps), "--threads", str(threads)]
+    command = [
+        sys.executable, __file__, "--child", kind, "--model", args.model, "--steps", str(args.steps),
+        "--threads", str(args.threads), "--micro-batch-tokens", str(args.micro_batch_tokens),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"error: the {kind} child failed:\n{result.stderr[-3000:]}")
@@ -120,10 +123,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="TRL-then-ours rounds, each side in a fresh process")
     parser.add_argument("--steps", type=int, default=2, help="steps per child; the first is a warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                        help="our --micro-batch-tokens (activation memory cap; same gradient); 0 = rows only")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        (run_ours if args.child == "ours" else run_trl)(args.model, args.steps, args.threads)
+        (run_ours if args.child == "ours" else run_trl)(args.model, args.steps, args.threads, args.micro_batch_tokens)
         print(RECORD, json.dumps({"peak_rss_mib": peak_rss_mib()}), flush=True)
         return
     if args.steps < 2:
@@ -132,7 +137,7 @@ def main(argv: list[str]) -> None:
     peak = {"trl": 0.0, "ours": 0.0}
     for round_ in range(args.rounds):
         for kind in ("trl", "ours"):
-            steps, rss = child(kind, args.model, args.steps, args.threads)
+            steps, rss = child(kind, args)
             seconds[kind] += steps
             peak[kind] = max(peak[kind], rss)
             print(f"round {round_} {kind:>4}: steps {', '.join(f'{s:.2f}' for s in steps)} s, peak RSS {rss:.0f} MiB", flush=True)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import rollout as rollout_lib
 import train
 from conftest import build_model, build_tokenizer
 from grams import (
@@ -183,6 +184,23 @@ def test_bfloat16_rollouts_are_rescored_by_the_training_forward_and_near_float32
     with torch.no_grad():
         assert torch.equal(completion_logprobs(half, *args)[0], batch.old_logp)
         assert (completion_logprobs(model, *args)[0] - batch.old_logp).abs().max() < 0.05
+
+
+def test_prompt_shared_by_a_group_is_encoded_once_with_the_same_logprobs_and_gradients(tokenizer, model):
+    prompts = [format_prompt(tokenizer, "What is 2 + 2?"), format_prompt(tokenizer, "Add 12 and 30, then check.")]
+    torch.manual_seed(0)
+    batch = generate_rollouts(model, tokenizer, prompts, group_size=3, max_new_tokens=12, temperature=1.0)
+    args = (model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    results = []
+    for states in (rollout_lib._states_before_tokens, rollout_lib._states_before_tokens_shared_prompts):
+        model.zero_grad()
+        hidden = states(*args)  # [B, C, H]
+        (hidden * batch.completion_mask[..., None]).square().sum().backward()
+        results.append((hidden * batch.completion_mask[..., None], [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert torch.allclose(plain, shared, atol=1e-5)
+    assert len(plain_grads) == len(shared_grads) > 0
+    assert all((a - b).norm() <= 1e-4 * a.norm() + 1e-7 for a, b in zip(plain_grads, shared_grads))
 
 
 def test_rollout_logprobs_are_those_generate_sampled_from(tokenizer, model):
@@ -412,3 +430,14 @@ def test_evaluations_are_logged_as_their_own_lines_and_survive_resume(tiny_model
     assert sorted(p.name for p in out.glob("samples_step*.html")) == [f"samples_step0000{i}.html" for i in range(3)]
     train.truncate_metrics(out / "metrics.jsonl", last_step=0)
     assert [(r["step"], "reward" in r) for r in read_metrics(out)] == [(0, False), (0, True), (1, False)]
+
+
+def test_micro_batches_cover_every_row_once_within_both_caps():
+    lengths = torch.tensor([5, 1, 3, 9, 2, 7, 30, 4])
+    for max_rows, max_tokens in [(3, 0), (8, 40), (2, 25)]:
+        batches = train.micro_batches(lengths, 10, max_rows, max_tokens)
+        assert sorted(torch.cat(batches).tolist()) == list(range(len(lengths)))
+        for rows in batches:
+            assert len(rows) <= max_rows
+            assert len(rows) == 1 or not max_tokens or len(rows) * (10 + lengths[rows].max()) <= max_tokens
+    assert train.micro_batches(lengths, 10, 8, 0)[0].tolist() == lengths.argsort(stable=True).tolist()

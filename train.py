@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
     group.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps (passes) per rollout batch")
     group.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
+    group.add_argument("--micro-batch-tokens", type=int, default=0,
+                       help="also cap a micro-batch at this many padded tokens (rows x (prompt + longest completion)); "
+                            "0 = no cap. Bounds activation memory; the gradient is the same")
     group.add_argument("--steps", type=int, default=200, help="training steps (rollout + update)")
     group.add_argument("--seed", type=int, default=0, help="seed of prompts order, sampling and init")
 
@@ -120,6 +123,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         (args.beta >= 0, "--beta must be >= 0"),
         (args.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
         (args.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
+        (args.micro_batch_tokens >= 0, "--micro-batch-tokens must be >= 0"),
         (args.steps >= 0, "--steps must be >= 0"),
         (args.lora_rank >= 0, "--lora-rank must be >= 0"),
         (args.threads >= 0, "--threads must be >= 0"),
@@ -188,6 +192,20 @@ def token_advantages(args, advantages: torch.Tensor, rollout: RolloutBatch, plan
     return advantages[:, None].expand_as(rollout.completion_mask)  # [B, C]
 
 
+def micro_batches(lengths: torch.Tensor, prompt_width: int, max_rows: int, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices of each micro-batch: rows in order of completion length (so a micro-batch pads little),
+    at most `max_rows` rows and, when max_tokens > 0, at most `max_tokens` padded tokens
+    (rows x (prompt_width + longest completion)); a row longer than that alone gets a micro-batch of its own."""
+    batches, current = [], []
+    for row in lengths.argsort(stable=True).tolist():
+        width = prompt_width + int(lengths[row])
+        if current and (len(current) == max_rows or (max_tokens and (len(current) + 1) * width > max_tokens)):
+            batches.append(torch.tensor(current))
+            current = []
+        current.append(row)
+    return batches + [torch.tensor(current)]
+
+
 def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
     """--ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches."""
     rollout = batch.rollout
@@ -196,11 +214,12 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
     entropy_coef = args.entropy_coef if args.algo == "entropy_reg" else 0.0
     totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}
     # Micro-batches of rows of similar length: completion_logprobs drops the columns all rows pad.
-    by_length = rollout.completion_mask.sum(-1).argsort(stable=True)  # [B]
+    row_groups = micro_batches(
+        rollout.completion_mask.sum(-1), rollout.prompt_ids.shape[1], args.micro_batch_size, args.micro_batch_tokens
+    )
     model.train()
     for _ in range(args.ppo_epochs):
-        for start in range(0, size, args.micro_batch_size):
-            rows = by_length[start : start + args.micro_batch_size]  # [b]
+        for rows in row_groups:  # [b] row indices
             mask = rollout.completion_mask[rows]  # [b, C]
             logp, entropy = completion_logprobs(
                 model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], mask,
