@@ -32,6 +32,7 @@ from transformers.cache_utils import StaticLayer
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {content}\nAnswer:"
+COMPACT_AT = 0.75  # the sampler drops finished rows once at most this share of its batch is still running
 
 
 @dataclass
@@ -279,7 +280,7 @@ def sample_completions(
         running &= ~torch.isin(token, eos)
         if not running.any() or step == max_new_tokens - 1:
             break
-        if running.sum() <= 0.75 * len(rows):  # drop finished rows in bulk: each drop copies the cache
+        if running.sum() <= COMPACT_AT * len(rows):  # drop finished rows in bulk: each drop copies the cache
             keep = running.nonzero().squeeze(-1)  # [b']
             cache.reorder_cache(keep)
             rows, running, token = rows[keep], running[keep], token[keep]
