@@ -171,8 +171,8 @@ def build_config(args: argparse.Namespace) -> HicraGRPOConfig:
     )
 
 
-def run(args: argparse.Namespace) -> HicraGRPOTrainer:
-    """Build the config, data, rewards and trainer; train; save the final model to --out."""
+def build_trainer(args: argparse.Namespace, callbacks=None) -> HicraGRPOTrainer:
+    """The trainer of the flags: config, problems, reward function, optional LoRA (bench_trl.py adds callbacks)."""
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,10 +187,15 @@ def run(args: argparse.Namespace) -> HicraGRPOTrainer:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules="all-linear")
-    trainer = HicraGRPOTrainer(
-        model=model, reward_funcs=trl_reward(args.reward), args=config,
-        train_dataset=problems_dataset(args.data, tokenizer), processing_class=tokenizer, peft_config=peft_config,
+    return HicraGRPOTrainer(
+        model=model, reward_funcs=trl_reward(args.reward), args=config, train_dataset=problems_dataset(args.data, tokenizer),
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
+
+
+def run(args: argparse.Namespace) -> HicraGRPOTrainer:
+    """Train per the flags and save the final model to --out."""
+    trainer = build_trainer(args)
     trainer.train()
     trainer.save_model(args.out)
     return trainer
