@@ -132,9 +132,10 @@ class HicraGRPOTrainer(GRPOTrainer):
         """Entropy H(pi(. | prefix)) at the sampling temperature of each completion position: [B, C]."""
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)  # [B, P+C]
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)  # [B, P+C]
+        chunk = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
         _, entropy, _ = self._get_per_token_logps_and_entropies(
-            self.model, input_ids, attention_mask, output["completion_ids"].shape[1],
-            batch_size=self.args.per_device_train_batch_size, compute_entropy=True,
+            self.model, input_ids, attention_mask, output["completion_ids"].shape[1], batch_size=chunk,
+            compute_entropy=True,
         )
         return entropy.float()  # [B, C]
 
