@@ -7,6 +7,7 @@ group-relative advantages, and our subclass shapes them per token.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,14 @@ def test_config_rejects_bad_values_before_loading_anything(tmp_path):
         HicraGRPOConfig(output_dir=str(tmp_path), algo="hicra2")
     with pytest.raises(InputError, match=r"--alpha must be in \[0, 1\]"):
         HicraGRPOConfig(output_dir=str(tmp_path), hicra_alpha=2.0)
+
+
+@pytest.mark.parametrize("name, distributed_type", [
+    ("single_gpu", "NO"), ("multi_gpu_ddp", "MULTI_GPU"), ("deepspeed_zero3", "DEEPSPEED"),
+])
+def test_shipped_accelerate_configs_load(name, distributed_type):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(Path(__file__).parent / "configs" / f"{name}.yaml"))
+    assert config.distributed_type.value == distributed_type
+    assert config.deepspeed_config.get("zero_stage", 3) == 3
