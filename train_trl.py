@@ -25,16 +25,21 @@ import os
 import sys
 
 import torch
-from datasets import Dataset
 from transformers import AutoTokenizer
 
 from data import InputError, load_problems
 from eval import DTYPES, dequantized_folder
 from hicra import PAPER_ALPHA
-from hicra_trl import ADVANTAGE_SCALES, ALGOS, LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer
 from reward import REWARDS, score_completions
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE
 from tasks import DEFAULT_MODEL_DIR
+
+try:  # the optional requirements: a one-line error, not a traceback, when they are missing
+    from datasets import Dataset
+
+    from hicra_trl import ADVANTAGE_SCALES, ALGOS, LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer
+except ImportError as missing:
+    sys.exit(f"error: train_trl.py needs TRL ({missing.name} is not installed): pip install -r requirements-trl.txt")
 
 
 def build_parser() -> argparse.ArgumentParser:
