@@ -30,7 +30,7 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
-        print(f"step {state.global_step - 1}: total {now - self.last:6.2f} s", flush=True)
+        print(f"\nstep {state.global_step - 1}: total {now - self.last:6.2f} s", flush=True)  # own line: tqdm shares it
         self.last = now
 
 
