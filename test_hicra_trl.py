@@ -181,17 +181,18 @@ def test_grpo_hands_trl_the_sequence_advantage_on_every_token(tmp_path, tokenize
 
 @pytest.mark.parametrize("flags, message", [
     (["--algo", "ppo"], "--algo must be one of"),
-    (["--alpha", "1.5"], "--alpha must be in [0, 1], got 1.5"),
-    (["--alpha", "-0.1"], "--alpha must be in [0, 1], got -0.1"),
+    (["--alpha", "1.5"], "--alpha: must be in [0, 1], got 1.5"),
+    (["--alpha", "-0.1"], "--alpha: must be in [0, 1], got -0.1"),
+    (["--alpha", "nan"], "--alpha: must be a finite number"),
     (["--grams", "no/such/grams.txt"], "--grams: 'no/such/grams.txt' is neither a preset"),
     (["--algo", "placebo", "--grams", "paper"], "--grams: algo placebo needs a file"),
     (["--prompts-per-step", "1", "--group-size", "3", "--micro-batch-size", "2"], "must be a multiple of --micro-batch-size"),
 ])
-def test_bad_input_is_a_one_line_error(tmp_path, flags, message):
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         train_trl.main(["--out", str(tmp_path / "run"), *flags])
-    error = str(exit_info.value.code)
-    assert error.startswith("error: ") and message in error and "\n" not in error
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and error.startswith("error: ") and message in error and "\n" not in error
     assert not (tmp_path / "run").exists()
 
 

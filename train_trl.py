@@ -27,6 +27,7 @@ import sys
 import torch
 from transformers import AutoTokenizer
 
+from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, OneLineParser, check_bounds, report
 from data import InputError, load_problems
 from eval import DTYPES, dequantized_folder
 from hicra import PAPER_ALPHA
@@ -39,11 +40,11 @@ try:  # the optional requirements: a one-line error, not a traceback, when they 
 
     from hicra_trl import ADVANTAGE_SCALES, ALGOS, LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer
 except ImportError as missing:
-    sys.exit(f"error: train_trl.py needs TRL ({missing.name} is not installed): pip install -r requirements-trl.txt")
+    sys.exit(report(InputError(f"train_trl.py needs TRL ({missing.name} is not installed): pip install -r requirements-trl.txt")))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="GRPO / HICRA on TRL's GRPOTrainer.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     group = parser.add_argument_group("model")
@@ -105,23 +106,42 @@ def processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# Every numeric flag: finite and within its bound (cli.check_bounds), as train.py's TRAIN_BOUNDS.
+TRL_BOUNDS = {
+    "threads": NON_NEGATIVE,
+    "lora_rank": NON_NEGATIVE,
+    "lora_alpha": POSITIVE,
+    "prompts_per_step": AT_LEAST_ONE,
+    "group_size": (">= 2 (group-relative advantages need a group)", lambda v: v >= 2),
+    "max_new_tokens": AT_LEAST_ONE,
+    "temperature": POSITIVE,
+    "top_p": FRACTION,
+    "vllm_gpu_memory": FRACTION,
+    "alpha": UNIT_INTERVAL,
+    "eps_low": UNIT_INTERVAL,
+    "eps_high": NON_NEGATIVE,
+    "beta": NON_NEGATIVE,
+    "entropy_top_q": FRACTION,
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "ppo_epochs": AT_LEAST_ONE,
+    "micro_batch_size": AT_LEAST_ONE,
+    "steps": AT_LEAST_ONE,
+    "seed": SEED,
+    "save_every": AT_LEAST_ONE,
+}
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """One-line errors for values argparse cannot catch; algo/alpha/grams are checked by HicraGRPOConfig."""
+    """Raise InputError for a flag out of bounds or a batch that does not split over micro-batches and
+    processes; algo and the gram file are checked by HicraGRPOConfig."""
+    check_bounds(args, TRL_BOUNDS)
     batch, per_pass = args.prompts_per_step * args.group_size, args.micro_batch_size * processes()
-    checks = [
-        (args.group_size >= 2, "--group-size must be >= 2 (group-relative advantages need a group)"),
-        (args.prompts_per_step >= 1 and args.micro_batch_size >= 1, "--prompts-per-step and --micro-batch-size must be >= 1"),
-        (batch % per_pass == 0, f"--prompts-per-step x --group-size ({batch}) must be a multiple of "
-                                f"--micro-batch-size x processes ({per_pass})"),
-        (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-        (args.temperature > 0, "--temperature must be > 0 for training"),
-        (0.0 < args.top_p <= 1.0, "--top-p must be in (0, 1]"),
-        (args.ppo_epochs >= 1 and args.steps >= 1, "--ppo-epochs and --steps must be >= 1"),
-        (args.save_every >= 1, "--save-every must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise InputError(message)
+    if batch % per_pass:
+        raise InputError(f"--prompts-per-step x --group-size ({batch}) must be a multiple of "
+                         f"--micro-batch-size x processes ({per_pass})")
 
 
 def prompt_of(tokenizer, problem: str):
@@ -207,11 +227,12 @@ def run(args: argparse.Namespace) -> HicraGRPOTrainer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse, check and train. Bad input: one `error: ...` line on stderr, exit code 2 (cli.report)."""
     args = build_parser().parse_args(argv)
     try:
         run(args)
     except InputError as error:
-        sys.exit(f"error: {error}")
+        sys.exit(report(error))
 
 
 if __name__ == "__main__":
