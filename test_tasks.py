@@ -1,6 +1,8 @@
 """Tests of the built-in world (tasks.py) and of the shipped tiny base model (tiny_model.py)."""
 
+import argparse
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ MODEL_DIR = Path(tasks.DEFAULT_MODEL_DIR)
 # Greedy accuracy of the shipped model on test problems 0..31 of seed 0 (measured 16/32 = 0.50; 0.45 on
 # 100 problems); the band allows for float differences across CPUs, not for a different model.
 BASE_SAMPLE, BASE_SEED, BASE_BAND = 32, 0, (0.35, 0.60)
+# Forced-plan greedy accuracy on test problems 0..59 (about 20 per family): steps must beat direct by GAP_MIN.
+GAP_SAMPLE, GAP_MIN = 60, 0.2
 
 
 def test_generator_is_deterministic_for_a_seed():
@@ -43,6 +47,42 @@ def test_every_reference_trace_verifies(strategy, slip):
         assert tasks.boxed_answer(trace) == p.answer, trace
         assert tasks.detect_strategy(p, trace) == strategy
         assert tasks.classify_error(p, trace) is None
+
+
+def test_exact_writer_gives_the_reference_trace():
+    for i, p in enumerate(tasks.world_problems("train", 60, seed=2)):
+        for strategy in tasks.STRATEGIES:
+            assert tasks.written_trace(p, strategy) == tasks.reference_trace(p, strategy)
+
+
+def test_a_slip_carries_forward_to_a_wrong_answer_classified_as_execution():
+    packs = Problem("Ana buys 3 packs of 5 pens and 9 packs of 2 pens. How many pens does Ana buy?", "33",
+                    {"family": "packs", "operands": [3, 5, 9, 2], "split": "test"})
+    first_only = iter([15 + 10])  # the first result is written 10 too high, the rest exactly
+
+    def write(value):
+        return next(first_only, value)
+
+    trace = tasks.written_trace(packs, "steps", write)
+    assert trace == ("let's count each kind first. 3 * 5 = 25. 9 * 2 = 18. 25 + 18 = 43. "
+                     "so the answer is \\boxed{43}.")
+    assert tasks.classify_error(packs, trace) == "execution"
+
+
+def test_slip_writer_slips_at_its_rate():
+    write = tasks.slip_writer(random.Random(0), 0.25)
+    slips = sum(write(500) != 500 for _ in range(4000))
+    assert 800 < slips < 1200
+    assert all(tasks.slip_writer(random.Random(1), 0.0)(v) == v for v in range(1, 200))
+
+
+def test_a_slip_inside_the_check_is_an_execution_error():
+    p = Problem("x", "100", {"family": "sum", "operands": [10, 20, 30, 40], "split": "test"})
+    written = iter([100, 30, 60, 110])  # direct step exact; the check's last small step slips (+10)
+
+    trace = tasks.written_trace(p, "check", lambda value: next(written))
+    assert trace.endswith("60 + 40 = 110. wait, that is wrong. so the answer is \\boxed{110}.")
+    assert tasks.detect_strategy(p, trace) == "check" and tasks.classify_error(p, trace) == "execution"
 
 
 def test_slip_is_caught_by_the_check():
@@ -112,3 +152,26 @@ def test_shipped_model_loads_offline_and_reaches_base_accuracy():
     accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
     assert BASE_BAND[0] <= accuracy <= BASE_BAND[1]
     assert not batch.truncated.any()
+
+
+def test_shipped_model_has_a_strategy_gap_in_every_family():
+    """With the plan forced and greedy decoding (no sampling noise), the small steps beat the one long
+    step in every family: the strategy matters everywhere."""
+    import tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    problems = tasks.world_problems("test", GAP_SAMPLE, seed=BASE_SEED)
+    accuracy = tiny_model.forced_plan_accuracy(model, tokenizer, problems, temperature=0.0, seed=BASE_SEED)
+    assert set(accuracy) == set(tasks.FAMILIES)
+    for family, by_plan in accuracy.items():
+        assert by_plan["steps"] >= by_plan["direct"] + GAP_MIN, (family, by_plan)
+
+
+def test_mix_flag_rejects_bad_weights():
+    import tiny_model
+
+    assert tiny_model.parse_mix("0.9,0.1,0") == {"direct": 0.9, "steps": 0.1, "check": 0.0}
+    for bad in ("0.5,0.5", "1,-1,1", "0,0,0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected 3 non-negative weights"):
+            tiny_model.parse_mix(bad)
