@@ -44,10 +44,10 @@ CHAT_TEMPLATE = (
 # One piece per digit, per word, or per other character; a leading space ("▁") stays glued to it.
 PIECE = Regex(r"▁?(?:\d|[A-Za-z]+|[^A-Za-z\d▁])")
 # Skill phase: every strategy practised often enough to be learnt (direct, steps, check).
-SKILL_MIX = "0.50,0.35,0.15"
+SKILL_MIX = "0.35,0.45,0.20"
 # Prior phase: the poor one-shot strategy dominates the choice; the sound ones are rare but present.
 PRIOR_MIX = "0.95,0.03,0.02"
-SLIP_RATE = 0.10  # probability that the teacher slips on any one written result (tasks.slip_writer)
+SLIP_RATE = 0.06  # probability that the teacher slips on any one written result (tasks.slip_writer)
 CHECK_SLIP_RATE = 0.5  # share of `check` traces whose direct step holds a slip the check catches
 MAX_NEW_TOKENS = 96  # longest reference trace is ~70 tokens
 IGNORE = -100  # label of tokens without loss (prompt, padding)
@@ -229,7 +229,7 @@ def parse_args() -> argparse.Namespace:
     model.add_argument("--layers", type=int, default=3, help="transformer layers")
     model.add_argument("--heads", type=int, default=4, help="attention heads")
     sft = parser.add_argument_group("SFT")
-    sft.add_argument("--steps", type=int, default=1000, help="optimiser steps of the skill phase")
+    sft.add_argument("--steps", type=int, default=1800, help="optimiser steps of the skill phase")
     sft.add_argument("--batch-size", type=int, default=64, help="traces per step")
     sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     sft.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
