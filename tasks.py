@@ -1,28 +1,26 @@
 """The built-in reasoning world: small verifiable word problems where the strategy decides success.
 
-Each problem family has sound and poor ways to be solved, announced by a planning phrase:
+Each problem family has two ways to be solved, announced by a planning phrase at the start of the trace:
 
 - `steps`  (sound): break the problem into one small operation per line, e.g.
       "let's break it into parts. 40 * 6 = 240. 7 * 6 = 42. 240 + 42 = 282. so the answer is \\boxed{282}."
 - `direct` (poor):  do everything in one long step, e.g.
       "let's multiply in one step. 47 * 6 = 282. so the answer is \\boxed{282}."
-- `check`  (sound): the direct step, then a second planning decision, "let me check:", redoes it in small
-      steps and either confirms it ("that is right.") or catches the slip ("wait, that is wrong.") and
-      answers with the checked value.
+- `check`  (sound): the direct step, then "let me check:" redoes it in small steps and either confirms it
+      ("that is right.") or catches the slip ("wait, that is wrong.") and answers with the checked value.
 
 All are valid, but a tiny model executes the small steps more reliably: one long step is beyond its
-capacity, so `direct` fails more often *by itself*; no error is injected at sampling time. Every family has
-a real strategy gap: `sum` (four 2-digit numbers), `mul` (2-digit times 1-digit) and `packs`
-(a * b + c * d with one-digit numbers: two products and a sum done at once by `direct`). Measured figures
-of the shipped base model are in the README ("The world").
+capacity, so `direct` fails more often *by itself*; no error is injected at sampling time. Measured on the
+shipped model (90 test problems, temperature 1.0, plan forced): steps vs direct accuracy is 0.70 vs 0.30
+on `sum`, 0.83 vs 0.50 on `mul`, but 0.63 vs 0.63 on `change` (there the strategy does not matter). The base model (tiny_model.py) is fine-tuned on a mix where `direct`
+dominates, so reinforcement learning has a strategy to discover (the planning phrase of `steps` or
+`check`), which is what HICRA credits (paper Sec. 3).
 
-Traces can be written by a fallible solver (`written_trace` with `slip_writer`): each result is slipped
-with some probability and later steps build on the written value, as on paper. The base model
-(tiny_model.py) learns from such a teacher, so its execution under the sound strategies is imperfect
-at step 0 and has room to improve under RL (the paper's procedural consolidation), while its choice of
-strategy is skewed to `direct`, so finding the sound plans is exploration (the paper's strategic
-exploration, which HICRA credits, Sec. 3).
+Traces can also be written by a fallible solver (`written_trace` with `slip_writer`): each result slips
+with some probability and the later steps build on the written value, as on paper (tiny_model.py's
+optional slip phase).
 
+Families: `sum` (four 2-digit numbers), `mul` (2-digit times 1-digit), `change` (a + b - c).
 Train and test problems are disjoint by their operands (a fixed hash splits the operand space), so test
 arithmetic was never seen verbatim during fine-tuning.
 """
@@ -36,7 +34,7 @@ from pathlib import Path
 
 from data import Problem
 
-FAMILIES = ("sum", "mul", "packs")
+FAMILIES = ("sum", "mul", "change")
 STRATEGIES = ("direct", "steps", "check")
 SPLITS = ("train", "test")
 DEFAULT_MODEL_DIR = str(Path(__file__).parent / "models" / "tiny-world")  # the base model tiny_model.py builds
@@ -46,7 +44,7 @@ TEST_PERCENT = 20  # share of each family's operand space held out for the test 
 PLANS = {
     "sum": {"steps": "let's add them one at a time", "direct": "let's add them all at once"},
     "mul": {"steps": "let's break it into parts", "direct": "let's multiply in one step"},
-    "packs": {"steps": "let's count each kind first", "direct": "let's count it all at once"},
+    "change": {"steps": "let's go step by step", "direct": "let's do it in one step"},
 }
 CHECK = "let me check"
 CHECK_OK = "that is right"
@@ -70,8 +68,9 @@ def family_operands(family: str, rng: random.Random) -> tuple[int, ...]:
     if family == "mul":
         tens, units = rng.randint(1, 9), rng.randint(1, 9)  # units > 0 so the split has two parts
         return (10 * tens + units, rng.randint(3, 9))
-    if family == "packs":
-        return tuple(rng.randint(2, 9) for _ in range(4))
+    if family == "change":
+        a, b = rng.randint(20, 99), rng.randint(20, 99)
+        return (a, b, rng.randint(10, a + b - 10))
     raise ValueError(f"unknown family '{family}' (known: {', '.join(FAMILIES)})")
 
 
@@ -81,7 +80,7 @@ def solve(family: str, ops: tuple[int, ...]) -> int:
         return sum(ops)
     if family == "mul":
         return ops[0] * ops[1]
-    return ops[0] * ops[1] + ops[2] * ops[3]
+    return ops[0] + ops[1] - ops[2]
 
 
 def problem_text(family: str, ops: tuple[int, ...], name: str, item: str) -> str:
@@ -93,9 +92,8 @@ def problem_text(family: str, ops: tuple[int, ...], name: str, item: str) -> str
     if family == "mul":
         a, b = ops
         return f"{name} buys {a} bags of {item}. Each bag holds {b} {item}. How many {item} does {name} buy?"
-    a, b, c, d = ops
-    return (f"{name} buys {a} packs of {b} {item} and {c} packs of {d} {item}. "
-            f"How many {item} does {name} buy?")
+    a, b, c = ops
+    return f"{name} has {a} {item}, gets {b} more and then gives away {c}. How many {item} does {name} have now?"
 
 
 def split_of(family: str, ops: tuple[int, ...]) -> str:
@@ -155,9 +153,9 @@ def step_equations(family: str, ops: tuple[int, ...], write=exact) -> list[str]:
         x, y = step(f"{tens} * {b}", tens * b), step(f"{units} * {b}", units * b)
         step(f"{x} + {y}", x + y)
     else:
-        a, b, c, d = ops
-        x, y = step(f"{a} * {b}", a * b), step(f"{c} * {d}", c * d)
-        step(f"{x} + {y}", x + y)
+        a, b, c = ops
+        s = step(f"{a} + {b}", a + b)
+        step(f"{s} - {c}", s - c)
     return lines
 
 
@@ -167,7 +165,7 @@ def direct_equation(family: str, ops: tuple[int, ...], result: int) -> str:
         return f"{' + '.join(map(str, ops))} = {result}"
     if family == "mul":
         return f"{ops[0]} * {ops[1]} = {result}"
-    return f"{ops[0]} * {ops[1]} + {ops[2]} * {ops[3]} = {result}"
+    return f"{ops[0]} + {ops[1]} - {ops[2]} = {result}"
 
 
 def slipped(value: int, rng: random.Random) -> int:
@@ -180,7 +178,8 @@ def slip_writer(rng: random.Random, slip_rate: float):
     return lambda value: slipped(value, rng) if rng.random() < slip_rate else value
 
 
-def _last_value(equation: str) -> int:
+def last_result(equation: str) -> int:
+    """The number after the last "= " of an equation line."""
     return int(equation.rsplit("= ", 1)[1])
 
 
@@ -189,28 +188,27 @@ def written_trace(problem: Problem, strategy: str, write=exact, first_slip: bool
     """A trace of `problem` with `strategy` in which every result goes through write(value).
 
     The answer is what the trace computed: with write=exact it is right; with a fallible writer
-    (slip_writer) it is wrong whenever a slip reached the end. first_slip (strategy "check" only): the
-    direct step holds a slip (drawn from `rng`) for the check to catch. The check compares its own
-    small-step result with the direct one: "that is right." if they agree, else "wait, that is wrong." and
-    the checked value is the answer.
+    (`slip_writer`) it is wrong whenever a slip reaches the end. first_slip (strategy "check" only): the
+    direct step holds a slip drawn from `rng`, for the check to catch. The check compares its own small-step
+    result with the direct one: "that is right." if they agree, else "wait, that is wrong." and the checked
+    value is the answer.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
     if first_slip and strategy != "check":
-        raise ValueError("a slip to catch needs strategy 'check' (only a check can catch a slip)")
+        raise ValueError("slip=True needs strategy 'check' (only a check can catch a slip)")
     family, ops = problem.meta["family"], tuple(problem.meta["operands"])
     if strategy == "steps":
         steps = step_equations(family, ops, write)
-        body, answer = [PLANS[family]["steps"], *steps], _last_value(steps[-1])
+        body, answer = [PLANS[family]["steps"], *steps], last_result(steps[-1])
     else:
         value = solve(family, ops)
         first = slipped(value, rng or random.Random(0)) if first_slip else write(value)
         body, answer = [PLANS[family]["direct"], direct_equation(family, ops, first)], first
         if strategy == "check":
             steps = step_equations(family, ops, write)
-            checked = _last_value(steps[-1])
-            body += [f"{CHECK}: {', '.join(steps)}", CHECK_OK if checked == first else CHECK_WRONG]
-            answer = checked
+            answer = last_result(steps[-1])
+            body += [f"{CHECK}: {', '.join(steps)}", CHECK_OK if answer == first else CHECK_WRONG]
     return ". ".join(body) + f". {CONCLUDE} \\boxed{{{answer}}}."
 
 
@@ -220,8 +218,6 @@ def reference_trace(problem: Problem, strategy: str, slip: bool = False, seed: i
     slip=True (strategy "check" only): the direct step contains a slip that the check catches
     ("wait, that is wrong.") before the corrected answer.
     """
-    if slip and strategy != "check":
-        raise ValueError("slip=True needs strategy 'check' (only a check can catch a slip)")
     return written_trace(problem, strategy, exact, first_slip=slip, rng=random.Random(seed))
 
 

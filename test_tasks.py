@@ -1,6 +1,5 @@
 """Tests of the built-in world (tasks.py) and of the shipped tiny base model (tiny_model.py)."""
 
-import argparse
 import os
 import random
 from pathlib import Path
@@ -18,8 +17,12 @@ MODEL_DIR = Path(tasks.DEFAULT_MODEL_DIR)
 # Greedy accuracy of the shipped model on test problems 0..31 of seed 0 (measured 16/32 = 0.50; 0.45 on
 # 100 problems); the band allows for float differences across CPUs, not for a different model.
 BASE_SAMPLE, BASE_SEED, BASE_BAND = 32, 0, (0.35, 0.60)
-# Forced-plan greedy accuracy on test problems 0..59 (about 20 per family): steps must beat direct by GAP_MIN.
-GAP_SAMPLE, GAP_MIN = 60, 0.2
+# Plan-forced greedy accuracy on test problems 0..149 (about 50 per family): steps must beat direct by GAP_MIN
+# (measured on 300 problems: sum 0.90 vs 0.05, mul 0.83 vs 0.40).
+GAP_SAMPLE, GAP_MIN = 150, 0.2
+
+MUL = Problem("Ana buys 47 bags of pens. Each bag holds 6 pens. How many pens does Ana buy?", "282",
+              {"family": "mul", "operands": [47, 6], "split": "test"})
 
 
 def test_generator_is_deterministic_for_a_seed():
@@ -50,23 +53,25 @@ def test_every_reference_trace_verifies(strategy, slip):
 
 
 def test_exact_writer_gives_the_reference_trace():
-    for i, p in enumerate(tasks.world_problems("train", 60, seed=2)):
+    for p in tasks.world_problems("train", 60, seed=2):
         for strategy in tasks.STRATEGIES:
             assert tasks.written_trace(p, strategy) == tasks.reference_trace(p, strategy)
 
 
 def test_a_slip_carries_forward_to_a_wrong_answer_classified_as_execution():
-    packs = Problem("Ana buys 3 packs of 5 pens and 9 packs of 2 pens. How many pens does Ana buy?", "33",
-                    {"family": "packs", "operands": [3, 5, 9, 2], "split": "test"})
-    first_only = iter([15 + 10])  # the first result is written 10 too high, the rest exactly
+    written = iter([240 + 10, 42, 292])  # the first result written 10 too high; the sum built on it is right
 
-    def write(value):
-        return next(first_only, value)
+    trace = tasks.written_trace(MUL, "steps", lambda value: next(written))
+    assert trace == "let's break it into parts. 40 * 6 = 250. 7 * 6 = 42. 250 + 42 = 292. so the answer is \\boxed{292}."
+    assert tasks.classify_error(MUL, trace) == "execution"
 
-    trace = tasks.written_trace(packs, "steps", write)
-    assert trace == ("let's count each kind first. 3 * 5 = 25. 9 * 2 = 18. 25 + 18 = 43. "
-                     "so the answer is \\boxed{43}.")
-    assert tasks.classify_error(packs, trace) == "execution"
+
+def test_a_slip_inside_the_check_is_an_execution_error():
+    written = iter([282, 240, 42, 292])  # the direct step right, the check's last small step slips
+
+    trace = tasks.written_trace(MUL, "check", lambda value: next(written))
+    assert trace.endswith("240 + 42 = 292. wait, that is wrong. so the answer is \\boxed{292}.")
+    assert tasks.detect_strategy(MUL, trace) == "check" and tasks.classify_error(MUL, trace) == "execution"
 
 
 def test_slip_writer_slips_at_its_rate():
@@ -76,13 +81,16 @@ def test_slip_writer_slips_at_its_rate():
     assert all(tasks.slip_writer(random.Random(1), 0.0)(v) == v for v in range(1, 200))
 
 
-def test_a_slip_inside_the_check_is_an_execution_error():
-    p = Problem("x", "100", {"family": "sum", "operands": [10, 20, 30, 40], "split": "test"})
-    written = iter([100, 30, 60, 110])  # direct step exact; the check's last small step slips (+10)
+def test_slip_phase_teacher_is_wrong_at_the_rate_its_slips_imply():
+    import tiny_model
 
-    trace = tasks.written_trace(p, "check", lambda value: next(written))
-    assert trace.endswith("60 + 40 = 110. wait, that is wrong. so the answer is \\boxed{110}.")
-    assert tasks.detect_strategy(p, trace) == "check" and tasks.classify_error(p, trace) == "execution"
+    problems = [p for p in tasks.world_problems("train", 900, seed=5) if p.meta["family"] == "mul"]  # 3 results
+    rng = random.Random(0)
+    traces = [tiny_model.sft_trace(p, rng, {"steps": 1.0}, slip_rate=0.1) for p in problems]
+    wrong = sum(tasks.classify_error(p, t) == "execution" for p, t in zip(problems, traces)) / len(problems)
+    assert 0.17 < wrong < 0.37  # 1 - 0.9**3 = 0.27, minus the rare slips that cancel
+    exact = [tiny_model.sft_trace(p, random.Random(1), {"steps": 1.0}) for p in problems[:50]]
+    assert all(tasks.classify_error(p, t) is None for p, t in zip(problems, exact))
 
 
 def test_slip_is_caught_by_the_check():
@@ -96,10 +104,6 @@ def test_world_grams_are_lower_case_and_mark_every_plan():
     assert all(g == g.lower() for g in tasks.WORLD_GRAMS)
     for plans in tasks.PLANS.values():
         assert set(plans.values()) <= set(tasks.WORLD_GRAMS)
-
-
-MUL = Problem("Ana buys 47 bags of pens. Each bag holds 6 pens. How many pens does Ana buy?", "282",
-              {"family": "mul", "operands": [47, 6], "split": "test"})
 
 
 def test_classify_error_correct_is_none():
@@ -154,24 +158,14 @@ def test_shipped_model_loads_offline_and_reaches_base_accuracy():
     assert not batch.truncated.any()
 
 
-def test_shipped_model_has_a_strategy_gap_in_every_family():
-    """With the plan forced and greedy decoding (no sampling noise), the small steps beat the one long
-    step in every family: the strategy matters everywhere."""
+def test_shipped_model_executes_the_small_steps_better_than_the_one_long_step():
+    """Plan forced, greedy (no sampling noise): `steps` beats `direct` on sums and products. (On a + b - c
+    the two are even, README "The world", so that family is not asserted.)"""
     import tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
     problems = tasks.world_problems("test", GAP_SAMPLE, seed=BASE_SEED)
     accuracy = tiny_model.forced_plan_accuracy(model, tokenizer, problems, temperature=0.0, seed=BASE_SEED)
-    assert set(accuracy) == set(tasks.FAMILIES)
-    for family, by_plan in accuracy.items():
-        assert by_plan["steps"] >= by_plan["direct"] + GAP_MIN, (family, by_plan)
-
-
-def test_mix_flag_rejects_bad_weights():
-    import tiny_model
-
-    assert tiny_model.parse_mix("0.9,0.1,0") == {"direct": 0.9, "steps": 0.1, "check": 0.0}
-    for bad in ("0.5,0.5", "1,-1,1", "0,0,0"):
-        with pytest.raises(argparse.ArgumentTypeError, match="expected 3 non-negative weights"):
-            tiny_model.parse_mix(bad)
+    for family in ("sum", "mul"):
+        assert accuracy[family]["steps"] >= accuracy[family]["direct"] + GAP_MIN, (family, accuracy[family])
