@@ -1,15 +1,24 @@
-"""Benchmark one training step (rollout + policy update) and print its time and peak memory.
+"""Benchmark one training step (rollout + policy update) and print its throughput, time and peak memory.
 
     python bench.py                                   # the default run's configuration (tiny world model)
     python bench.py --repeats 3 --model PATH --data gsm8k_train --max-new-tokens 256 --group-size 8
 
-Takes every train.py flag (same defaults) plus --repeats. Prints, per repeat, the seconds spent
-generating, the seconds of the update (all PPO epochs), generated tokens per second, and at the end the
-peak memory: CUDA max allocated on a GPU, max resident set size of the process on a CPU.
+Takes every train.py flag (same defaults) plus --repeats. Prints, per repeat: the rollout's seconds and
+generated tokens per second, the update's seconds (all PPO epochs) and trained completion tokens per
+second, the step time, and the fraction of the step's FLOP floor reached at this machine's matmul peak.
+At the end: the median step and the peak memory (CUDA max allocated on a GPU, max RSS of the process on
+a CPU).
+
+FLOP floor: 2 N FLOPs per token for every token the sampler must read or write (each distinct prompt once,
+each generated token once), plus 2 N per token per forward and 4 N per token per backward of every PPO
+epoch over the same tokens; N = the parameters a token meets in matmuls (all but the input embedding).
+Attention scores are left out (small at these lengths), so the fraction is an upper bound on efficiency.
+The matmul peak is measured in the same run: the best of a few fp32 (or the model dtype) 2048^3 matmuls.
 """
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 
@@ -29,6 +38,39 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
+def matmul_peak_flops(device: str, dtype: torch.dtype, size: int = 2048, tries: int = 5) -> float:
+    """FLOP/s of the best of `tries` size^3 matmuls (after one warm-up) on this device and dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(tries + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def matmul_params(model) -> int:
+    """Parameters a token meets in matmuls: all but the input embedding (counted again when tied to the head)."""
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not embedding) + (
+        embedding.numel() if model.get_output_embeddings().weight is embedding else 0
+    )
+
+
+def step_flop_floor(rollout, params: int, ppo_epochs: int) -> float:
+    """FLOPs the step cannot avoid (see the module doc): sampling 2N per distinct-prompt and generated token,
+    update 6N per distinct-prompt and completion token per epoch."""
+    prompt_tokens = rollout.prompt_mask[:: rollout.group_size].sum().item()  # each distinct prompt once
+    completion_tokens = rollout.completion_mask.sum().item()
+    tokens = prompt_tokens + completion_tokens
+    return 2 * params * tokens + ppo_epochs * 6 * params * tokens
+
+
 def main(argv: list[str]) -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--repeats", type=int, default=3, help="steps to time")
@@ -41,13 +83,20 @@ def main(argv: list[str]) -> None:
         model, tokenizer, ref_model = prepare_model(args, checkpoint=None)
     except InputError as error:
         sys.exit(report(error))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    device = str(next(model.parameters()).device)
+    parameter = next(model.parameters())
+    device = str(parameter.device)
+    peak = matmul_peak_flops(device, parameter.dtype)
+    params = matmul_params(model)
     print(
-        f"model {args.model} on {device} ({next(model.parameters()).dtype}), threads {torch.get_num_threads()}, "
+        f"model {args.model} on {device} ({parameter.dtype}), threads {torch.get_num_threads()}, "
         f"{args.prompts_per_step} prompts x {args.group_size} completions, max {args.max_new_tokens} new tokens, "
-        f"micro-batch {args.micro_batch_size}, ppo epochs {args.ppo_epochs}, algo {args.algo}"
+        f"micro-batch {args.micro_batch_size}, ppo epochs {args.ppo_epochs}, algo {args.algo}; "
+        f"{params / 1e6:.2f}M matmul params; matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
+    step_seconds = []
     for step in range(bench_args.repeats):
         started = time.perf_counter()
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
@@ -56,11 +105,14 @@ def main(argv: list[str]) -> None:
         policy_update(args, model, optimizer, batch)
         done = time.perf_counter()
         tokens = int(batch.rollout.completion_mask.sum())
+        floor = step_flop_floor(batch.rollout, params, args.ppo_epochs)
+        step_seconds.append(done - started)
         print(
             f"step {step}: rollout {rolled - started:6.2f} s ({tokens / (rolled - started):7.1f} tok/s, {tokens} tokens), "
-            f"update {done - rolled:6.2f} s, total {done - started:6.2f} s"
+            f"update {done - rolled:6.2f} s ({args.ppo_epochs * tokens / (done - rolled):7.1f} tok/s), "
+            f"total {done - started:6.2f} s, {floor / (done - started) / peak:6.1%} of the FLOP floor at peak"
         )
-    print(f"peak memory: {peak_memory_mib(device):.0f} MiB")
+    print(f"median step {statistics.median(step_seconds):.2f} s; peak memory: {peak_memory_mib(device):.0f} MiB")
 
 
 if __name__ == "__main__":

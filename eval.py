@@ -10,7 +10,7 @@ Choices, and where they come from:
   A greedy pass (temperature 0, one completion) runs beside it unless --no-greedy.
 - pass@k for every k <= K uses the unbiased estimator of Chen et al. (2021), averaged over problems.
 - Prompts are the training prompts (rollout.format_prompt: chat template, "reason step by step ...
-  \\boxed{}" instruction), zero-shot; sampling is plain temperature/top-p (rollout.sampling_config).
+  \\boxed{}" instruction), zero-shot; sampling is plain temperature/top-p (rollout.sample_next_token).
 - Response length counts generated tokens, EOS included; `truncated` counts completions cut by
   --max-new-tokens, `no_box` those without a complete \\boxed{}, `timeouts` gradings that ran past
   reward.DEFAULT_TIMEOUT_S (scored wrong).
@@ -75,7 +75,7 @@ def evaluate(
     for first in range(0, len(jobs), batch_size):
         chunk = jobs[first : first + batch_size]
         batch = generate_rollouts(
-            model, tokenizer, [prompts[i] for i in chunk], 1, max_new_tokens, temperature, top_p
+            model, tokenizer, [prompts[i] for i in chunk], 1, max_new_tokens, temperature, top_p, score=False
         )
         lengths, truncated = batch.lengths.tolist(), batch.truncated.tolist()
         graded = grade_batch(reward_fn, batch.texts, [records[i]["answer"] for i in chunk])

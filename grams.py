@@ -108,19 +108,49 @@ def token_char_spans(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tup
 
     Fast path: re-encode the text with the tokenizer's offset mapping; valid when it gives back the same
     ids (the usual case). Otherwise (a sampled tokenisation that is not the canonical one) fall back to
-    incremental decoding: token i spans [len(decode(ids[:i])), len(decode(ids[:i+1]))).
+    incremental decoding (`incremental_char_spans`). Both are linear in the number of tokens.
     """
     ids = [int(i) for i in token_ids]
     text = tokenizer.decode(ids, skip_special_tokens=False)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if encoding["input_ids"] == ids:
         return text, [tuple(span) for span in encoding["offset_mapping"]]
-    spans, previous_end = [], 0
+    return text, incremental_char_spans(tokenizer, ids)
+
+
+def incremental_char_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Token i spans the characters that appending it adds to the decoded text.
+
+    Decoding every prefix would be quadratic; instead each step decodes a short window that starts at the
+    previous token whose text is complete (the incremental detokenisation of HF's TextStreamer and vLLM):
+    added = len(decode(window + [i])) - len(decode(window)). A token that ends inside a multi-byte character
+    (its decoding ends with U+FFFD) adds nothing yet; the token completing the character takes all of it.
+    """
+    spans, end = [], 0
+    window_start, counted_end = 0, 0  # the text of ids[window_start:counted_end] is already counted
     for i in range(len(ids)):
-        end = max(previous_end, len(tokenizer.decode(ids[: i + 1], skip_special_tokens=False)))
-        spans.append((previous_end, end))
-        previous_end = end
-    return text, spans
+        counted = tokenizer.decode(ids[window_start:counted_end], skip_special_tokens=False)
+        extended = tokenizer.decode(ids[window_start : i + 1], skip_special_tokens=False)
+        complete = len(extended) > len(counted) and not extended.endswith("\ufffd")
+        added = len(extended) - len(counted) if complete else 0
+        spans.append((end, end + added))
+        end += added
+        if complete:
+            window_start, counted_end = counted_end, i + 1
+    return spans
+
+
+def overlapping_tokens(token_spans: Sequence[tuple[int, int]], gram_spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """Whether each token span overlaps a gram span, in one sweep over both.
+
+    token_spans in text order (non-decreasing starts); gram_spans sorted and disjoint (find_gram_spans).
+    """
+    overlaps, g = [], 0
+    for token_start, token_end in token_spans:
+        while g < len(gram_spans) and gram_spans[g][1] <= token_start:  # grams ending before this token
+            g += 1
+        overlaps.append(g < len(gram_spans) and gram_spans[g][0] < token_end)
+    return overlaps
 
 
 def planning_token_mask(tokenizer, completion_ids: Sequence[int], grams: Sequence[str]) -> torch.Tensor:
@@ -129,11 +159,7 @@ def planning_token_mask(tokenizer, completion_ids: Sequence[int], grams: Sequenc
     completion_ids: the generated tokens only (no padding), length L. Returns a BoolTensor [L].
     """
     text, token_spans = token_char_spans(tokenizer, completion_ids)
-    mask = torch.zeros(len(token_spans), dtype=torch.bool)  # [L]
-    gram_spans = find_gram_spans(text, grams)
-    for t, (token_start, token_end) in enumerate(token_spans):
-        mask[t] = any(token_start < gram_end and token_end > gram_start for gram_start, gram_end in gram_spans)
-    return mask
+    return torch.tensor(overlapping_tokens(token_spans, find_gram_spans(text, grams)), dtype=torch.bool)  # [L]
 
 
 def batch_planning_mask(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, grams: Sequence[str]) -> torch.Tensor:
@@ -141,11 +167,10 @@ def batch_planning_mask(tokenizer, completion_ids: torch.Tensor, completion_mask
 
     The mask lives on completion_ids' device, like the rest of the batch.
     """
-    mask = torch.zeros(completion_ids.shape, dtype=torch.bool, device=completion_ids.device)  # [B, C]
-    for row, (ids, valid) in enumerate(zip(completion_ids, completion_mask)):
-        length = int(valid.sum())
-        mask[row, :length] = planning_token_mask(tokenizer, ids[:length].tolist(), grams)
-    return mask
+    mask = torch.zeros(completion_ids.shape, dtype=torch.bool)  # [B, C]
+    for row, (ids, length) in enumerate(zip(completion_ids.tolist(), completion_mask.sum(-1).int().tolist())):
+        mask[row, :length] = planning_token_mask(tokenizer, ids[:length], grams)
+    return mask.to(completion_ids.device)
 
 
 def semantic_entropy(counts: Mapping[str, int] | Sequence[int]) -> float:

@@ -1,14 +1,20 @@
 """Rollouts: sample G completions per prompt and score them under the sampling policy.
 
 Choices, and the quirks that bite:
-- One batched `model.generate` call for all prompts x G completions, with the KV cache and left-padded
-  prompts. Prompts use the tokenizer's chat template when it has one, a plain template otherwise.
+- Sampling is our own loop over the model's decoder (`sample_completions`), built for RL rollouts rather than
+  `model.generate`: each distinct prompt is encoded once and its KV cache copied to its G completions; the KV
+  cache is pre-allocated (transformers' `StaticLayer`s, read up to the filled slots) and the attention mask one boolean [B, 1, 1, L] tensor updated in
+  place (nothing rebuilt per token); rows that produced an EOS are dropped from the batch and the cache
+  (in bulk, whenever a quarter of the rows have finished), so finished completions stop costing.
+  Prompts use the tokenizer's chat template when it has one, a plain template otherwise.
 - Sampling is plain temperature sampling with optional top-p; top-k, repetition penalty and any other
-  processor a model's `generation_config` may carry are switched off, so the policy is what the flags say.
-- The old log-probs are taken by *one* extra forward pass after generation, not from `generate`'s scores:
-  the training forward then reproduces them exactly (ratio 1 at the first PPO epoch). They are
-  log-softmax(logits / temperature), the temperature-scaled policy that was sampled; as in TRL and verl,
-  the top-p truncation is not part of the log-prob.
+  processor a model's `generation_config` may carry play no part, so the policy is what the flags say.
+- The old log-probs and entropies are recorded by the sampler from the very logits each token was drawn
+  from: log-softmax(logits / temperature), the temperature-scaled policy that was sampled; as in TRL and
+  verl, the top-p truncation is not part of the log-prob. In float32 a fresh training forward reproduces
+  them to ~1e-6 (ratio 1 at the first PPO epoch; tested), so no second forward pass is needed. In bf16/fp16
+  the cached decode and the full forward round differently, so there they come from one extra forward pass
+  over the batch (`completion_logprobs`), which the training forward then reproduces exactly.
 - Positions are taken from the attention mask (cumsum - 1) as `generate` does, so left padding does not
   shift the rotary positions between sampling and training.
 - The completion mask comes from the first EOS, never from the pad id: the EOS token carries loss, tokens
@@ -21,10 +27,12 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationConfig
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import StaticLayer
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {content}\nAnswer:"
+COMPACT_AT = 0.75  # the sampler drops finished rows once at most this share of its batch is still running
 
 
 @dataclass
@@ -35,8 +43,8 @@ class RolloutBatch:
     prompt_mask: torch.Tensor  # [B, P] long, 1 = real prompt token
     completion_ids: torch.Tensor  # [B, C] long, right-padded with the pad id
     completion_mask: torch.Tensor  # [B, C] float, 1 = generated token (EOS included)
-    old_logp: torch.Tensor  # [B, C] float, log pi_old(token) at the sampling temperature, 0 where masked
-    entropy: torch.Tensor  # [B, C] float, H(pi_old(. | prefix)) at the sampling temperature, 0 where masked
+    old_logp: torch.Tensor | None  # [B, C] float, log pi_old(token) at the sampling temperature, 0 where masked
+    entropy: torch.Tensor | None  # [B, C] float, H(pi_old(. | prefix)) at the sampling temperature, 0 where masked
     texts: list[str]  # decoded completions, special tokens skipped
     truncated: torch.Tensor  # [B] bool, stopped by max_new_tokens before any EOS
     group_size: int
@@ -93,13 +101,60 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (positions[None, :] <= first_eos[:, None]).float(), truncated  # [B, C], [B]
 
 
-def _token_logp_and_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float):
-    """log p(target) and H(p) for hidden [B, c, H], targets [B, c], p = softmax(head(hidden) / T) in fp32."""
-    logits = head(hidden).float() / temperature  # [B, c, V]
-    log_probs = torch.log_softmax(logits, dim=-1)  # [B, c, V]
-    token_logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, c]
-    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [B, c]
+def _token_logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """log p(target) and H(p) for logits [..., V], targets [...], p = softmax(logits / T) in fp32."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
+    token_logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [...]
     return token_logp, entropy
+
+
+def _head_logp_and_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float):
+    """_token_logp_and_entropy of head(hidden) for hidden [B, c, H], targets [B, c]."""
+    return _token_logp_and_entropy(head(hidden), targets, temperature)
+
+
+def activation_checkpointing(model) -> bool:
+    """Whether any layer recomputes its activations in the backward pass (HF gradient checkpointing)."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+
+def _states_before_tokens(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Last hidden states before each completion token, [B, C, H], from one forward over prompt + completion."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+C]
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+C]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+C]
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state  # [B, P+C, H]
+    prompt_len, completion_len = prompt_ids.shape[1], completion_ids.shape[1]
+    return hidden[:, prompt_len - 1 : prompt_len + completion_len - 1]  # [B, C, H]
+
+
+def _states_before_tokens_shared_prompts(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """As _states_before_tokens, with each distinct prompt encoded once for all the rows that share it.
+
+    The G completions of a group share their prompt: its keys/values are computed once, copied to each of
+    its rows as the cache the completion attends to, and gradients flow back through the copies. Same
+    result as one forward per row (up to float rounding), for ~1/G of the prompt's cost.
+    """
+    prompt_len = prompt_ids.shape[1]
+    prompts, prompt_of_row = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    unique_ids, unique_mask = prompts[:, :prompt_len], prompts[:, prompt_len:]  # [U, P] each
+    decoder = model.get_decoder()
+    cache = DynamicCache(config=model.config)
+    prompt_hidden = decoder(
+        input_ids=unique_ids, attention_mask=unique_mask, position_ids=(unique_mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # [U, P, H]
+    cache.reorder_cache(prompt_of_row)  # [B, ...] per layer
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+C]
+    positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.shape[1], device=prompt_ids.device)  # [B, C]
+    completion_hidden = decoder(
+        input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state  # [B, C, H]
+    return torch.cat([prompt_hidden[prompt_of_row, -1:], completion_hidden[:, :-1]], dim=1)  # [B, C, H]
 
 
 def completion_logprobs(
@@ -112,37 +167,132 @@ def completion_logprobs(
     `logits = lm_head(last_hidden_state)` of Llama/Qwen/Mistral-style causal LMs.
     """
     temperature = temperature if temperature > 0 else 1.0  # greedy decoding is scored at T = 1
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+C]
-    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+C]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+C]
-    hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state  # [B, P+C, H]
-    prompt_len, completion_len = prompt_ids.shape[1], completion_ids.shape[1]
-    hidden = hidden[:, prompt_len - 1 : prompt_len + completion_len - 1]  # [B, C, H], state before each token
+    full_width = completion_ids.shape[1]
+    # Columns that are padding in every row change nothing but cost compute: drop them, pad the outputs back.
+    first_prompt_column = int(prompt_mask.any(0).int().argmax())  # left padding shared by all rows
+    width = max(int(completion_mask.sum(-1).max()), 1)  # the longest completion
+    prompt_ids, prompt_mask = prompt_ids[:, first_prompt_column:], prompt_mask[:, first_prompt_column:]  # [B, P']
+    completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]  # [B, C']
+    if activation_checkpointing(model) and torch.is_grad_enabled():  # recomputation drops the KV cache
+        hidden = _states_before_tokens(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # [B, C, H]
+    else:
+        hidden = _states_before_tokens_shared_prompts(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    completion_len = completion_ids.shape[1]
     head = model.get_output_embeddings()
     logps, entropies = [], []
     for start in range(0, completion_len, chunk_size):
         chunk = slice(start, start + chunk_size)
         if torch.is_grad_enabled():
             logp, entropy = checkpoint(
-                _token_logp_and_entropy, hidden[:, chunk], head, completion_ids[:, chunk], temperature, use_reentrant=False
+                _head_logp_and_entropy, hidden[:, chunk], head, completion_ids[:, chunk], temperature, use_reentrant=False
             )
         else:
-            logp, entropy = _token_logp_and_entropy(hidden[:, chunk], head, completion_ids[:, chunk], temperature)
+            logp, entropy = _head_logp_and_entropy(hidden[:, chunk], head, completion_ids[:, chunk], temperature)
         logps.append(logp)
         entropies.append(entropy)
     mask = completion_mask.float()
-    return torch.cat(logps, dim=1) * mask, torch.cat(entropies, dim=1) * mask  # [B, C], [B, C]
+    padding = (0, full_width - width)  # back to the caller's width, zeros in the dropped columns
+    logp = torch.nn.functional.pad(torch.cat(logps, dim=1) * mask, padding)  # [B, C]
+    entropy = torch.nn.functional.pad(torch.cat(entropies, dim=1) * mask, padding)  # [B, C]
+    return logp, entropy
 
 
-def sampling_config(tokenizer, eos_ids: list[int], max_new_tokens: int, temperature: float, top_p: float) -> GenerationConfig:
-    """A generation config that is exactly the flags: temperature (0 = greedy) and top-p, nothing else."""
-    common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_token_id(tokenizer))
-    common.update(repetition_penalty=1.0, no_repeat_ngram_size=0)
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row from logits [b, V]: argmax when temperature is 0, else a draw from
+    softmax(logits / T) restricted to the top-p nucleus (the fewest most likely tokens holding mass >= top_p)."""
     if temperature <= 0:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0, **common)
+        return logits.argmax(-1)  # [b]
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [b, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)  # [b, V]
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # [b, V], mass before the token already >= p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # [b, V]
+    return torch.multinomial(probs, num_samples=1).squeeze(-1)  # [b]
+
+
+class FilledStaticLayer(StaticLayer):
+    """A pre-allocated KV-cache layer (transformers' StaticLayer) whose attention reads only the slots filled
+    so far: the empty tail of the buffer would cost memory traffic at every decoding step."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # [b, heads, L, d] each
+        filled = int(self.cumulative_length)
+        return keys[:, :, :filled], values[:, :, :filled]
+
+
+def full_attention_only(model) -> bool:
+    """True when every layer attends to the whole prefix (no sliding window): the sampler's mask assumes it."""
+    config = model.config.get_text_config(decoder=True)
+    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ["full_attention"])
+
+
+@torch.no_grad()
+def sample_completions(
+    model, prompt_ids, prompt_mask, group_size: int, max_new_tokens: int, temperature: float, top_p: float,
+    eos_ids: list[int], pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample `group_size` completions of each left-padded prompt [N, P].
+
+    Returns (completion_ids, logp, entropy), each [N*G, C]: row i*G + g is completion g of prompt i, C <=
+    max_new_tokens the step at which the last row stopped; after a row's first EOS its ids are `pad_id` and
+    its logp and entropy 0. logp and entropy are those of the distribution each token was drawn from,
+    log-softmax(logits / T) (T = 1 for greedy), before top-p. Positions are (prompt mask cumsum - 1), then
+    one more per generated token, as in `completion_logprobs`.
+    """
+    if not full_attention_only(model):
+        raise ValueError("sample_completions supports full-attention models only (no sliding-window layers)")
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    num_prompts, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    cache = Cache(layers=[FilledStaticLayer(max_cache_len=prompt_len + max_new_tokens) for _ in range(num_layers)])
+    # key_mask[b, j]: may row b attend to cache slot j? The real prompt tokens, then each token once written.
+    key_mask = torch.cat(
+        [prompt_mask.bool(), torch.zeros(num_prompts, max_new_tokens, dtype=torch.bool, device=device)], dim=1
+    )  # [N, L]
+    causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()  # [P, P]
+    diagonal = torch.eye(prompt_len, dtype=torch.bool, device=device)  # [P, P]
+    prefill_mask = (causal & key_mask[:, None, :prompt_len]) | diagonal  # [N, P, P], a pad query sees itself (no NaN)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    hidden = decoder(
+        input_ids=prompt_ids, attention_mask=prefill_mask[:, None], position_ids=positions,
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state[:, -1]  # [N, H]
+
+    # Every prompt's cache, state and mask now serve its G completions.
+    copies = torch.arange(num_prompts, device=device).repeat_interleave(group_size)  # [B]
+    cache.reorder_cache(copies)
+    hidden, key_mask = hidden[copies], key_mask[copies]  # [B, H], [B, L]
+    next_position = positions[copies, -1] + 1  # [B]
+    rows = torch.arange(len(copies), device=device)  # [b], the batch rows still generating
+    running = torch.ones(len(copies), dtype=torch.bool, device=device)  # [b], no EOS yet
+    completion_ids = torch.full((len(copies), max_new_tokens), pad_id, dtype=torch.long, device=device)  # [B, C]
+    logp = torch.zeros(completion_ids.shape, device=device)  # [B, C]
+    entropy = torch.zeros(completion_ids.shape, device=device)  # [B, C]
+    eos = torch.tensor(eos_ids, device=device)
+    for step in range(max_new_tokens):
+        logits = head(hidden).float()  # [b, V]
+        token = sample_next_token(logits, temperature, top_p)  # [b]
+        token_logp, token_entropy = _token_logp_and_entropy(logits, token, temperature if temperature > 0 else 1.0)
+        completion_ids[rows, step] = token.masked_fill(~running, pad_id)
+        logp[rows, step] = token_logp * running
+        entropy[rows, step] = token_entropy * running
+        running &= ~torch.isin(token, eos)
+        if not running.any() or step == max_new_tokens - 1:
+            break
+        if running.sum() <= COMPACT_AT * len(rows):  # drop finished rows in bulk: each drop copies the cache
+            keep = running.nonzero().squeeze(-1)  # [b']
+            cache.reorder_cache(keep)
+            rows, running, token = rows[keep], running[keep], token[keep]
+            key_mask, next_position = key_mask[keep], next_position[keep]
+        key_mask[:, prompt_len + step] = True
+        hidden = decoder(
+            input_ids=token[:, None], attention_mask=key_mask[:, None, None, : prompt_len + step + 1],
+            position_ids=next_position[:, None],
+            past_key_values=cache, use_cache=True,
+        ).last_hidden_state[:, -1]  # [b, H]
+        next_position += 1
+    return completion_ids[:, : step + 1], logp[:, : step + 1], entropy[:, : step + 1]
 
 
 @torch.no_grad()
@@ -155,28 +305,33 @@ def generate_rollouts(
     temperature: float,
     top_p: float = 1.0,
     chunk_size: int = 64,
+    score: bool = True,
 ) -> RolloutBatch:
-    """Sample `group_size` completions for each prompt text in one batched call; temperature 0 = greedy."""
+    """Sample `group_size` completions for each prompt text in one batch; temperature 0 = greedy.
+
+    With score=False (evaluation) the scoring pass is skipped and old_logp / entropy are None.
+    """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)  # [N, P]
-    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # [B, P]
-    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [B, P]
     eos_ids = eos_token_ids(model, tokenizer)
-    config = sampling_config(tokenizer, eos_ids, max_new_tokens, temperature, top_p)
     was_training = model.training
     model.eval()
-    sequences = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-    completion_ids = sequences[:, prompt_ids.shape[1] :]  # [B, C]
+    completion_ids, sampled_logp, sampled_entropy = sample_completions(
+        model, prompt_ids, prompt_mask, group_size, max_new_tokens, temperature, top_p, eos_ids, pad_token_id(tokenizer)
+    )  # [B, C] each
+    prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)  # [B, P]
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [B, P]
     completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)  # [B, C], [B]
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id(tokenizer))  # [B, C]
-    old_logp, entropy = completion_logprobs(
-        model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk_size
-    )  # [B, C], [B, C]
+    old_logp, entropy = (sampled_logp, sampled_entropy) if score else (None, None)
+    if score and next(model.parameters()).dtype != torch.float32:  # half precision: re-score as training does
+        old_logp, entropy = completion_logprobs(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk_size
+        )  # [B, C], [B, C]
     model.train(was_training)
-    texts = [
-        tokenizer.decode(ids[: int(n)], skip_special_tokens=True)
-        for ids, n in zip(completion_ids.tolist(), completion_mask.sum(-1).tolist())
-    ]
+    texts = tokenizer.batch_decode(
+        [ids[: int(n)] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(-1).tolist())],
+        skip_special_tokens=True,
+    )
     return RolloutBatch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

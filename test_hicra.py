@@ -7,12 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import rollout as rollout_lib
 import train
 from conftest import build_model, build_tokenizer
-from grams import batch_planning_mask, find_gram_spans, gram_occurrences, planning_token_mask, semantic_entropy
+from grams import (
+    batch_planning_mask, find_gram_spans, gram_occurrences, incremental_char_spans, planning_token_mask, semantic_entropy,
+)
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import high_entropy_mask, hicra_advantages, validate_alpha
-from rollout import completion_logprobs, completion_mask_from_eos, format_prompt, generate_rollouts
+from rollout import completion_logprobs, completion_mask_from_eos, format_prompt, generate_rollouts, sample_next_token
 
 # ---------------------------------------------------------------- group advantages (Sec. 3)
 
@@ -144,6 +147,16 @@ def test_completion_mask_includes_first_eos_and_excludes_what_follows():
     assert truncated.tolist() == [False, False, True]
 
 
+def test_top_p_samples_only_the_nucleus_in_proportion():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)  # [b, V]
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_next_token(logits, temperature=1.0, top_p=0.8), minlength=4)
+    assert counts[2:].sum() == 0  # 0.5 + 0.3 already reach 0.8
+    assert abs(counts[0] / counts[:2].sum() - 0.5 / 0.8) < 0.03
+    assert (torch.bincount(sample_next_token(logits, temperature=1.0, top_p=1.0), minlength=4) > 0).all()
+    assert (sample_next_token(logits, temperature=0.0, top_p=0.8) == 0).all()
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logprobs_match_a_fresh_training_forward(tokenizer, architecture, temperature):
@@ -159,6 +172,35 @@ def test_rollout_logprobs_match_a_fresh_training_forward(tokenizer, architecture
     assert torch.allclose(torch.exp(logp - batch.old_logp), torch.ones_like(logp), atol=1e-5)
     assert torch.allclose(entropy, batch.entropy, atol=1e-5)
     assert (batch.old_logp[batch.completion_mask == 0] == 0).all()
+
+
+def test_bfloat16_rollouts_are_rescored_by_the_training_forward_and_near_float32(tokenizer):
+    model = build_model(tokenizer)
+    half = build_model(tokenizer).to(torch.bfloat16)
+    prompts = [format_prompt(tokenizer, "What is 2 + 2?"), format_prompt(tokenizer, "Add 12 and 30.")]
+    torch.manual_seed(0)
+    batch = generate_rollouts(half, tokenizer, prompts, group_size=2, max_new_tokens=10, temperature=1.0)
+    args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, 1.0)
+    with torch.no_grad():
+        assert torch.equal(completion_logprobs(half, *args)[0], batch.old_logp)
+        assert (completion_logprobs(model, *args)[0] - batch.old_logp).abs().max() < 0.05
+
+
+def test_prompt_shared_by_a_group_is_encoded_once_with_the_same_logprobs_and_gradients(tokenizer, model):
+    prompts = [format_prompt(tokenizer, "What is 2 + 2?"), format_prompt(tokenizer, "Add 12 and 30, then check.")]
+    torch.manual_seed(0)
+    batch = generate_rollouts(model, tokenizer, prompts, group_size=3, max_new_tokens=12, temperature=1.0)
+    args = (model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    results = []
+    for states in (rollout_lib._states_before_tokens, rollout_lib._states_before_tokens_shared_prompts):
+        model.zero_grad()
+        hidden = states(*args)  # [B, C, H]
+        (hidden * batch.completion_mask[..., None]).square().sum().backward()
+        results.append((hidden * batch.completion_mask[..., None], [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert torch.allclose(plain, shared, atol=1e-5)
+    assert len(plain_grads) == len(shared_grads) > 0
+    assert all((a - b).norm() <= 1e-4 * a.norm() + 1e-7 for a, b in zip(plain_grads, shared_grads))
 
 
 def test_rollout_logprobs_are_those_generate_sampled_from(tokenizer, model):
@@ -233,6 +275,30 @@ def test_planning_mask_handles_a_non_canonical_tokenisation(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)[0]) for p in pieces]
     mask = planning_token_mask(tokenizer, ids, ["let me check"])
     assert mask.tolist() == [False, False, True, True, True, True, False]
+
+
+def prefix_decoding_spans(tokenizer, ids):
+    """The definition the linear fallback must reproduce: token i spans [len(decode(ids[:i])), len(decode(ids[:i+1])))."""
+    lengths = [len(tokenizer.decode(ids[:i], skip_special_tokens=False)) for i in range(len(ids) + 1)]
+    return list(zip(lengths[:-1], lengths[1:]))
+
+
+def test_incremental_char_spans_equal_prefix_decoding(tokenizer):
+    words = ["we", " get", " 5", ".", " Let", " me", " check", ":", " 5", " +", " 0", " =", " 5", "."] * 30
+    ids = [i for w in words for i in tokenizer(w, add_special_tokens=False)["input_ids"]]
+    ids = [i for t in ids for i in (tokenizer.convert_tokens_to_ids(list(tokenizer.convert_ids_to_tokens(t))) if t % 3 == 0 else [t])]
+    assert ids != tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"]  # really non-canonical
+    assert incremental_char_spans(tokenizer, ids) == prefix_decoding_spans(tokenizer, ids)
+
+
+def test_incremental_char_spans_give_a_split_character_to_the_token_that_completes_it(tokenizer):
+    byte_tokens = tokenizer.convert_tokens_to_ids(["Ã", "©"])  # byte-level tokens of the two UTF-8 bytes of "é"
+    ids = tokenizer("caf", add_special_tokens=False)["input_ids"] + byte_tokens + tokenizer(" ok", add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(ids)
+    spans = incremental_char_spans(tokenizer, ids)
+    first_byte = len(ids) - len(byte_tokens) - len(tokenizer(" ok", add_special_tokens=False)["input_ids"])
+    assert text.startswith("café ok") and spans[-1][1] == len(text)
+    assert spans[first_byte][0] == spans[first_byte][1] == 3 and spans[first_byte + 1] == (3, 4)
 
 
 def test_batch_planning_mask_ignores_padding(tokenizer):
@@ -384,3 +450,14 @@ def test_evaluations_are_logged_as_their_own_lines_and_survive_resume(tiny_model
     assert sorted(p.name for p in out.glob("samples_step*.html")) == [f"samples_step0000{i}.html" for i in range(3)]
     train.truncate_metrics(out / "metrics.jsonl", last_step=0)
     assert [(r["step"], "reward" in r) for r in read_metrics(out)] == [(0, False), (0, True), (1, False)]
+
+
+def test_micro_batches_cover_every_row_once_within_both_caps():
+    lengths = torch.tensor([5, 1, 3, 9, 2, 7, 30, 4])
+    for max_rows, max_tokens in [(3, 0), (8, 40), (2, 25)]:
+        batches = train.micro_batches(lengths, 10, max_rows, max_tokens)
+        assert sorted(torch.cat(batches).tolist()) == list(range(len(lengths)))
+        for rows in batches:
+            assert len(rows) <= max_rows
+            assert len(rows) == 1 or not max_tokens or len(rows) * (10 + lengths[rows].max()) <= max_tokens
+    assert train.micro_batches(lengths, 10, 8, 0)[0].tolist() == lengths.argsort(stable=True).tolist()

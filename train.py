@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
     group.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps (passes) per rollout batch")
     group.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
+    group.add_argument("--micro-batch-tokens", type=int, default=0,
+                       help="also cap a micro-batch at this many padded tokens (rows x (prompt + longest completion)); "
+                            "0 = no cap. Bounds activation memory; the gradient is the same")
     group.add_argument("--steps", type=int, default=200, help="training steps (rollout + update)")
     group.add_argument("--max-nonfinite-steps", type=int, default=5,
                        help="stop after this many steps in a row skipped for a non-finite loss or gradient")
@@ -182,6 +185,7 @@ TRAIN_BOUNDS = {
     "warmup_steps": NON_NEGATIVE,
     "ppo_epochs": AT_LEAST_ONE,
     "micro_batch_size": AT_LEAST_ONE,
+    "micro_batch_tokens": NON_NEGATIVE,
     "steps": (">= 1 (to evaluate a model without training, use eval.py)", lambda v: v >= 1),
     "seed": SEED,
     "eval_every": NON_NEGATIVE,
@@ -314,6 +318,20 @@ def placebo_gram_set(args, train_problems: list[Problem], grams: list[str]) -> l
         raise InputError(f"--algo placebo: {error}") from None
 
 
+def micro_batches(lengths: torch.Tensor, prompt_width: int, max_rows: int, max_tokens: int) -> list[torch.Tensor]:
+    """Row indices of each micro-batch: rows in order of completion length (so a micro-batch pads little),
+    at most `max_rows` rows and, when max_tokens > 0, at most `max_tokens` padded tokens
+    (rows x (prompt_width + longest completion)); a row longer than that alone gets a micro-batch of its own."""
+    batches, current = [], []
+    for row in lengths.argsort(stable=True).tolist():
+        width = prompt_width + int(lengths[row])
+        if current and (len(current) == max_rows or (max_tokens and (len(current) + 1) * width > max_tokens)):
+            batches.append(torch.tensor(current))
+            current = []
+        current.append(row)
+    return batches + [torch.tensor(current)]
+
+
 def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
     """--ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches.
 
@@ -325,11 +343,14 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
     batch_tokens = rollout.completion_mask.sum().clamp(min=1)
     entropy_coef = args.entropy_coef if args.algo == "entropy_reg" else 0.0
     totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0, "nonfinite_updates": 0}
+    # Micro-batches of rows of similar length: completion_logprobs drops the columns all rows pad.
+    row_groups = micro_batches(
+        rollout.completion_mask.sum(-1), rollout.prompt_ids.shape[1], args.micro_batch_size, args.micro_batch_tokens
+    )
     model.train()
     for _ in range(args.ppo_epochs):
         finite_loss = True
-        for start in range(0, size, args.micro_batch_size):
-            rows = slice(start, start + args.micro_batch_size)
+        for rows in row_groups:  # [b] row indices
             mask = rollout.completion_mask[rows]  # [b, C]
             logp, entropy = completion_logprobs(
                 model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], mask,

@@ -1,0 +1,150 @@
+"""Time our training step against TRL's GRPOTrainer on the identical configuration, alternating, in one run.
+
+    /work/venv-trl/bin/python bench_vs_trl.py --model PATH            # needs trl installed (own venv is fine)
+    python bench_vs_trl.py --model PATH --rounds 2 --steps 3 --threads 2
+
+The configuration (both sides): --model, gsm8k_train prompts in order, the chat template with the same
+user turn (rollout.format_prompt), 8 prompts x 4 completions, <= 64 new tokens, temperature 1, no top-k /
+top-p, GRPO with clip-higher (0.2 / 0.28), token-mean loss, no KL, lr 1e-6 (AdamW, constant), grad clip 1,
+one optimizer step per rollout batch over micro-batches of 32, float32. Each side runs in its own child
+process (so each peak RSS is its own), `--rounds` times, TRL first then ours; a child's first step is a
+warm-up and is not timed. Prints every timed step, the medians, their ratio (ours / TRL) and each side's
+peak RSS.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROMPTS, GROUP, MAX_NEW, LR, MICRO_BATCH = 8, 4, 64, 1e-6, 32
+RECORD = "bench-record "  # prefix of the lines a child reports to the parent
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int) -> None:
+    """Our train.py step (rollout_step + policy_update) with the shared configuration."""
+    import torch
+
+    import grams as grams_lib
+    from data import load_problems
+    from reward import REWARDS
+    from train import parse_args, policy_update, prepare_model, prompts_for_step, rollout_step
+
+    torch.manual_seed(0)
+    args = parse_args([
+        "--model", model, "--data", "gsm8k_train", "--reward", "gsm8k", "--grams", "paper", "--algo", "grpo",
+        "--prompts-per-step", str(PROMPTS), "--group-size", str(GROUP), "--max-new-tokens", str(MAX_NEW),
+        "--lr", str(LR), "--micro-batch-size", str(MICRO_BATCH), "--dtype", "float32", "--threads", str(threads),
+        "--eval-every", "0", "--micro-batch-tokens", str(micro_batch_tokens),
+    ])
+    torch.set_num_threads(threads)
+    problems, grams = load_problems(args.data), grams_lib.load_grams(args.grams)
+    model_, tokenizer, _ = prepare_model(args, checkpoint=None)
+    optimizer = torch.optim.AdamW(model_.parameters(), lr=args.lr, weight_decay=0.0)
+    for step in range(steps):
+        started = time.perf_counter()
+        indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
+        batch, _, _ = rollout_step(args, model_, None, tokenizer, [problems[i] for i in indices], grams, REWARDS["gsm8k"])
+        policy_update(args, model_, optimizer, batch)
+        print(RECORD, json.dumps({"step": step, "seconds": time.perf_counter() - started}), flush=True)
+
+
+def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int) -> None:
+    """TRL's GRPOTrainer with the shared configuration (micro_batch_tokens is ours only, unused here)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from data import load_problems
+    from reward import REWARDS
+    from rollout import DEFAULT_INSTRUCTION
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    problems = load_problems("gsm8k_train")[: PROMPTS * steps]
+    dataset = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": f"{p.problem}\n{DEFAULT_INSTRUCTION}"}], "answer": p.answer}
+        for p in problems
+    ])
+
+    def reward(completions, answer, **_):
+        return [REWARDS["gsm8k"](c[0]["content"], a) for c, a in zip(completions, answer)]
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            print(RECORD, json.dumps({"step": state.global_step - 1, "seconds": time.perf_counter() - self.started}), flush=True)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(
+            output_dir=out, use_cpu=True, bf16=False, seed=0, max_steps=steps, report_to=[], save_strategy="no",
+            logging_steps=1, per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=1,
+            num_generations=GROUP, generation_batch_size=PROMPTS * GROUP, max_completion_length=MAX_NEW,
+            temperature=1.0, top_p=1.0, top_k=0, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
+            max_grad_norm=1.0, beta=0.0, num_iterations=1, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+            shuffle_dataset=False,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=reward, args=config, train_dataset=dataset, processing_class=tokenizer,
+            callbacks=[StepTimer()],
+        )
+        trainer.train()
+
+
+def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
+    """Run one side in a fresh process; its timed step seconds (first step dropped) and peak RSS in MiB."""
+    command = [
+        sys.executable, __file__, "--child", kind, "--model", args.model, "--steps", str(args.steps),
+        "--threads", str(args.threads), "--micro-batch-tokens", str(args.micro_batch_tokens),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: the {kind} child failed:\n{result.stderr[-3000:]}")
+    records = [json.loads(line.removeprefix(RECORD)) for line in result.stdout.splitlines() if line.startswith(RECORD)]
+    seconds = [r["seconds"] for r in records if "seconds" in r][1:]
+    return seconds, next(r["peak_rss_mib"] for r in records if "peak_rss_mib" in r)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="HF model folder (SmolLM2-135M-Instruct in the README)")
+    parser.add_argument("--rounds", type=int, default=2, help="TRL-then-ours rounds, each side in a fresh process")
+    parser.add_argument("--steps", type=int, default=2, help="steps per child; the first is a warm-up")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                        help="our --micro-batch-tokens (activation memory cap; same gradient); 0 = rows only")
+    parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        (run_ours if args.child == "ours" else run_trl)(args.model, args.steps, args.threads, args.micro_batch_tokens)
+        print(RECORD, json.dumps({"peak_rss_mib": peak_rss_mib()}), flush=True)
+        return
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (the first step of each child is a warm-up)")
+    seconds = {"trl": [], "ours": []}
+    peak = {"trl": 0.0, "ours": 0.0}
+    for round_ in range(args.rounds):
+        for kind in ("trl", "ours"):
+            steps, rss = child(kind, args)
+            seconds[kind] += steps
+            peak[kind] = max(peak[kind], rss)
+            print(f"round {round_} {kind:>4}: steps {', '.join(f'{s:.2f}' for s in steps)} s, peak RSS {rss:.0f} MiB", flush=True)
+    trl, ours = statistics.median(seconds["trl"]), statistics.median(seconds["ours"])
+    print(f"median step: TRL {trl:.2f} s (peak RSS {peak['trl']:.0f} MiB), ours {ours:.2f} s (peak RSS {peak['ours']:.0f} MiB)")
+    print(f"ratio ours / TRL: {ours / trl:.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
