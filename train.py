@@ -16,7 +16,8 @@ log-probs come from one forward pass per rollout and are reused by every epoch (
   high_entropy  the HICRA amplification on the top-q entropy tokens instead (the paper's ablation)
 
 Every step appends one JSON line to RUN_DIR/metrics.jsonl, and so does every held-out evaluation (its
-"step" is the number of updates done, its keys start with "eval/"); checkpoints are Hugging Face folders plus the
+"step" is the number of updates done, its keys start with "eval/"); `--report-to` mirrors those lines to
+TensorBoard or wandb (trackers.py); checkpoints are Hugging Face folders plus the
 optimizer, scheduler and RNG state in RUN_DIR/checkpoint/, written atomically (temp folder, then rename).
 """
 
@@ -37,13 +38,14 @@ from tqdm import tqdm
 
 import grams as grams_lib
 from data import InputError, Problem, load_problems
-from eval import add_model_flags, evaluate, load_model
+from eval import add_model_flags, add_prompt_flags, evaluate, load_model, prompt_format_from_args
 from grpo import ADVANTAGE_MODES, AGGREGATIONS, aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
 from metrics import RelativeToFirst, rollout_metrics
-from reward import REWARDS, score_completions
-from rollout import RolloutBatch, completion_logprobs, format_prompt, generate_rollouts
+from reward import REWARD_HELP, load_reward, score_completions
+from rollout import PromptFormat, RolloutBatch, completion_logprobs, format_prompt, generate_rollouts
 from tasks import DEFAULT_MODEL_DIR
+from trackers import TRACKERS, check_installed, open_trackers
 
 ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy")
 SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
@@ -64,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--data", default="world_train", help="training problems: benchmark name or JSONL file")
     group.add_argument("--eval-data", default="world", help="held-out problems: benchmark name or JSONL file")
     group.add_argument("--eval-limit", type=int, default=500, help="held-out problems per evaluation (the first N)")
-    group.add_argument("--reward", default="boxed", choices=sorted(REWARDS), help="reward function (reward.py)")
+    group.add_argument("--reward", default="boxed", help=REWARD_HELP)
+
+    add_prompt_flags(parser.add_argument_group("prompt"))
 
     group = parser.add_argument_group("sampling")
     group.add_argument("--prompts-per-step", type=int, default=16, help="problems sampled per step")
@@ -104,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--eval-temperature", type=float, default=1.0, help="held-out sampling temperature; 0 = greedy")
     group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end); 0 = end only")
     group.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its checkpoint")
+    group.add_argument("--report-to", nargs="+", default=[], choices=TRACKERS, metavar="TRACKER",
+                       help=f"also log metrics to {' and/or '.join(TRACKERS)} (optional packages; metrics.jsonl is always written)")
     return parser
 
 
@@ -143,7 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for action in parser._actions:  # a second parse that keeps only the flags given explicitly
             action.default = argparse.SUPPRESS
         explicit = vars(parser.parse_args(argv))
-        args = argparse.Namespace(**{**json.loads(config_path.read_text()), **explicit, "out": args.resume})
+        defaults = vars(build_parser().parse_args([]))  # flags added since the run started keep their defaults
+        args = argparse.Namespace(**{**defaults, **json.loads(config_path.read_text()), **explicit, "out": args.resume})
     validate_args(build_parser(), args)
     return args
 
@@ -227,9 +234,11 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
     return totals
 
 
-def rollout_step(args, model, ref_model, tokenizer, problems: list[Problem], grams: list[str], reward_fn):
+def rollout_step(
+    args, model, ref_model, tokenizer, problems: list[Problem], grams: list[str], reward_fn, prompt_format: PromptFormat
+):
     """Sample, reward and shape advantages for one step; returns the batch and its reward bookkeeping."""
-    prompts = [format_prompt(tokenizer, p.problem) for p in problems]
+    prompts = [format_prompt(tokenizer, p.problem, prompt_format) for p in problems]
     rollout = generate_rollouts(
         model, tokenizer, prompts, args.group_size, args.max_new_tokens, args.temperature, args.top_p, args.logprob_chunk
     )
@@ -282,22 +291,27 @@ def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]
     (run_dir / f"samples_step{step:05d}.html").write_text(page, encoding="utf-8")
 
 
-def log_record(run_dir: Path, record: dict) -> None:
-    """Append one JSON line to RUN_DIR/metrics.jsonl."""
+def log_record(run_dir: Path, record: dict, trackers: list = ()) -> None:
+    """Append one JSON line to RUN_DIR/metrics.jsonl, then mirror it to the --report-to trackers."""
     with open(run_dir / "metrics.jsonl", "a") as log:
         log.write(json.dumps(record) + "\n")
+    for tracker in trackers:
+        tracker.log(record)
 
 
 def is_eval_record(record: dict) -> bool:
     return any(key.startswith("eval/") for key in record)
 
 
-def run_evaluation(args, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path, step: int) -> dict:
+def run_evaluation(
+    args, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path, step: int, reward_fn,
+    prompt_format: PromptFormat,
+) -> dict:
     """Held-out evaluation after `step` updates; returns its metrics record ("step" and "eval/..." keys)."""
     summary, records = evaluate(
         model, tokenizer, problems, samples=args.eval_samples, temperature=args.eval_temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.prompts_per_step * args.group_size,
-        reward_fn=REWARDS[args.reward], progress=False,
+        reward_fn=reward_fn, progress=False, prompt_format=prompt_format,
     )
     show_samples(run_dir, step, records, grams)
     model.train()
@@ -399,6 +413,8 @@ def run(args) -> Path:
     train_problems = load_problems(args.data)
     eval_problems = load_problems(args.eval_data, limit=args.eval_limit) if args.eval_every else []
     grams = grams_lib.load_grams(args.grams)
+    reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
+    check_installed(args.report_to)
     checkpoint = run_dir / "checkpoint" if resuming else None
     model, tokenizer, ref_model = prepare_model(args, checkpoint)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -411,18 +427,20 @@ def run(args) -> Path:
         last_step, relative = restore_checkpoint(run_dir, optimizer, scheduler)
         start_step = last_step + 1
         truncate_metrics(run_dir / "metrics.jsonl", last_step)
-    else:
-        (run_dir / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=2))
-    reward_fn = REWARDS[args.reward]
+    config = {k: v for k, v in vars(args).items() if k != "resume"}
+    if not resuming:
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    trackers = open_trackers(args.report_to, run_dir, config, start_step)
 
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, dynamic_ncols=True)
     for step in bar:
         if args.eval_every and step == 0:
-            log_record(run_dir, run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step))
+            held_out = run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step, reward_fn, prompt_format)
+            log_record(run_dir, held_out, trackers)
         started = time.time()
         indices = prompts_for_step(len(train_problems), step, args.prompts_per_step, args.seed)
         batch, group_problems, reward_errors = rollout_step(
-            args, model, ref_model, tokenizer, [train_problems[i] for i in indices], grams, reward_fn
+            args, model, ref_model, tokenizer, [train_problems[i] for i in indices], grams, reward_fn, prompt_format
         )
         rollout_seconds = time.time() - started
         update = policy_update(args, model, optimizer, batch)
@@ -436,15 +454,18 @@ def run(args) -> Path:
         record.update(update)
         record.update(lr=scheduler.get_last_lr()[0], rollout_seconds=rollout_seconds, step_seconds=time.time() - started)
         last_step = step == args.steps - 1
-        log_record(run_dir, record)
+        log_record(run_dir, record, trackers)
         if args.eval_every and (last_step or (step + 1) % args.eval_every == 0):
-            log_record(run_dir, run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step + 1))
+            held_out = run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn, prompt_format)
+            log_record(run_dir, held_out, trackers)
         bar.set_postfix(
             reward=f"{record['reward']:.2f}", acc=f"{record.get('accuracy', 0):.2f}",
             len=f"{record.get('length_mean', 0):.0f}", plan=f"{record.get('planning_ratio', 0):.3f}",
         )
         if last_step or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step, relative)
+    for tracker in trackers:
+        tracker.close()
     print_summary(run_dir)
     return run_dir
 
