@@ -7,6 +7,7 @@ import types
 
 import pytest
 
+import bench
 import eval as evaluation
 import train
 import trackers
@@ -226,8 +227,6 @@ def test_missing_tracker_package_is_a_one_line_error_before_training(run_files, 
 
 
 def test_bench_times_a_step_with_the_prompt_and_reward_flags(run_files, tmp_path, capsys):
-    import bench
-
     reward = f"{run_files / 'my_rewards.py'}:always_one"
     bench.main(train_args(run_files, tmp_path, "--few-shot", str(run_files / "shots.jsonl"), "--reward", reward, "--repeats", "1"))
     assert "step 0: rollout" in capsys.readouterr().out
