@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tasks
 from data import Problem
+from reward import boxed_reward
 from rollout import format_prompt, generate_rollouts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,3 +113,15 @@ def test_shipped_model_loads_offline_and_reaches_base_accuracy():
     accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
     assert BASE_BAND[0] <= accuracy <= BASE_BAND[1]
     assert not batch.truncated.any()
+
+
+def test_drill_splits_are_disjoint_distinct_and_their_solutions_are_correct_and_boxed():
+    test, train = tasks.drill_problems("test", 300, seed=0), tasks.drill_problems("train", 1000, seed=0)
+    assert len({p.problem for p in test}) == 300 and not {p.problem for p in test} & {p.problem for p in train}
+    for p in test[:50]:
+        assert boxed_reward(p.meta["solution"], p.answer) == 1.0
+    assert tasks.drill_solution(47, 38) == (
+        "Let's add the tens and the ones. 40 + 30 = 70. 7 + 8 = 15. 70 + 15 = 85. So the answer is \\boxed{85}."
+    )
+    with pytest.raises(ValueError, match="distinct drill problems"):
+        tasks.drill_problems("test", 5000, seed=0)
