@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import multiprocessing
 import re
+import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -204,8 +205,10 @@ def _import_reward_module(name: str):
     path = Path(name)
     if not path.is_file():
         raise FileNotFoundError(f"no such file {name}")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    # Registered under its own name (a dataclass in the file needs sys.modules), never shadowing a real module.
+    spec = importlib.util.spec_from_file_location(f"user_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -18,10 +18,16 @@ from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE, PromptFormat, format_pr
 
 EXAMPLES = (("What is 1 + 1?", "1 + 1 = 2. \\boxed{2}"), ("What is 2 + 3?", "2 + 3 = 5. \\boxed{5}"))
 REWARD_MODULE = '''
+from dataclasses import dataclass
+
 NOT_A_FUNCTION = 3
 
+@dataclass
+class Score:  # a dataclass needs its module in sys.modules: loading from a file path must register it
+    value: float = 1.0
+
 def always_one(completion, answer):
-    return 1.0
+    return Score().value
 
 def broken(completion, answer):
     raise RuntimeError("bug in the user's reward")
