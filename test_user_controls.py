@@ -18,6 +18,8 @@ from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE, PromptFormat, format_pr
 
 EXAMPLES = (("What is 1 + 1?", "1 + 1 = 2. \\boxed{2}"), ("What is 2 + 3?", "2 + 3 = 5. \\boxed{5}"))
 REWARD_MODULE = '''
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 NOT_A_FUNCTION = 3
