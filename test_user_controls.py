@@ -219,7 +219,7 @@ def test_wandb_tracker_logs_the_same_scalars_at_the_record_step(tmp_path, monkey
     fake.init = lambda **kwargs: calls.append(kwargs) or fake_run
     monkeypatch.setitem(sys.modules, "wandb", fake)
     trackers.check_installed(["wandb"])
-    (tracker,) = trackers.open_trackers(["wandb"], tmp_path / "run-a", {"lr": 0.1}, start_step=0)
+    (tracker,) = trackers.open_trackers(["wandb"], tmp_path / "run-a", {"lr": 0.1}, purge_from=0)
     tracker.log({"step": 3, "reward": 0.5, "eval/pass@1": 0.25})
     tracker.close()
     assert calls[0]["config"] == {"lr": 0.1} and calls[0]["name"] == "run-a"

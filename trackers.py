@@ -3,7 +3,8 @@ dashboards people already use. metrics.jsonl stays the source of truth; a tracke
 
 - tensorboard: `torch.utils.tensorboard.SummaryWriter` writing to RUN_DIR/tensorboard (offline; needs
   `pip install tensorboard`). Training keys are logged as `train/KEY`, held-out keys keep their `eval/`
-  prefix; the global step is the record's "step". On resume, events logged after the checkpoint are purged.
+  prefix; the global step is the record's "step". Events from step `purge_from` on are dropped when the
+  writer opens (train.py: a resumed run's lines after its checkpoint, or all of them when it restarts).
 - wandb: `wandb.init` with the run's flags as config, files under RUN_DIR/wandb (needs `pip install wandb`
   and a login, or WANDB_MODE=offline); the project is $WANDB_PROJECT, or "hicra".
 Neither package is in requirements.txt; asking for a tracker that is not installed is a one-line error.
@@ -37,10 +38,10 @@ def scalars(record: dict) -> dict[str, float]:
 class TensorBoardTracker:
     """One SummaryWriter in RUN_DIR/tensorboard: add_scalar per key and record."""
 
-    def __init__(self, run_dir: Path, start_step: int):
+    def __init__(self, run_dir: Path, purge_from: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_from)
 
     def log(self, record: dict) -> None:
         for tag, value in scalars(record).items():
@@ -65,12 +66,13 @@ class WandbTracker:
         self.run.finish()
 
 
-def open_trackers(names: list[str], run_dir: Path, config: dict, start_step: int) -> list:
-    """The trackers of --report-to (each name once), opened on the run directory."""
+def open_trackers(names: list[str], run_dir: Path, config: dict, purge_from: int) -> list:
+    """The trackers of --report-to (each name once), opened on the run directory; TensorBoard drops its
+    events from step `purge_from` on."""
     trackers = []
     for name in dict.fromkeys(names):
         if name == "tensorboard":
-            trackers.append(TensorBoardTracker(run_dir, start_step))
+            trackers.append(TensorBoardTracker(run_dir, purge_from))
         elif name == "wandb":
             trackers.append(WandbTracker(run_dir, config))
     return trackers

@@ -17,16 +17,31 @@ log-probs come from one forward pass per rollout and are reused by every epoch (
 
 Every step appends one JSON line to RUN_DIR/metrics.jsonl, and so does every held-out evaluation (its
 "step" is the number of updates done, its keys start with "eval/"); `--report-to` mirrors those lines to
-TensorBoard or wandb (trackers.py); checkpoints are Hugging Face folders plus the
-optimizer, scheduler and RNG state in RUN_DIR/checkpoint/, written atomically (temp folder, then rename).
+TensorBoard or wandb (trackers.py).
+
+Checkpoints survive a kill at any instant. RUN_DIR/checkpoint/ is the newest one: a Hugging Face folder
+(from_pretrained and eval.py load it) plus the trainer state (optimizer, scheduler, RNG) as safetensors and
+JSON, never pickle, so resuming a downloaded run folder cannot run code. A checkpoint is written to
+checkpoint.tmp/, every file fsync'ed, then complete.json is written last (the step and every file's size):
+a folder without it is incomplete. The previous checkpoint is renamed to checkpoint-N/ (N = updates done)
+and checkpoint.tmp/ to checkpoint/; all but the newest --keep-checkpoints are then deleted. --resume takes
+the newest complete folder among these, finishes an interrupted rename, deletes incomplete leftovers and
+drops the metrics lines logged after that checkpoint; with no complete checkpoint it starts at step 0.
+
+A step whose loss or gradient norm is not finite is skipped (counted as `nonfinite_updates` in its
+metrics line); --max-nonfinite-steps such steps in a row stop the run with an error, and so does an update
+that leaves a weight non-finite: a run never saves non-finite weights.
 """
 
 import argparse
 import html
 import json
+import math
 import os
 import random
+import secrets
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import grams as grams_lib
@@ -49,6 +66,20 @@ from trackers import TRACKERS, check_installed, open_trackers
 
 ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy")
 SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
+CHECKPOINT = "checkpoint"  # RUN_DIR/checkpoint: the newest complete checkpoint
+COMPLETE_MARKER = "complete.json"  # written last into a checkpoint folder: {"step": ..., "files": {name: bytes}}
+FAULT_ENV = "HICRA_FAULT"  # test hook (test_faults.py): "POINT:STEP" makes the process SIGKILL itself there
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite training); the message is one line."""
+
+
+def fault_point(point: str, step: int) -> None:
+    """Kill this process (SIGKILL, as a crash or an out-of-memory kill would) at `point` of `step` when
+    HICRA_FAULT=point:step; does nothing when HICRA_FAULT is unset. test_faults.py resumes after each."""
+    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,14 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps (passes) per rollout batch")
     group.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
     group.add_argument("--steps", type=int, default=200, help="training steps (rollout + update)")
+    group.add_argument("--max-nonfinite-steps", type=int, default=5,
+                       help="stop after this many steps in a row skipped for a non-finite loss or gradient")
     group.add_argument("--seed", type=int, default=0, help="seed of prompts order, sampling and init")
 
     group = parser.add_argument_group("logging")
-    group.add_argument("--out", default=None, help="run directory (default runs/ALGO-seedS-TIME)")
+    group.add_argument("--out", default=None, help="run directory (default runs/ALGO-seedS-TIME-XXXXXX, XXXXXX random)")
     group.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (and at 0 and the end); 0 = never")
     group.add_argument("--eval-samples", type=int, default=1, help="samples per held-out problem")
     group.add_argument("--eval-temperature", type=float, default=1.0, help="held-out sampling temperature; 0 = greedy")
     group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end); 0 = end only")
+    group.add_argument("--keep-checkpoints", type=int, default=1,
+                       help="checkpoints kept: the newest in RUN_DIR/checkpoint, older ones in RUN_DIR/checkpoint-N")
     group.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its checkpoint")
     group.add_argument("--report-to", nargs="+", default=[], choices=TRACKERS, metavar="TRACKER",
                        help=f"also log metrics to {' and/or '.join(TRACKERS)} (optional packages; metrics.jsonl is always written)")
@@ -132,25 +167,43 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         (args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be >= 0"),
         (args.eval_samples >= 1, "--eval-samples must be >= 1"),
         (0.0 < args.entropy_top_q <= 1.0, "--entropy-top-q must be in (0, 1]"),
+        (args.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
+        (args.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             parser.error(message)
 
 
+MODEL_FLAGS = ("model", "gguf_file", "lora_rank", "lora_alpha")  # what is trained: fixed for the life of a run
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags; with --resume, the run's saved flags overridden by those given explicitly."""
+    """Command-line flags; with --resume, the run's saved flags overridden by those given explicitly.
+
+    Defaults first, so a run saved before a flag existed resumes with that flag's default.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
         config_path = Path(args.resume) / "config.json"
         if not config_path.is_file():
             parser.error(f"--resume: {config_path} not found")
+        try:
+            saved = json.loads(config_path.read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--resume: {config_path}: not a readable run config ({str(error).splitlines()[0]})")
         for action in parser._actions:  # a second parse that keeps only the flags given explicitly
             action.default = argparse.SUPPRESS
         explicit = vars(parser.parse_args(argv))
-        defaults = vars(build_parser().parse_args([]))  # flags added since the run started keep their defaults
-        args = argparse.Namespace(**{**defaults, **json.loads(config_path.read_text()), **explicit, "out": args.resume})
+        for key in MODEL_FLAGS:
+            if key in explicit and explicit[key] != saved.get(key):
+                flag = "--" + key.replace("_", "-")
+                parser.error(f"{flag}: this run was trained with {flag} {saved.get(key)}; a resumed run keeps "
+                             f"its {', '.join('--' + k.replace('_', '-') for k in MODEL_FLAGS)} (start a new run to change them)")
+        args = argparse.Namespace(**{**vars(args), **saved, **explicit, "out": args.resume})
+    elif args.out is None:
+        args.out = f"runs/{args.algo}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     validate_args(build_parser(), args)
     return args
 
@@ -196,14 +249,19 @@ def token_advantages(args, advantages: torch.Tensor, rollout: RolloutBatch, plan
 
 
 def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
-    """--ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches."""
+    """--ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches.
+
+    An optimizer step whose loss or gradient norm is not finite is skipped (gradients dropped) and
+    counted in "nonfinite_updates": one NaN would otherwise spread to every weight.
+    """
     rollout = batch.rollout
     size = rollout.completion_ids.shape[0]
     batch_tokens = rollout.completion_mask.sum().clamp(min=1)
     entropy_coef = args.entropy_coef if args.algo == "entropy_reg" else 0.0
-    totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0, "nonfinite_updates": 0}
     model.train()
     for _ in range(args.ppo_epochs):
+        finite_loss = True
         for start in range(0, size, args.micro_batch_size):
             rows = slice(start, start + args.micro_batch_size)
             mask = rollout.completion_mask[rows]  # [b, C]
@@ -223,15 +281,41 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
             loss.backward()
             clipped = clip_fractions(logp, old_logp, advantages, mask, args.eps_low, args.eps_high)
             share = mask.sum() / batch_tokens / args.ppo_epochs
+            finite_loss = finite_loss and math.isfinite(loss.item())
             totals["loss"] += loss.item() / args.ppo_epochs
             totals["clip_low"] += (clipped.low * share).item()
             totals["clip_high"] += (clipped.high * share).item()
         max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
         totals["grad_norm"] += grad_norm.item() / args.ppo_epochs
-        optimizer.step()
+        if finite_loss and math.isfinite(grad_norm.item()):
+            try:
+                optimizer.step()
+            except RuntimeError as error:  # a step size the weights' dtype cannot hold, e.g. --lr 1e39 in float32
+                if "overflow" not in str(error):
+                    raise
+                raise TrainingError(f"the update overflowed ({str(error).splitlines()[0]}); nothing of it was saved; "
+                                    f"likely cause: {nonfinite_causes(args, batch.rewards)}") from None
+        else:
+            totals["nonfinite_updates"] += 1
         optimizer.zero_grad(set_to_none=True)
     return totals
+
+
+def weights_finite(model) -> bool:
+    """True when no trainable weight is inf or NaN."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]).all())
+
+
+def nonfinite_causes(args, rewards: torch.Tensor) -> str:
+    """The likely causes of non-finite training, most specific first. rewards: [B]."""
+    causes = []
+    if not torch.isfinite(rewards).all():
+        causes.append("the reward function returned NaN or inf")
+    if args.dtype in ("float16", "bfloat16") or (args.dtype == "auto" and torch.cuda.is_available()):
+        causes.append(f"--dtype {args.dtype} overflowing (try --dtype float32)")
+    causes.append(f"a learning rate too high (--lr {args.lr:g})")
+    return "; ".join(causes)
 
 
 def rollout_step(
@@ -320,53 +404,200 @@ def run_evaluation(
     return record
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, relative: RelativeToFirst) -> None:
-    """HF folder + trainer state, written to a temp folder and renamed into place (never half-written)."""
-    final, temp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
-    shutil.rmtree(temp, ignore_errors=True)
-    model.save_pretrained(temp)
-    tokenizer.save_pretrained(temp)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (new names, renames), to disk; folders only where the OS allows."""
+    if path.is_dir() and os.name == "nt":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """checkpoint/, checkpoint-N/ and leftovers (checkpoint.tmp/, checkpoint.old/ of earlier versions)."""
+    names = (CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old")
+    return sorted(
+        p for p in run_dir.glob(f"{CHECKPOINT}*")
+        if p.is_dir() and (p.name in names or p.name.removeprefix(f"{CHECKPOINT}-").isdigit())
+    )
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The last finished step of a complete checkpoint folder; None when it is incomplete (no readable marker)."""
+    try:
+        return int(json.loads((folder / COMPLETE_MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_trainer_state(folder: Path, optimizer, scheduler, step: int, relative: RelativeToFirst, nonfinite_streak: int) -> None:
+    """Optimizer tensors and torch RNG states to trainer_state.safetensors, the rest to trainer_state.json."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng/cuda/{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    for index, values in optimizer_state["state"].items():
+        tensors.update({f"optimizer/{index}/{name}": value.contiguous().cpu() for name, value in values.items()})
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "nonfinite_streak": nonfinite_streak,
         "relative_baseline": relative.first,
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        "optimizer_param_groups": optimizer_state["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "rng_python": [python_rng[0], list(python_rng[1]), python_rng[2]],
+        "rng_numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
     }
-    torch.save(state, temp / "trainer_state.pt")
+    save_file(tensors, folder / "trainer_state.safetensors")
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+
+
+def write_complete_marker(folder: Path, step: int) -> None:
+    """fsync every file of `folder`, then write complete.json (the step, every file's size) last."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    marker = folder / COMPLETE_MARKER
+    marker.write_text(json.dumps({"step": step, "files": files}))
+    fsync_path(marker)
+    fsync_path(folder)
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, relative: RelativeToFirst,
+                    nonfinite_streak: int, keep: int) -> None:
+    """Write checkpoint.tmp/ (complete.json last), make it checkpoint/, keep the newest `keep` checkpoints."""
+    temp = run_dir / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(temp, ignore_errors=True)
+    fault_point("save:start", step)
+    model.save_pretrained(temp)
+    fault_point("save:model", step)
+    tokenizer.save_pretrained(temp)
+    fault_point("save:tokenizer", step)
+    write_trainer_state(temp, optimizer, scheduler, step, relative, nonfinite_streak)
+    fault_point("save:state", step)
+    write_complete_marker(temp, step)
+    fault_point("save:marker", step)
+    promote_checkpoint(run_dir, temp, step)
+    prune_checkpoints(run_dir, keep)
+    fault_point("save:pruned", step)
+
+
+def promote_checkpoint(run_dir: Path, source: Path, step: int) -> None:
+    """Rename the complete checkpoint `source` to checkpoint/; the one it replaces becomes checkpoint-N/."""
+    final = run_dir / CHECKPOINT
     if final.exists():
-        final.rename(old)
-    temp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+        previous = checkpoint_step(final)
+        if previous is None:
+            shutil.rmtree(final)
+        else:
+            older = run_dir / f"{CHECKPOINT}-{previous + 1}"  # named by updates done, as HF Trainer does
+            shutil.rmtree(older, ignore_errors=True)
+            final.rename(older)
+    fault_point("save:between_renames", step)
+    source.rename(final)
+    fsync_path(run_dir)
+    fault_point("save:renamed", step)
 
 
-def restore_checkpoint(run_dir: Path, optimizer, scheduler) -> tuple[int, RelativeToFirst]:
-    """Restore optimizer, scheduler and RNG state; returns the last finished step and the metric baseline."""
-    state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"], RelativeToFirst(state["relative_baseline"])
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete the checkpoint-N/ folders beyond the newest `keep - 1` (checkpoint/ is the keep-th)."""
+    steps = {p: checkpoint_step(p) for p in checkpoint_folders(run_dir) if p.name.removeprefix(f"{CHECKPOINT}-").isdigit()}
+    newest_first = sorted(steps, key=lambda p: -1 if steps[p] is None else steps[p], reverse=True)
+    for folder in newest_first[keep - 1:]:
+        shutil.rmtree(folder)
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """One-line error naming the first file of a complete checkpoint that is missing or has changed size."""
+    recorded = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+    for name, size in recorded.items():
+        path = folder / name
+        found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+        if found != f"{size} bytes":
+            raise InputError(f"{path}: {found} where {COMPLETE_MARKER} records {size} bytes; the checkpoint is "
+                             f"damaged (remove {folder} to resume from an older checkpoint or from step 0)")
+
+
+def settle_checkpoints(run_dir: Path) -> Path | None:
+    """On resume: make the newest complete checkpoint RUN_DIR/checkpoint and delete incomplete leftovers.
+
+    Returns it, or None when the run has no complete checkpoint (it then starts again from step 0).
+    A trainer_state.pt (the pickle format of earlier versions, or a planted file) is refused: unpickling
+    a file can run any code, and run folders are shared.
+    """
+    folders = checkpoint_folders(run_dir)
+    for folder in folders:
+        if (folder / "trainer_state.pt").exists():
+            raise InputError(f"{folder / 'trainer_state.pt'}: a pickle trainer state (an earlier version's format, or a "
+                             "planted file) is not loaded, since unpickling can run code; start a new run")
+    steps = {folder: checkpoint_step(folder) for folder in folders}
+    complete = [folder for folder in folders if steps[folder] is not None]
+    newest = max(complete, key=lambda f: (steps[f], f.name == CHECKPOINT), default=None)
+    if newest is not None:
+        check_checkpoint_files(newest)
+    for folder in folders:
+        if folder != newest and (steps[folder] is None or steps[folder] >= steps[newest]):
+            shutil.rmtree(folder)
+    if newest is None:
+        return None
+    if newest.name != CHECKPOINT:
+        promote_checkpoint(run_dir, newest, steps[newest])
+    return run_dir / CHECKPOINT
+
+
+def restore_checkpoint(folder: Path, optimizer, scheduler) -> tuple[int, RelativeToFirst, int]:
+    """Restore optimizer, scheduler and RNG state (no pickle: safetensors and JSON only).
+
+    Returns the last finished step, the metric baseline and the count of non-finite steps in a row.
+    """
+    tensors_path, json_path = folder / "trainer_state.safetensors", folder / "trainer_state.json"
+    try:
+        tensors = load_file(tensors_path)
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{tensors_path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
+    try:
+        state = json.loads(json_path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{json_path}: not a readable trainer state ({str(error).splitlines()[0]})") from None
+    try:
+        per_parameter: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/")
+                per_parameter.setdefault(int(index), {})[name] = tensor
+        groups = [{**group, "betas": tuple(group["betas"])} for group in state["optimizer_param_groups"]]  # JSON lists
+        optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+        scheduler.load_state_dict(state["scheduler"])
+        version, internal, gauss = state["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, *rest = state["rng_numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(tensors["rng/torch"])
+        cuda_states = [tensors[f"rng/cuda/{i}"] for i in range(sum(k.startswith("rng/cuda/") for k in tensors))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        return state["step"], RelativeToFirst(state["relative_baseline"]), state["nonfinite_streak"]
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise InputError(f"{folder}: trainer state does not fit this run ({str(error).splitlines()[0]})") from None
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after the checkpoint of step `last_step` (a run stopped between a log and a save).
 
-    Kept: training records up to `last_step` and evaluations up to `last_step + 1` updates.
+    Kept: training records up to `last_step` and evaluations up to `last_step + 1` updates. A last line
+    without its newline (torn by a crash mid-write) is dropped; the file is replaced whole, never half-written.
     """
     if path.exists():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        lines = path.read_text().split("\n")[:-1]  # complete lines only: each ends with "\n"
+        records = [json.loads(line) for line in lines if line]
         kept = [r for r in records if r["step"] <= last_step + is_eval_record(r)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        temp = path.with_name(path.name + ".tmp")
+        temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        temp.replace(path)
 
 
 def load_policy(source: str, args, gguf_file: str | None):
@@ -400,13 +631,30 @@ def prepare_model(args, checkpoint: Path | None):
     return model, tokenizer, ref_model
 
 
+def write_config(run_dir: Path, args) -> None:
+    """RUN_DIR/config.json: every flag but --resume (written whole or not at all)."""
+    temp = run_dir / "config.json.tmp"
+    temp.write_text(json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=2))
+    temp.replace(run_dir / "config.json")
+
+
 def run(args) -> Path:
     """The training loop; returns the run directory."""
-    run_dir = Path(args.out or f"runs/{args.algo}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(args.out)
     resuming = bool(args.resume)
-    if not resuming and (run_dir / "metrics.jsonl").exists():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out: {run_dir} is a file, not a folder")
+    if not resuming and ((run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT).exists()):
         raise InputError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} or another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--out: cannot create {run_dir}: {error.strerror}") from None
+    if not resuming:
+        write_config(run_dir, args)
+    checkpoint = settle_checkpoints(run_dir) if resuming else None
+    if resuming and checkpoint is None:
+        print(f"--resume: {run_dir} has no complete checkpoint yet; starting it again from step 0", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -415,22 +663,22 @@ def run(args) -> Path:
     grams = grams_lib.load_grams(args.grams)
     reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
     check_installed(args.report_to)
-    checkpoint = run_dir / "checkpoint" if resuming else None
     model, tokenizer, ref_model = prepare_model(args, checkpoint)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(args.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     relative = RelativeToFirst()
-    start_step = 0
-    if resuming:
-        last_step, relative = restore_checkpoint(run_dir, optimizer, scheduler)
+    start_step = nonfinite_streak = 0
+    if checkpoint is not None:
+        last_step, relative, nonfinite_streak = restore_checkpoint(checkpoint, optimizer, scheduler)
         start_step = last_step + 1
         truncate_metrics(run_dir / "metrics.jsonl", last_step)
-    config = {k: v for k, v in vars(args).items() if k != "resume"}
-    if not resuming:
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    trackers = open_trackers(args.report_to, run_dir, config, start_step)
+    else:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run restarted from step 0 logs every line again
+    # metrics.jsonl now ends at the checkpoint's step (+1 for its evaluation), or is empty: drop later events
+    purge_from = start_step + 1 if checkpoint is not None else 0
+    trackers = open_trackers(args.report_to, run_dir, {k: v for k, v in vars(args).items() if k != "resume"}, purge_from)
 
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, dynamic_ncols=True)
     for step in bar:
@@ -445,6 +693,11 @@ def run(args) -> Path:
         rollout_seconds = time.time() - started
         update = policy_update(args, model, optimizer, batch)
         scheduler.step()
+        if not weights_finite(model):
+            raise TrainingError(f"step {step}: the update made weights inf or NaN; they were not saved; likely cause: "
+                                f"{nonfinite_causes(args, batch.rewards)}")
+        fault_point("step:updated", step)
+        nonfinite_streak = nonfinite_streak + 1 if update["nonfinite_updates"] else 0
         correct = batch.rewards >= 1.0  # [B]
         record = {"step": step, "reward": batch.rewards.mean().item(), "reward_errors": reward_errors}
         record.update(relative(rollout_metrics(
@@ -455,15 +708,21 @@ def run(args) -> Path:
         record.update(lr=scheduler.get_last_lr()[0], rollout_seconds=rollout_seconds, step_seconds=time.time() - started)
         last_step = step == args.steps - 1
         log_record(run_dir, record, trackers)
+        fault_point("step:logged", step)
+        if nonfinite_streak >= args.max_nonfinite_steps:
+            raise TrainingError(f"{nonfinite_streak} steps in a row (to step {step}) had a non-finite loss or gradient "
+                                f"norm and were skipped; likely cause: {nonfinite_causes(args, batch.rewards)}")
         if args.eval_every and (last_step or (step + 1) % args.eval_every == 0):
             held_out = run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn, prompt_format)
             log_record(run_dir, held_out, trackers)
+            fault_point("eval:logged", step)
         bar.set_postfix(
             reward=f"{record['reward']:.2f}", acc=f"{record.get('accuracy', 0):.2f}",
             len=f"{record.get('length_mean', 0):.0f}", plan=f"{record.get('planning_ratio', 0):.3f}",
         )
         if last_step or (args.save_every and (step + 1) % args.save_every == 0):
-            save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step, relative)
+            save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step, relative, nonfinite_streak,
+                            args.keep_checkpoints)
     for tracker in trackers:
         tracker.close()
     print_summary(run_dir)
@@ -493,10 +752,19 @@ def print_summary(run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    run_dir = Path(args.out)
+    made_here = not run_dir.exists()
     try:
         run(args)
-    except InputError as error:
-        sys.exit(f"error: {error}")
+    except BaseException as error:
+        if made_here and not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves no empty run folder behind
+        elif isinstance(error, KeyboardInterrupt):
+            print(f"\ninterrupted: continue with  python train.py --resume {run_dir}", file=sys.stderr)
+            sys.exit(130)
+        if isinstance(error, (InputError, TrainingError)):
+            sys.exit(f"error: {error}")
+        raise
 
 
 if __name__ == "__main__":
