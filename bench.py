@@ -16,6 +16,7 @@ import time
 import torch
 
 import grams as grams_lib
+from cli import report
 from data import InputError, load_problems
 from eval import prompt_format_from_args
 from reward import load_reward
@@ -33,15 +34,15 @@ def main(argv: list[str]) -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--repeats", type=int, default=3, help="steps to time")
     bench_args, train_argv = own.parse_known_args(argv)
-    args = parse_args(train_argv + ["--eval-every", "0"])
     try:
+        args = parse_args(train_argv + ["--eval-every", "0"])
         seed_everything(args.seed)
-        problems = load_problems(args.data)
+        problems = load_problems(args.data, flag="--data")
         grams = grams_lib.load_grams(args.grams)
         reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
         model, tokenizer, ref_model = prepare_model(args, checkpoint=None)
     except InputError as error:
-        sys.exit(f"error: {error}")
+        sys.exit(report(error))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     device = str(next(model.parameters()).device)
     print(

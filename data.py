@@ -2,7 +2,7 @@
 
 Every benchmark is a JSONL file, one JSON object a line with a `problem` and an
 `answer` field (see data/README.md for sources and licences); other fields are kept
-in `Problem.meta`. `limit` keeps the first N problems of a file, so subsets are the
+in `Problem.meta`. Files are read as UTF-8, a byte-order mark (Windows editors) skipped. `limit` keeps the first N problems of a file, so subsets are the
 same on every run; `seed` only matters for the generated world problems.
 Bad input raises InputError with a one-line message naming the file and line.
 """
@@ -37,16 +37,22 @@ class Problem:
     meta: dict = field(default_factory=dict)
 
 
-def load_problems(name_or_path: str, limit: int | None = None, seed: int = 0) -> list[Problem]:
-    """Problems of a benchmark name (BENCHMARKS, "world", "world_train") or a JSONL path."""
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit: must be at least 1, got {limit}")
-    if name_or_path in WORLD_SPLITS:
-        import tasks  # tasks.py imports this module, so import it only when needed
+def load_problems(name_or_path: str, limit: int | None = None, seed: int = 0, flag: str | None = None) -> list[Problem]:
+    """Problems of a benchmark name (BENCHMARKS, "world", "world_train") or a JSONL path.
 
-        split, default_n = WORLD_SPLITS[name_or_path]
-        return tasks.world_problems(split, limit or default_n, seed)
-    return read_jsonl(resolve_benchmark(name_or_path))[:limit]
+    `flag` (e.g. "--data") prefixes any InputError, so the message names the flag as well as file and line.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")  # the scripts check their flags up front
+    try:
+        if name_or_path in WORLD_SPLITS:
+            import tasks  # tasks.py imports this module, so import it only when needed
+
+            split, default_n = WORLD_SPLITS[name_or_path]
+            return tasks.world_problems(split, limit or default_n, seed)
+        return read_jsonl(resolve_benchmark(name_or_path))[:limit]
+    except InputError as error:
+        raise InputError(f"{flag}: {error}" if flag else str(error)) from None
 
 
 def resolve_benchmark(name_or_path: str) -> Path:
@@ -54,21 +60,37 @@ def resolve_benchmark(name_or_path: str) -> Path:
     if name_or_path in BENCHMARKS:
         return DATA_DIR / BENCHMARKS[name_or_path]
     path = Path(name_or_path)
-    if path.suffix == ".jsonl" or path.parent != Path("."):
+    if path.suffix == ".jsonl" or path.parent != Path(".") or path.is_file():
         return path
     valid = ", ".join([*BENCHMARKS, *WORLD_SPLITS])
     raise InputError(f"unknown benchmark {name_or_path!r}; valid names: {valid} (or a path to a .jsonl file)")
 
 
-def read_jsonl(path: Path) -> list[Problem]:
-    """Parse a problems file; blank lines are skipped, anything else malformed is an InputError."""
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, a leading byte-order mark dropped; InputError naming file and line
+    for a missing file, a folder, or bytes that are not UTF-8 (e.g. a file saved as Latin-1)."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise InputError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
+    return text.split("\n")  # not splitlines(): a JSON string may hold U+2028 and other line separators
+
+
+def read_jsonl(path: Path) -> list[Problem]:
+    """Parse a problems file; blank lines are skipped, anything else malformed is an InputError."""
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                problems.append(parse_problem(line, f"{path}:{lineno}"))
+    for lineno, line in enumerate(read_text_lines(path), start=1):
+        if line.strip():
+            problems.append(parse_problem(line, f"{path}:{lineno}"))
     if not problems:
         raise InputError(f"{path}: file is empty")
     return problems
@@ -85,6 +107,10 @@ def parse_problem(line: str, where: str) -> Problem:
     for key in ("problem", "answer"):
         if key not in row or row[key] is None:
             raise InputError(f"{where}: missing field {key!r}")
+        if isinstance(row[key], bool) or not isinstance(row[key], (str, int, float)):
+            raise InputError(f"{where}: field {key!r} must be a string or a number, got {type(row[key]).__name__}")
+        if not str(row[key]).strip():
+            raise InputError(f"{where}: field {key!r} is empty")
     meta = {k: v for k, v in row.items() if k not in ("problem", "answer")}
     return Problem(problem=str(row["problem"]), answer=str(row["answer"]), meta=meta)
 

@@ -31,8 +31,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, OneLineParser, check_bounds, report
 from data import InputError, Problem, load_problems, read_examples
-from reward import REWARD_HELP, boxed_reward, extract_boxed, grade, load_reward
+from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
 from rollout import DEFAULT_INSTRUCTION, PromptFormat, format_prompt, generate_rollouts
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
@@ -79,8 +80,9 @@ def evaluate(
             model, tokenizer, [prompts[i] for i in chunk], 1, max_new_tokens, temperature, top_p
         )
         lengths, truncated = batch.lengths.tolist(), batch.truncated.tolist()
+        graded = grade_batch(reward_fn, batch.texts, [records[i]["answer"] for i in chunk])
         for j, i in enumerate(chunk):
-            add_completion(records[i], batch.texts[j], int(lengths[j]), truncated[j], reward_fn)
+            add_completion(records[i], batch.texts[j], int(lengths[j]), truncated[j], graded[j])
         bar.update(len(chunk))
         bar.set_postfix(acc=f"{running_accuracy(records):.3f}", len=f"{running_length(records):.0f}")
     bar.close()
@@ -98,9 +100,9 @@ def new_record(problem: Problem, prompt: str) -> dict:
     )
 
 
-def add_completion(record: dict, text: str, length: int, truncated: bool, reward_fn) -> None:
-    """Grade one completion and append it to its problem's record."""
-    reward, failure = grade(reward_fn, text, record["answer"])
+def add_completion(record: dict, text: str, length: int, truncated: bool, graded: tuple[float, str | None]) -> None:
+    """Append one completion and its grading (reward.grade's (reward, failure)) to its problem's record."""
+    reward, failure = graded
     record["completions"].append(text)
     record["extracted"].append(extract_boxed(text))
     record["rewards"].append(reward)
@@ -133,34 +135,81 @@ def summarize(records: list[dict], samples: int, temperature: float, ks: list[in
     summary["no_box"] = sum(e is None for r in records for e in r["extracted"])
     summary["truncated"] = sum(t for r in records for t in r["truncated"])
     summary["timeouts"] = sum(f == "timeout" for r in records for f in r["failures"])
-    summary["grading_errors"] = sum(f == "error" for r in records for f in r["failures"])
+    summary["grading_errors"] = sum(f in ("error", "invalid") for r in records for f in r["failures"])
     return summary
 
 
-def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """device "auto" = cuda when available; dtype "auto" = bfloat16 on a GPU that supports it, else float32."""
+def resolve_device_and_dtype(device: str, dtype: str, training: bool = False) -> tuple[str, torch.dtype]:
+    """device "auto" = cuda when available; dtype "auto" = bfloat16 on a GPU that supports it, else float32.
+
+    A device this machine lacks, or a dtype it cannot run, is an InputError (checked before anything loads):
+    float16 is refused for training on every device (no loss scaling or float32 master weights here, so
+    AdamW turns the weights to NaN in one step), but runs for evaluation, on a CPU too.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"--device: unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+        raise InputError(f"--device {device}: CUDA is not available ({why}); use --device cpu or auto")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: MPS is not available here (Apple-silicon Macs only); use --device cpu or auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device: {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     if dtype == "auto":
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if bf16 else torch.float32
+    if training and dtype == "float16":
+        raise InputError("--dtype float16: training needs loss scaling and float32 master weights, which train.py "
+                         "does not do (the weights turn NaN); use bfloat16 or float32")
+    if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; use float32")
     return device, DTYPES[dtype]
 
 
-def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_file: str | None = None):
+def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_file: str | None = None,
+               flag: str = "--model"):
     """(model, tokenizer) from an HF folder (e.g. a train.py checkpoint), a hub id, or a GGUF file.
 
     `path_or_id` may itself be a .gguf file; otherwise `gguf_file` names the GGUF file inside it.
-    dtype: "auto" or a key of DTYPES; device: "auto" or a torch device string.
+    dtype: "auto" or a key of DTYPES; device: "auto" or a torch device string. Anything that does not
+    load (no such folder, a config.json without a model type, truncated weights, an id not in the offline
+    cache) is an InputError naming `flag` and the folder.
     """
     device, dtype = resolve_device_and_dtype(device, dtype)
+    local = Path(path_or_id).expanduser()
     if path_or_id.endswith(".gguf"):
-        path_or_id, gguf_file = str(Path(path_or_id).parent), Path(path_or_id).name
-    if gguf_file is not None:
-        path_or_id = dequantized_folder(path_or_id, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        if not local.is_file():
+            raise InputError(f"{flag}: {path_or_id}: no such file")
+        path_or_id, gguf_file = str(local.parent), local.name
+    elif local.is_file():
+        raise InputError(f"{flag}: {path_or_id} is a file; expected a model folder, a hub id or a .gguf file")
+    elif not local.exists() and looks_like_a_path(path_or_id):
+        raise InputError(f"{flag}: {path_or_id}: no such folder")
+    try:
+        if gguf_file is not None:
+            path_or_id = dequantized_folder(path_or_id, gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    except InputError:
+        raise
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError, safetensors errors, ...
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(error).__name__
+        if (local / "checkpoint").is_dir():  # a train.py run folder: its model is in checkpoint/
+            reason = f"a train.py run folder? its model is {local / 'checkpoint'}"
+        raise InputError(f"{flag}: cannot load '{path_or_id}': {reason}") from None
     return model, tokenizer
+
+
+def looks_like_a_path(path_or_id: str) -> bool:
+    """Whether a --model value can only be a local path: a hub id is NAME or OWNER/NAME."""
+    return path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or "\\" in path_or_id
 
 
 def dequantized_folder(folder: str, gguf_file: str) -> str:
@@ -189,6 +238,15 @@ def dequantized_folder(folder: str, gguf_file: str) -> str:
     return str(cached)
 
 
+MODEL_BOUNDS = {"threads": NON_NEGATIVE}  # numeric model flags, shared by eval.py and train.py
+
+
+def check_model_flags(args: argparse.Namespace, training: bool) -> None:
+    """The shared model flags (add_model_flags), checked before anything loads; raises InputError."""
+    check_bounds(args, MODEL_BOUNDS)
+    resolve_device_and_dtype(args.device, args.dtype, training)
+
+
 def add_model_flags(group) -> None:
     """How to load the model (load_model): the flags eval.py and train.py share, besides --model."""
     group.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model folder")
@@ -215,7 +273,7 @@ def prompt_format_from_args(args: argparse.Namespace) -> PromptFormat:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, flags grouped as model / benchmark / sampling / output."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="Evaluate a model on a benchmark (pass@k and greedy). `python eval.py plot RUN_DIR ...` draws figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -245,18 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EVAL_BOUNDS = {
+    "limit": AT_LEAST_ONE, "samples": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
+    "temperature": NON_NEGATIVE, "top_p": FRACTION, "seed": SEED,
+}
+
+
 def check_args(args: argparse.Namespace) -> list[int]:
     """Apply --protocol, validate the numbers, and return the k of pass@k; raises InputError."""
     if args.protocol == "paper":
         args.samples = PAPER_SAMPLES.get(args.benchmark, args.samples)
         args.temperature = PAPER_TEMPERATURE
-    for flag in ("samples", "max_new_tokens", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise InputError("--temperature must be >= 0 and --top-p in (0, 1]")
+    check_bounds(args, EVAL_BOUNDS)
+    check_model_flags(args, training=False)
     try:
-        ks = [int(k) for k in args.pass_k.split(",")] if args.pass_k else list(range(1, args.samples + 1))
+        ks = [int(k) for k in args.pass_k.split(",")] if args.pass_k is not None else list(range(1, args.samples + 1))
     except ValueError:
         raise InputError(f"--pass-k: expected comma-separated integers, got {args.pass_k!r}") from None
     bad = [k for k in ks if not 1 <= k <= args.samples]
@@ -282,11 +343,18 @@ def print_table(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Evaluate per the parsed flags; writes OUT/results.jsonl and OUT/summary.json."""
+    """Evaluate per the parsed flags; writes OUT/results.jsonl and OUT/summary.json.
+
+    Both are written under temporary names and renamed at the end, so a failed or interrupted
+    evaluation leaves an earlier one in OUT as it was.
+    """
     ks = check_args(args)
+    out = Path(args.out) if args.out else default_out(args)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} is a file, not a folder")
     if args.threads:
         torch.set_num_threads(args.threads)
-    problems = load_problems(args.benchmark, args.limit, args.seed)
+    problems = load_problems(args.benchmark, args.limit, args.seed, flag="--benchmark")
     reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.gguf_file)
     passes = {}
@@ -294,12 +362,12 @@ def run(args: argparse.Namespace) -> dict:
         passes[f"sampled T={args.temperature:g}"] = (args.samples, args.temperature, ks)
     if args.greedy or args.temperature == 0:
         passes["greedy"] = (1, 0.0, [1])
-    out = Path(args.out) if args.out else default_out(args)
     out.mkdir(parents=True, exist_ok=True)
     summary = dict(model=args.model, gguf_file=args.gguf_file, benchmark=args.benchmark, problems=len(problems),
                    max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed, reward=args.reward,
                    instruction=args.instruction, system_prompt=args.system_prompt, few_shot=args.few_shot, passes={})
-    with (out / "results.jsonl").open("w", encoding="utf-8") as f:
+    results, summary_path = out / "results.jsonl", out / "summary.json"
+    with results.with_suffix(".jsonl.tmp").open("w", encoding="utf-8") as f:
         for name, (samples, temperature, pass_ks) in passes.items():
             torch.manual_seed(args.seed)
             result, records = evaluate(model, tokenizer, problems, samples, temperature, args.max_new_tokens,
@@ -307,9 +375,11 @@ def run(args: argparse.Namespace) -> dict:
             summary["passes"][name] = result
             for index, record in enumerate(records):
                 f.write(json.dumps({"pass": name, "index": index, **record}) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    summary_path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    results.with_suffix(".jsonl.tmp").replace(results)
+    summary_path.with_suffix(".json.tmp").replace(summary_path)
     print_table(summary)
-    print(f"wrote {out / 'summary.json'} and {out / 'results.jsonl'}")
+    print(f"wrote {summary_path} and {results}")
     return summary
 
 
@@ -324,12 +394,10 @@ def main(argv: list[str]) -> int:
             plots.main(argv[1:])
         else:
             run(build_parser().parse_args(argv))
-    except (InputError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # from_pretrained: unknown hub id or folder without a model
-        print(f"error: --model: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except InputError as error:
+        return report(error)
+    except FileNotFoundError as error:  # plots: a RUN_DIR without metrics.jsonl
+        return report(InputError(str(error)))
     return 0
 
 

@@ -32,13 +32,15 @@ from pathlib import Path
 
 import torch
 
-from data import InputError
+from cli import OneLineParser, check_output_file
+from data import InputError, read_text_lines
 
 PRESET_FILES = {"paper": Path(__file__).parent / "grams" / "listing1.txt"}
 PRESET_NAMES = ("paper", "world")
 
 ANSI_PLANNING = "\033[1;33m"  # bold yellow
 ANSI_RESET = "\033[0m"
+HIGHLIGHT_TAGS = {"ansi": (ANSI_PLANNING, ANSI_RESET), "plain": ("[[", "]]"), "html": ("<mark>", "</mark>")}
 
 
 def load_grams(preset_or_path: str) -> list[str]:
@@ -48,9 +50,12 @@ def load_grams(preset_or_path: str) -> list[str]:
 
         return list(WORLD_GRAMS)
     path = PRESET_FILES.get(preset_or_path, Path(preset_or_path))
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"--grams: '{preset_or_path}' is neither a preset {PRESET_NAMES} nor a file")
-    grams = [line.strip().lower() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        grams = [line.strip().lower() for line in read_text_lines(path)]
+    except InputError as error:
+        raise InputError(f"--grams: {error}") from None
     grams = [g for g in grams if g]
     if not grams:
         raise InputError(f"--grams: {path} holds no grams")
@@ -158,11 +163,12 @@ def batch_gram_counts(texts: Sequence[str], grams: Sequence[str]) -> Counter:
 
 
 def highlight_planning(text: str, spans: Sequence[tuple[int, int]], style: str = "ansi") -> str:
-    """`text` with the planning spans marked: ANSI colour for a terminal, <mark> for HTML (text escaped)."""
-    if style not in ("ansi", "html"):
-        raise ValueError(f"style must be 'ansi' or 'html', got {style!r}")
+    """`text` with the planning spans marked: ANSI colour for a terminal, [[ ]] for a log file or pipe,
+    <mark> for HTML (text escaped)."""
+    if style not in HIGHLIGHT_TAGS:
+        raise ValueError(f"style must be one of {sorted(HIGHLIGHT_TAGS)}, got {style!r}")
     escape = html.escape if style == "html" else str
-    open_tag, close_tag = ("<mark>", "</mark>") if style == "html" else (ANSI_PLANNING, ANSI_RESET)
+    open_tag, close_tag = HIGHLIGHT_TAGS[style]
     pieces, cursor = [], 0
     for start, end in spans:
         pieces += [escape(text[cursor:start]), open_tag, escape(text[start:end]), close_tag]
@@ -305,21 +311,22 @@ def extract_strategic_grams(docs: Sequence[str], embed, n_min: int = 3, n_max: i
 def read_corpus(path: str, field: str, correct_field: str | None) -> list[str]:
     """The `field` text of each JSONL row of `path` (rows whose `correct_field` is falsy skipped)."""
 
-    if not Path(path).is_file():
-        raise InputError(f"--corpus: {path} does not exist")
+    try:
+        lines = read_text_lines(Path(path))
+    except InputError as error:
+        raise InputError(f"--corpus: {error}") from None
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{line_number}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise InputError(f"{path}:{line_number}: no text field '{field}'")
-            if correct_field is None or row.get(correct_field):
-                docs.append(row[field])
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{line_number}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise InputError(f"{path}:{line_number}: no text field '{field}'")
+        if correct_field is None or row.get(correct_field):
+            docs.append(row[field])
     if not docs:
         raise InputError(f"--corpus: {path} holds no usable rows")
     return docs
@@ -389,6 +396,7 @@ def extract_main(args: argparse.Namespace) -> None:
         raise InputError("--n-min/--n-max: need 1 <= n-min <= n-max")
     if not 0 < args.top_fraction <= 1:
         raise InputError("--top-fraction: must be in (0, 1]")
+    check_output_file(args.out, "--out")
     started = time.perf_counter()
     docs = read_corpus(args.corpus, args.field, args.correct_only)
     embed, description = choose_embedder(args.embedder)
@@ -402,7 +410,7 @@ def extract_main(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Strategic-gram tools (Sec. 2.1 of the paper).")
+    parser = OneLineParser(description="Strategic-gram tools (Sec. 2.1 of the paper).")
     commands = parser.add_subparsers(dest="command", required=True)
     extract = commands.add_parser("extract", help="build an SG list from a JSONL corpus of correct solutions",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -27,6 +27,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
+from data import InputError, read_text_lines
+
 matplotlib.use("Agg")  # files only, no display
 
 SMOOTH_FRACTION = 0.05  # moving-average window, as a share of the number of points
@@ -50,15 +52,23 @@ class Run:
         return f"{self.algo} (seed {self.seed})"
 
 
+def read_json(text: str, where: str):
+    """json.loads with an InputError naming `where` (FILE or FILE:LINE) for text that is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: malformed JSON ({e.msg})") from None
+
+
 def load_run(run_dir: str) -> Run:
     """Read RUN_DIR/metrics.jsonl and RUN_DIR/config.json (missing config -> algo = directory name)."""
     path = Path(run_dir)
     metrics_file = path / "metrics.jsonl"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} does not exist")
-    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [read_json(line, f"{metrics_file}:{n}") for n, line in enumerate(read_text_lines(metrics_file), 1) if line.strip()]
     config_file = path / "config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config = read_json(config_file.read_text(encoding="utf-8"), str(config_file)) if config_file.is_file() else {}
     return Run(path, str(config.get("algo", path.name)), config.get("seed", "?"), rows)
 
 

@@ -15,6 +15,12 @@ Choices, and where they come from:
   `GradingTimeout` (the completion scores 0 and `grade` reports it as a timeout).
   A process, not a thread, because a runaway sympy computation cannot be stopped
   from another thread and would keep eating CPU.
+- A batch is graded GRADING_WORKERS completions at a time (`grade_batch`, threads that
+  each wait on their child process), so a model that writes exponent towers costs a
+  step about one timeout, not one per completion. A custom reward function must
+  therefore be safe to call from several threads at once (pure functions are).
+- A reward function that raises, times out, or returns NaN, an infinity or a
+  non-number scores 0 and is counted (`grade`, train.py's `reward_errors`).
 - `gsm8k_reward` is the lenient GSM8K grader: the boxed answer if there is one,
   else the last number of the text, compared as a number.
 - Model output is only parsed, never executed.
@@ -23,9 +29,11 @@ Choices, and where they come from:
 import importlib
 import importlib.util
 import logging
+import math
 import multiprocessing
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from math_verify import parse, verify
 from data import InputError
 
 DEFAULT_TIMEOUT_S = 5.0
+GRADING_WORKERS = 8  # gradings of a batch in flight at once (each mostly waits on its child process)
 # "fork" keeps a comparison cheap (~20 ms): the child inherits math-verify's parsers.
 FORK = multiprocessing.get_context("fork")
 # A number as written in an answer: thousands commas only in groups of three.
@@ -214,18 +223,35 @@ def _import_reward_module(name: str):
 
 
 def grade(fn, completion: str, answer: str) -> tuple[float, str | None]:
-    """(reward, failure): failure is None, "timeout" or "error"; a failed grading scores 0."""
+    """(reward, failure); a failed grading scores 0. failure is None, "timeout", "error" (`fn` raised)
+    or "invalid" (`fn` returned NaN, an infinity, or something that is not a number, such as a string)."""
     try:
-        return float(fn(completion, answer)), None
+        value = fn(completion, answer)
     except GradingTimeout:
         return 0.0, "timeout"
     except Exception:  # a grader bug must not stop training; it is counted instead
         return 0.0, "error"
+    if isinstance(value, (str, bytes)) or value is None:
+        return 0.0, "invalid"
+    try:
+        reward = float(value)
+    except (TypeError, ValueError):
+        return 0.0, "invalid"
+    return (reward, None) if math.isfinite(reward) else (0.0, "invalid")
+
+
+def grade_batch(fn, completions: list[str], answers: list[str], workers: int = GRADING_WORKERS) -> list[tuple[float, str | None]]:
+    """`grade` of each (completion, answer) pair, in order, with up to `workers` gradings in flight at once."""
+    pairs = list(zip(completions, answers, strict=True))
+    if workers <= 1 or len(pairs) <= 1:
+        return [grade(fn, c, a) for c, a in pairs]
+    with ThreadPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
+        return list(pool.map(lambda pair: grade(fn, *pair), pairs))
 
 
 def score_completions(fn, completions: list[str], answers: list[str]) -> tuple[list[float], int]:
-    """Rewards of `fn` for each (completion, answer) pair, and how many gradings failed."""
-    graded = [grade(fn, c, a) for c, a in zip(completions, answers, strict=True)]
+    """Rewards of `fn` for each (completion, answer) pair, and how many gradings failed (scored 0)."""
+    graded = grade_batch(fn, completions, answers)
     return [reward for reward, _ in graded], sum(failure is not None for _, failure in graded)
 
 

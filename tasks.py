@@ -21,14 +21,14 @@ Train and test problems are disjoint by their operands (a fixed hash splits the 
 arithmetic was never seen verbatim during fine-tuning.
 """
 
-import argparse
 import json
 import random
 import re
 import zlib
 from pathlib import Path
 
-from data import Problem
+from cli import OneLineParser, check_output_file
+from data import InputError, Problem
 
 FAMILIES = ("sum", "mul", "change")
 STRATEGIES = ("direct", "steps", "check")
@@ -254,7 +254,7 @@ def write_traces(path: str, n: int, seed: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="The built-in world: write a corpus of reference traces.")
+    parser = OneLineParser(description="The built-in world: write a corpus of reference traces.")
     commands = parser.add_subparsers(dest="command", required=True)
     traces = commands.add_parser("traces", help="write N reference traces as JSONL (problem, answer, solution)")
     traces.add_argument("--n", type=int, default=2000, help="number of traces")
@@ -268,6 +268,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.n < 1:
         parser.error("--n must be >= 1")
+    try:
+        check_output_file(args.out, "--out")
+    except InputError as error:
+        parser.error(str(error))
     if args.command == "drill":
         try:
             write_drill(args.out, args.split, args.n, args.seed)

@@ -177,7 +177,7 @@ def test_cli_writes_results_and_summary_for_a_checkpoint_folder(model_dir, tmp_p
     [
         (["--benchmark", "gsm9k"], "unknown benchmark 'gsm9k'"),
         (["--benchmark", "missing/file.jsonl"], "no such file"),
-        (["--benchmark", "gsm8k", "--samples", "0"], "--samples: must be at least 1"),
+        (["--benchmark", "gsm8k", "--samples", "0"], "--samples: must be >= 1, got 0"),
         (["--benchmark", "gsm8k", "--samples", "2", "--pass-k", "1,4"], "--pass-k: k must be between 1 and"),
     ],
 )
@@ -191,7 +191,7 @@ def test_bad_problem_line_is_a_one_line_error(model_dir, tmp_path, capsys):
     bench = tmp_path / "bench.jsonl"
     bench.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
     assert evaluation.main(["--model", str(model_dir), "--benchmark", str(bench)]) == 2
-    assert capsys.readouterr().err == f"error: {bench}:2: missing field 'answer'\n"
+    assert capsys.readouterr().err == f"error: --benchmark: {bench}:2: missing field 'answer'\n"
 
 
 def test_plot_without_run_dirs_is_a_one_line_error(capsys):

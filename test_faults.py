@@ -112,15 +112,14 @@ def short_run(out, *extra) -> None:
     train.main([*FLAGS, "--eval-every", "0", "--out", str(out), *extra])
 
 
-def error_of(argv, capsys) -> str:
-    """The one-line error train.main(argv) stops with."""
+def error_of(argv, capsys, code: int = 2) -> str:
+    """The one-line error train.main(argv) stops with; `code` is the exit code expected (2: bad input,
+    1: a run that had to stop)."""
     with pytest.raises(SystemExit) as stop:
         train.main(argv)
-    if isinstance(stop.value.code, str):
-        message = stop.value.code
-    else:  # an argparse error: usage lines, then the error
-        message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "\n" not in message.strip(), message
+    assert stop.value.code == code
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar
+    assert message.startswith("error: "), message
     return message
 
 
@@ -264,7 +263,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_one_line_error(tmp_path, 
     poison_losses(monkeypatch, None)
     out = tmp_path / "run"
     message = error_of([*FLAGS, "--eval-every", "0", "--out", str(out), "--steps", "5", "--save-every", "1",
-                        "--max-nonfinite-steps", "2"], capsys)
+                        "--max-nonfinite-steps", "2"], capsys, code=1)
     assert message.startswith("error: 2 steps in a row (to step 1) had a non-finite loss or gradient norm")
     assert "likely cause: a learning rate too high (--lr 0.0002)" in message
     assert train.checkpoint_step(out / "checkpoint") == 0  # saved after step 0, finite: nothing trained
@@ -282,7 +281,7 @@ def test_an_update_that_leaves_a_weight_non_finite_stops_the_run_and_saves_nothi
 
     monkeypatch.setattr(train, "policy_update", overflowing)
     out = tmp_path / "run"
-    message = error_of([*FLAGS, "--eval-every", "0", "--out", str(out), "--steps", "3", "--lr", "0.5"], capsys)
+    message = error_of([*FLAGS, "--eval-every", "0", "--out", str(out), "--steps", "3", "--lr", "0.5"], capsys, code=1)
     assert message == ("error: step 0: the update made weights inf or NaN; they were not saved; "
                        "likely cause: a learning rate too high (--lr 0.5)")
     assert not out.exists()  # it failed before its first metrics line: no run folder left behind
@@ -323,7 +322,7 @@ def test_a_damaged_run_config_is_a_one_line_error(tmp_path, capsys):
 
 def test_a_learning_rate_that_overflows_the_update_is_a_one_line_error(tmp_path, capsys):
     out = tmp_path / "run"
-    message = error_of([*FLAGS, "--eval-every", "0", "--out", str(out), "--steps", "2", "--lr", "1e39"], capsys)
+    message = error_of([*FLAGS, "--eval-every", "0", "--out", str(out), "--steps", "2", "--lr", "1e39"], capsys, code=1)
     assert message.startswith("error: the update overflowed (")
     assert message.endswith("likely cause: a learning rate too high (--lr 1e+39)")
     assert not out.exists()

@@ -312,10 +312,10 @@ def test_every_algo_runs_a_step(tiny_model_dir, tmp_path, algo):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
-        (["--group-size", "1"], "--group-size must be >= 2"),
+        (["--alpha", "1.5"], "--alpha: must be in [0, 1]"),
+        (["--group-size", "1"], "--group-size: must be >= 2"),
         (["--algo", "ppo"], "invalid choice: 'ppo'"),
-        (["--model", "no/such/model_dir"], "--model: cannot load 'no/such/model_dir'"),
+        (["--model", "no/such/model_dir"], "--model: no/such/model_dir: no such folder"),
         (["--data", "missing.jsonl"], "missing.jsonl"),
         (["--grams", "nope.txt"], "--grams: 'nope.txt'"),
     ],
@@ -327,12 +327,12 @@ def test_bad_input_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, flags, 
     assert message in text and "\n" not in text.strip()
 
 
-def test_malformed_data_line_names_file_and_line(tiny_model_dir, tmp_path):
+def test_malformed_data_line_names_file_and_line(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "oops"\n')
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tiny_model_dir, tmp_path / "run", "--steps", "1", "--data", str(bad)))
-    assert f"{bad}:2" in str(stop.value.code)
+    assert stop.value.code == 2 and f"--data: {bad}:2" in capsys.readouterr().err
 
 
 def test_lora_run_with_gradient_checkpointing_saves_and_resumes(tiny_model_dir, tmp_path):

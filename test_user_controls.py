@@ -69,9 +69,10 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def one_line_error(stop: pytest.ExceptionInfo) -> str:
-    text = str(stop.value.code)
-    assert text.startswith("error: ") and "\n" not in text, text
+def one_line_error(stop: pytest.ExceptionInfo, capsys) -> str:
+    """The one `error: ...` line a stopped train.main wrote on stderr (exit code 2: bad input)."""
+    text = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and text.startswith("error: ") and "\n" not in text, text
     return text
 
 
@@ -187,7 +188,7 @@ def test_reward_loading_errors_are_one_line_and_name_the_flag(run_files, tmp_pat
     spec = spec.replace("MODULE", str(run_files / "my_rewards.py"))
     with pytest.raises(SystemExit) as stop:
         train.main(train_args(run_files, tmp_path / "run", "--reward", spec))
-    assert message in one_line_error(stop)
+    assert message in one_line_error(stop, capsys)
     assert evaluation.main(["--model", "unused", "--benchmark", str(run_files / "train.jsonl"), "--reward", spec]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
@@ -226,11 +227,11 @@ def test_wandb_tracker_logs_the_same_scalars_at_the_record_step(tmp_path, monkey
     assert calls[1:] == [(3, {"train/reward": 0.5, "eval/pass@1": 0.25}), "finish"]
 
 
-def test_missing_tracker_package_is_a_one_line_error_before_training(run_files, tmp_path, monkeypatch):
+def test_missing_tracker_package_is_a_one_line_error_before_training(run_files, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit) as stop:
         train.main(train_args(run_files, tmp_path / "run", "--report-to", "wandb"))
-    assert "--report-to wandb: the wandb package is not installed" in one_line_error(stop)
+    assert "--report-to wandb: the wandb package is not installed" in one_line_error(stop, capsys)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -28,6 +28,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import tasks
+from cli import OneLineParser
 from rollout import DEFAULT_INSTRUCTION, format_prompt, generate_rollouts
 
 PAD, UNK, BOS, EOS, USER, ASSISTANT = "<|pad|>", "<|unk|>", "<|begin|>", "<|end|>", "<|user|>", "<|assistant|>"
@@ -180,8 +181,8 @@ def print_report(name: str, report: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default=tasks.DEFAULT_MODEL_DIR, help="output folder (HF format)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tokenizer corpus, init, data and eval")
     parser.add_argument("--threads", type=int, default=1,

@@ -31,10 +31,15 @@ drops the metrics lines logged after that checkpoint; with no complete checkpoin
 A step whose loss or gradient norm is not finite is skipped (counted as `nonfinite_updates` in its
 metrics line); --max-nonfinite-steps such steps in a row stop the run with an error, and so does an update
 that leaves a weight non-finite: a run never saves non-finite weights.
+
+Every flag is checked (TRAIN_BOUNDS, cli.py) before anything is written; bad input exits with one line
+`error: ...` on stderr and exit code 2; a run that cannot go on (non-finite training) exits with one line
+and exit code 1.
 """
 
 import argparse
 import html
+import importlib.util
 import json
 import math
 import os
@@ -54,8 +59,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import grams as grams_lib
+from cli import (
+    AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, OneLineParser, check_bounds, report, use_colour,
+)
 from data import InputError, Problem, load_problems
-from eval import add_model_flags, add_prompt_flags, evaluate, load_model, prompt_format_from_args
+from eval import add_model_flags, add_prompt_flags, check_model_flags, evaluate, load_model, prompt_format_from_args
 from grpo import ADVANTAGE_MODES, AGGREGATIONS, aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
 from metrics import RelativeToFirst, rollout_metrics
@@ -83,7 +91,7 @@ def fault_point(point: str, step: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="GRPO / HICRA training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     group = parser.add_argument_group("model")
@@ -148,31 +156,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One-line errors for values argparse's types cannot catch."""
-    checks = [
-        (args.group_size >= 2, "--group-size must be >= 2 (group-relative advantages need a group)"),
-        (0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1], got {args.alpha}"),
-        (args.prompts_per_step >= 1, "--prompts-per-step must be >= 1"),
-        (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-        (args.temperature > 0, "--temperature must be > 0 for training"),
-        (0.0 < args.top_p <= 1.0, "--top-p must be in (0, 1]"),
-        (args.eps_low >= 0 and args.eps_high >= 0, "--eps-low and --eps-high must be >= 0"),
-        (args.beta >= 0, "--beta must be >= 0"),
-        (args.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
-        (args.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
-        (args.steps >= 0, "--steps must be >= 0"),
-        (args.lora_rank >= 0, "--lora-rank must be >= 0"),
-        (args.threads >= 0, "--threads must be >= 0"),
-        (args.eval_every >= 0 and args.save_every >= 0, "--eval-every and --save-every must be >= 0"),
-        (args.eval_samples >= 1, "--eval-samples must be >= 1"),
-        (0.0 < args.entropy_top_q <= 1.0, "--entropy-top-q must be in (0, 1]"),
-        (args.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
-        (args.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be >= 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
+# Every numeric flag: finite and within its bound (cli.check_bounds), checked before anything is written.
+TRAIN_BOUNDS = {
+    "threads": NON_NEGATIVE,
+    "lora_rank": NON_NEGATIVE,
+    "lora_alpha": POSITIVE,
+    "eval_limit": AT_LEAST_ONE,
+    "prompts_per_step": AT_LEAST_ONE,
+    "group_size": (">= 2 (group-relative advantages need a group)", lambda v: v >= 2),
+    "max_new_tokens": AT_LEAST_ONE,
+    "temperature": POSITIVE,
+    "top_p": FRACTION,
+    "logprob_chunk": AT_LEAST_ONE,
+    "alpha": UNIT_INTERVAL,
+    "eps_low": UNIT_INTERVAL,
+    "eps_high": NON_NEGATIVE,
+    "beta": NON_NEGATIVE,
+    "entropy_coef": NON_NEGATIVE,
+    "entropy_top_q": FRACTION,
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "ppo_epochs": AT_LEAST_ONE,
+    "micro_batch_size": AT_LEAST_ONE,
+    "steps": (">= 1 (to evaluate a model without training, use eval.py)", lambda v: v >= 1),
+    "seed": SEED,
+    "eval_every": NON_NEGATIVE,
+    "eval_samples": AT_LEAST_ONE,
+    "eval_temperature": NON_NEGATIVE,
+    "save_every": NON_NEGATIVE,
+    "keep_checkpoints": AT_LEAST_ONE,
+    "max_nonfinite_steps": AT_LEAST_ONE,
+}
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every flag before anything loads or is written; raises InputError naming the flag."""
+    check_bounds(args, TRAIN_BOUNDS)
+    check_model_flags(args, training=True)
+    if args.lora_rank > 0 and importlib.util.find_spec("peft") is None:
+        raise InputError("--lora-rank: LoRA needs peft (pip install peft)")
 
 
 MODEL_FLAGS = ("model", "gguf_file", "lora_rank", "lora_alpha")  # what is trained: fixed for the life of a run
@@ -188,23 +212,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume:
         config_path = Path(args.resume) / "config.json"
         if not config_path.is_file():
-            parser.error(f"--resume: {config_path} not found")
+            raise InputError(f"--resume: {config_path} not found")
         try:
-            saved = json.loads(config_path.read_text())
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
-            parser.error(f"--resume: {config_path}: not a readable run config ({str(error).splitlines()[0]})")
+            raise InputError(f"--resume: {config_path}: not a readable run config ({str(error).splitlines()[0]})") from None
+        if not isinstance(saved, dict):
+            raise InputError(f"--resume: {config_path}: not a readable run config (not a JSON object)")
         for action in parser._actions:  # a second parse that keeps only the flags given explicitly
             action.default = argparse.SUPPRESS
         explicit = vars(parser.parse_args(argv))
+        if explicit.get("out", args.resume) != args.resume:
+            raise InputError("--out: a resumed run stays in its folder; give --resume RUN_DIR alone")
         for key in MODEL_FLAGS:
             if key in explicit and explicit[key] != saved.get(key):
                 flag = "--" + key.replace("_", "-")
-                parser.error(f"{flag}: this run was trained with {flag} {saved.get(key)}; a resumed run keeps "
-                             f"its {', '.join('--' + k.replace('_', '-') for k in MODEL_FLAGS)} (start a new run to change them)")
+                raise InputError(f"{flag}: this run was trained with {flag} {saved.get(key)}; a resumed run keeps "
+                                 f"its {', '.join('--' + k.replace('_', '-') for k in MODEL_FLAGS)} (start a new run to change them)")
         args = argparse.Namespace(**{**vars(args), **saved, **explicit, "out": args.resume})
     elif args.out is None:
         args.out = f"runs/{args.algo}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    validate_args(build_parser(), args)
+    validate_args(args)
     return args
 
 
@@ -363,7 +391,8 @@ def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]
     blocks = []
     for problem, completion, correct in shown:
         spans = grams_lib.find_gram_spans(completion, grams)
-        tqdm.write(f"--- {'correct' if correct else 'wrong'}: {problem}\n{grams_lib.highlight_planning(completion, spans, 'ansi')}")
+        style = "ansi" if use_colour(sys.stdout) else "plain"
+        tqdm.write(f"--- {'correct' if correct else 'wrong'}: {problem}\n{grams_lib.highlight_planning(completion, spans, style)}")
         blocks.append(
             f"<h3>{'correct' if correct else 'wrong'}</h3><p><b>{html.escape(problem)}</b></p>"
             f"<pre>{grams_lib.highlight_planning(completion, spans, 'html')}</pre>"
@@ -601,11 +630,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def load_policy(source: str, args, gguf_file: str | None):
-    """load_model with a one-line error for a path or id that does not load."""
-    try:
-        return load_model(source, args.dtype, args.device, gguf_file=gguf_file)
-    except OSError as error:
-        raise InputError(f"--model: cannot load '{source}': {str(error).splitlines()[0]}") from None
+    """load_model on the run's --dtype and --device (a source that does not load is an InputError)."""
+    return load_model(source, args.dtype, args.device, gguf_file=gguf_file)
 
 
 def prepare_model(args, checkpoint: Path | None):
@@ -646,6 +672,20 @@ def run(args) -> Path:
         raise InputError(f"--out: {run_dir} is a file, not a folder")
     if not resuming and ((run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT).exists()):
         raise InputError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} or another --out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    # Inputs first (data, grams, and the model of a new run): one that does not load changes nothing on disk.
+    train_problems = load_problems(args.data, flag="--data")
+    if len(train_problems) < args.prompts_per_step:
+        tqdm.write(f"note: --data has {len(train_problems)} problems, fewer than --prompts-per-step "
+                   f"{args.prompts_per_step}: each step holds some of them more than once")
+    eval_problems = load_problems(args.eval_data, limit=args.eval_limit, flag="--eval-data") if args.eval_every else []
+    grams = grams_lib.load_grams(args.grams)
+    reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
+    check_installed(args.report_to)
+    if not resuming:
+        model, tokenizer, ref_model = prepare_model(args, checkpoint=None)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -653,17 +693,10 @@ def run(args) -> Path:
     if not resuming:
         write_config(run_dir, args)
     checkpoint = settle_checkpoints(run_dir) if resuming else None
-    if resuming and checkpoint is None:
-        print(f"--resume: {run_dir} has no complete checkpoint yet; starting it again from step 0", file=sys.stderr)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    train_problems = load_problems(args.data)
-    eval_problems = load_problems(args.eval_data, limit=args.eval_limit) if args.eval_every else []
-    grams = grams_lib.load_grams(args.grams)
-    reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
-    check_installed(args.report_to)
-    model, tokenizer, ref_model = prepare_model(args, checkpoint)
+    if resuming:
+        if checkpoint is None:
+            print(f"--resume: {run_dir} has no complete checkpoint yet; starting it again from step 0", file=sys.stderr)
+        model, tokenizer, ref_model = prepare_model(args, checkpoint)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(args.warmup_steps, 1)
@@ -679,6 +712,10 @@ def run(args) -> Path:
     # metrics.jsonl now ends at the checkpoint's step (+1 for its evaluation), or is empty: drop later events
     purge_from = start_step + 1 if checkpoint is not None else 0
     trackers = open_trackers(args.report_to, run_dir, {k: v for k, v in vars(args).items() if k != "resume"}, purge_from)
+    if start_step >= args.steps:
+        tqdm.write(f"{run_dir} has already trained {start_step} steps (--steps {args.steps}): nothing to do; "
+                   "raise --steps to continue")
+    truncation_noted = False
 
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, dynamic_ncols=True)
     for step in bar:
@@ -706,6 +743,10 @@ def run(args) -> Path:
         )))
         record.update(update)
         record.update(lr=scheduler.get_last_lr()[0], rollout_seconds=rollout_seconds, step_seconds=time.time() - started)
+        if record["truncation_rate"] == 1.0 and not truncation_noted:  # scored as written, but worth a word once
+            tqdm.write(f"note: every completion of step {step} hit --max-new-tokens {args.max_new_tokens} before an "
+                       "end-of-sequence token; answers may be cut off")
+            truncation_noted = True
         last_step = step == args.steps - 1
         log_record(run_dir, record, trackers)
         fault_point("step:logged", step)
@@ -751,7 +792,12 @@ def print_summary(run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    """Parse, check and train. Bad input: one `error: ...` line on stderr, exit code 2 (cli.report); a run that
+    cannot go on (TrainingError): one line, exit code 1; Ctrl-C: how to resume, exit code 130."""
+    try:
+        args = parse_args(argv)
+    except InputError as error:
+        sys.exit(report(error))
     run_dir = Path(args.out)
     made_here = not run_dir.exists()
     try:
@@ -762,8 +808,11 @@ def main(argv: list[str] | None = None) -> None:
         elif isinstance(error, KeyboardInterrupt):
             print(f"\ninterrupted: continue with  python train.py --resume {run_dir}", file=sys.stderr)
             sys.exit(130)
-        if isinstance(error, (InputError, TrainingError)):
-            sys.exit(f"error: {error}")
+        if isinstance(error, InputError):
+            sys.exit(report(error))
+        if isinstance(error, TrainingError):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
         raise
 
 

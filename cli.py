@@ -1,0 +1,81 @@
+"""Command-line plumbing shared by the scripts: one-line errors, numeric flag checks, colour on terminals.
+
+Every input a user can get wrong ends in one line `error: ...` on stderr that names the flag, file and
+line, with exit code 2 (USAGE_ERROR), and no traceback:
+- argparse's own errors (unknown flag, `--steps abc`) come out of OneLineParser without the usage block;
+- numbers are checked up front, before any file is written, against a table of bounds per script
+  (`check_bounds`): finite (argparse's `float` accepts "nan" and "inf") and in range;
+- files (data, grams) and model folders raise data.InputError where they are read (data.py, grams.py,
+  eval.load_model); each script's `main` prints it as the one line.
+"""
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from data import InputError
+
+USAGE_ERROR = 2  # exit code of every bad-input error, as argparse uses for a bad command line
+SEED_LIMIT = 2**32  # numpy's seeds are in [0, 2**32)
+
+# A bound is (what it says, the test): the value must also be finite.
+Bound = tuple[str, Callable[[float], bool]]
+POSITIVE: Bound = ("> 0", lambda v: v > 0)
+NON_NEGATIVE: Bound = (">= 0", lambda v: v >= 0)
+AT_LEAST_ONE: Bound = (">= 1", lambda v: v >= 1)
+UNIT_INTERVAL: Bound = ("in [0, 1]", lambda v: 0 <= v <= 1)
+FRACTION: Bound = ("in (0, 1]", lambda v: 0 < v <= 1)
+SEED: Bound = (f"in [0, {SEED_LIMIT - 1}]", lambda v: 0 <= v < SEED_LIMIT)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `error: ...` line instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"error: {message} (see --help)\n")
+
+
+def flag_name(dest: str) -> str:
+    """The command-line spelling of an argparse destination: lora_rank -> --lora-rank."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_bounds(args: argparse.Namespace, bounds: dict[str, Bound]) -> None:
+    """Raise InputError for the first flag in `bounds` whose value is not a finite number within its bound.
+
+    A value of None (flag not set, e.g. eval.py's --limit) is left alone. Values may come from a resumed
+    run's config.json, so the type is checked too.
+    """
+    for dest, (wanted, holds) in bounds.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{flag_name(dest)}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InputError(f"{flag_name(dest)}: must be a finite number {wanted}, got {value}")
+        if not holds(value):
+            raise InputError(f"{flag_name(dest)}: must be {wanted}, got {value}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Raise InputError unless `path` can be written as a file: not a folder, in a folder that exists."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{flag}: {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise InputError(f"{flag}: {path}: folder {target.parent} does not exist")
+
+
+def use_colour(stream) -> bool:
+    """ANSI colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
+
+
+def report(error: InputError) -> int:
+    """Print a bad-input error as its one line on stderr; returns the exit code."""
+    print(f"error: {error}", file=sys.stderr)
+    return USAGE_ERROR
