@@ -11,10 +11,15 @@ Each problem family has two ways to be solved, announced by a planning phrase at
 
 All are valid, but a tiny model executes the small steps more reliably: one long step is beyond its
 capacity, so `direct` fails more often *by itself*; no error is injected at sampling time. Measured on the
-shipped model (90 test problems, temperature 1.0, plan forced): steps vs direct accuracy is 0.70 vs 0.30
-on `sum`, 0.83 vs 0.50 on `mul`, but 0.63 vs 0.63 on `change` (there the strategy does not matter). The base model (tiny_model.py) is fine-tuned on a mix where `direct`
+shipped model (first 300 test problems of seed 0, temperature 1.0, plan forced,
+tiny_model.forced_plan_accuracy): steps vs direct accuracy is 0.73 vs 0.10 on `sum`, 0.79 vs 0.43 on `mul`,
+but 0.72 vs 0.72 on `change` (there the strategy does not matter). The base model (tiny_model.py) is fine-tuned on a mix where `direct`
 dominates, so reinforcement learning has a strategy to discover (the planning phrase of `steps` or
 `check`), which is what HICRA credits (paper Sec. 3).
+
+Traces can also be written by a fallible solver (`written_trace` with `slip_writer`): each result slips
+with some probability and the later steps build on the written value, as on paper (tiny_model.py's
+optional slip phase).
 
 Families: `sum` (four 2-digit numbers), `mul` (2-digit times 1-digit), `change` (a + b - c).
 Train and test problems are disjoint by their operands (a fixed hash splits the operand space), so test
@@ -121,21 +126,38 @@ def world_problems(split: str, n: int, seed: int) -> list[Problem]:
     return problems
 
 
-def step_equations(family: str, ops: tuple[int, ...]) -> list[str]:
-    """The small steps of the `steps` strategy, one operation each."""
+def exact(value: int) -> int:
+    """The identity: how an infallible solver writes a result."""
+    return value
+
+
+def step_equations(family: str, ops: tuple[int, ...], write=exact) -> list[str]:
+    """The small steps of the `steps` strategy, one operation each.
+
+    write(value) -> the value actually written for each result; a later step builds on the written value, so
+    a slip (see `slip_writer`) carries forward to the end of the trace, as it would on paper.
+    """
+    lines = []
+
+    def step(left: str, value: int) -> int:
+        written = write(value)
+        lines.append(f"{left} = {written}")
+        return written
+
     if family == "sum":
-        lines, total = [], ops[0]
+        total = ops[0]
         for x in ops[1:]:
-            lines.append(f"{total} + {x} = {total + x}")
-            total += x
-        return lines
-    if family == "mul":
+            total = step(f"{total} + {x}", total + x)
+    elif family == "mul":
         a, b = ops
         tens, units = a - a % 10, a % 10
-        return [f"{tens} * {b} = {tens * b}", f"{units} * {b} = {units * b}",
-                f"{tens * b} + {units * b} = {a * b}"]
-    a, b, c = ops
-    return [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"]
+        x, y = step(f"{tens} * {b}", tens * b), step(f"{units} * {b}", units * b)
+        step(f"{x} + {y}", x + y)
+    else:
+        a, b, c = ops
+        s = step(f"{a} + {b}", a + b)
+        step(f"{s} - {c}", s - c)
+    return lines
 
 
 def direct_equation(family: str, ops: tuple[int, ...], result: int) -> str:
@@ -152,27 +174,52 @@ def slipped(value: int, rng: random.Random) -> int:
     return max(1, value + rng.choice((-10, -1, 1, 10, 100 if value >= 100 else 20)))
 
 
+def slip_writer(rng: random.Random, slip_rate: float):
+    """write(value) for a fallible solver: each result is `slipped` with probability `slip_rate`."""
+    return lambda value: slipped(value, rng) if rng.random() < slip_rate else value
+
+
+def last_result(equation: str) -> int:
+    """The number after the last "= " of an equation line."""
+    return int(equation.rsplit("= ", 1)[1])
+
+
+def written_trace(problem: Problem, strategy: str, write=exact, first_slip: bool = False,
+                  rng: random.Random | None = None) -> str:
+    """A trace of `problem` with `strategy` in which every result goes through write(value).
+
+    The answer is what the trace computed: with write=exact it is right; with a fallible writer
+    (`slip_writer`) it is wrong whenever a slip reaches the end. first_slip (strategy "check" only): the
+    direct step holds a slip drawn from `rng`, for the check to catch. The check compares its own small-step
+    result with the direct one: "that is right." if they agree, else "wait, that is wrong." and the checked
+    value is the answer.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
+    if first_slip and strategy != "check":
+        raise ValueError("slip=True needs strategy 'check' (only a check can catch a slip)")
+    family, ops = problem.meta["family"], tuple(problem.meta["operands"])
+    if strategy == "steps":
+        steps = step_equations(family, ops, write)
+        body, answer = [PLANS[family]["steps"], *steps], last_result(steps[-1])
+    else:
+        value = solve(family, ops)
+        first = slipped(value, rng or random.Random(0)) if first_slip else write(value)
+        body, answer = [PLANS[family]["direct"], direct_equation(family, ops, first)], first
+        if strategy == "check":
+            steps = step_equations(family, ops, write)
+            answer = last_result(steps[-1])
+            body += [f"{CHECK}: {', '.join(steps)}", CHECK_OK if answer == first else CHECK_WRONG]
+    return ". ".join(body) + f". {CONCLUDE} \\boxed{{{answer}}}."
+
+
 def reference_trace(problem: Problem, strategy: str, slip: bool = False, seed: int = 0) -> str:
     """A correct solution trace of `problem` with `strategy`, ending with \\boxed{answer}.
 
     slip=True (strategy "check" only): the direct step contains a slip that the check catches
     ("wait, that is wrong.") before the corrected answer.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
-    if slip and strategy != "check":
-        raise ValueError("slip=True needs strategy 'check' (only a check can catch a slip)")
-    family, ops = problem.meta["family"], tuple(problem.meta["operands"])
-    answer = solve(family, ops)
-    if strategy == "steps":
-        body = [PLANS[family]["steps"], *step_equations(family, ops)]
-    else:
-        first = slipped(answer, random.Random(seed)) if slip else answer
-        body = [PLANS[family]["direct"], direct_equation(family, ops, first)]
-        if strategy == "check":
-            checked = ", ".join(step_equations(family, ops))
-            body += [f"{CHECK}: {checked}", CHECK_WRONG if slip else CHECK_OK]
-    return ". ".join(body) + f". {CONCLUDE} \\boxed{{{answer}}}."
+    return written_trace(problem, strategy, exact, first_slip=slip, rng=random.Random(seed))
 
 
 def boxed_answer(completion: str) -> str | None:

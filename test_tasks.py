@@ -1,6 +1,7 @@
 """Tests of the built-in world (tasks.py) and of the shipped tiny base model (tiny_model.py)."""
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ MODEL_DIR = Path(tasks.DEFAULT_MODEL_DIR)
 # Greedy accuracy of the shipped model on test problems 0..31 of seed 0 (measured 16/32 = 0.50; 0.45 on
 # 100 problems); the band allows for float differences across CPUs, not for a different model.
 BASE_SAMPLE, BASE_SEED, BASE_BAND = 32, 0, (0.35, 0.60)
+# Plan-forced greedy accuracy on test problems 0..149 (about 50 per family): steps must beat direct by GAP_MIN
+# (measured on 300 problems: sum 0.90 vs 0.05, mul 0.83 vs 0.40).
+GAP_SAMPLE, GAP_MIN = 150, 0.2
+
+MUL = Problem("Ana buys 47 bags of pens. Each bag holds 6 pens. How many pens does Ana buy?", "282",
+              {"family": "mul", "operands": [47, 6], "split": "test"})
 
 
 def test_generator_is_deterministic_for_a_seed():
@@ -46,6 +53,47 @@ def test_every_reference_trace_verifies(strategy, slip):
         assert tasks.classify_error(p, trace) is None
 
 
+def test_exact_writer_gives_the_reference_trace():
+    for p in tasks.world_problems("train", 60, seed=2):
+        for strategy in tasks.STRATEGIES:
+            assert tasks.written_trace(p, strategy) == tasks.reference_trace(p, strategy)
+
+
+def test_a_slip_carries_forward_to_a_wrong_answer_classified_as_execution():
+    written = iter([240 + 10, 42, 292])  # the first result written 10 too high; the sum built on it is right
+
+    trace = tasks.written_trace(MUL, "steps", lambda value: next(written))
+    assert trace == "let's break it into parts. 40 * 6 = 250. 7 * 6 = 42. 250 + 42 = 292. so the answer is \\boxed{292}."
+    assert tasks.classify_error(MUL, trace) == "execution"
+
+
+def test_a_slip_inside_the_check_is_an_execution_error():
+    written = iter([282, 240, 42, 292])  # the direct step right, the check's last small step slips
+
+    trace = tasks.written_trace(MUL, "check", lambda value: next(written))
+    assert trace.endswith("240 + 42 = 292. wait, that is wrong. so the answer is \\boxed{292}.")
+    assert tasks.detect_strategy(MUL, trace) == "check" and tasks.classify_error(MUL, trace) == "execution"
+
+
+def test_slip_writer_slips_at_its_rate():
+    write = tasks.slip_writer(random.Random(0), 0.25)
+    slips = sum(write(500) != 500 for _ in range(4000))
+    assert 800 < slips < 1200
+    assert all(tasks.slip_writer(random.Random(1), 0.0)(v) == v for v in range(1, 200))
+
+
+def test_slip_phase_teacher_is_wrong_at_the_rate_its_slips_imply():
+    import tiny_model
+
+    problems = [p for p in tasks.world_problems("train", 900, seed=5) if p.meta["family"] == "mul"]  # 3 results
+    rng = random.Random(0)
+    traces = [tiny_model.sft_trace(p, rng, {"steps": 1.0}, slip_rate=0.1) for p in problems]
+    wrong = sum(tasks.classify_error(p, t) == "execution" for p, t in zip(problems, traces)) / len(problems)
+    assert 0.17 < wrong < 0.37  # 1 - 0.9**3 = 0.27, minus the rare slips that cancel
+    exact = [tiny_model.sft_trace(p, random.Random(1), {"steps": 1.0}) for p in problems[:50]]
+    assert all(tasks.classify_error(p, t) is None for p, t in zip(problems, exact))
+
+
 def test_slip_is_caught_by_the_check():
     p = tasks.world_problems("test", 1, seed=0)[0]
     trace = tasks.reference_trace(p, "check", slip=True)
@@ -57,10 +105,6 @@ def test_world_grams_are_lower_case_and_mark_every_plan():
     assert all(g == g.lower() for g in tasks.WORLD_GRAMS)
     for plans in tasks.PLANS.values():
         assert set(plans.values()) <= set(tasks.WORLD_GRAMS)
-
-
-MUL = Problem("Ana buys 47 bags of pens. Each bag holds 6 pens. How many pens does Ana buy?", "282",
-              {"family": "mul", "operands": [47, 6], "split": "test"})
 
 
 def test_classify_error_correct_is_none():
@@ -113,6 +157,19 @@ def test_shipped_model_loads_offline_and_reaches_base_accuracy():
     accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
     assert BASE_BAND[0] <= accuracy <= BASE_BAND[1]
     assert not batch.truncated.any()
+
+
+def test_shipped_model_executes_the_small_steps_better_than_the_one_long_step():
+    """Plan forced, greedy (no sampling noise): `steps` beats `direct` on sums and products. (On a + b - c
+    the two are even, README "The world", so that family is not asserted.)"""
+    import tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    problems = tasks.world_problems("test", GAP_SAMPLE, seed=BASE_SEED)
+    accuracy = tiny_model.forced_plan_accuracy(model, tokenizer, problems, temperature=0.0, seed=BASE_SEED)
+    for family in ("sum", "mul"):
+        assert accuracy[family]["steps"] >= accuracy[family]["direct"] + GAP_MIN, (family, accuracy[family])
 
 
 def test_drill_splits_are_disjoint_distinct_and_their_solutions_are_correct_and_boxed():

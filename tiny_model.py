@@ -14,6 +14,10 @@ Deliberate choices:
   `steps` / `check` strategies are rare but present, so RL has a strategy to discover. (One skewed phase
   alone also starves the sound strategies of practice: they end up no better than `direct`.) The errors
   of `direct` come from the model's own limited capacity;
+- an optional third *slip* phase (--slip-steps, off by default) in which a fallible teacher slips on each
+  written result with probability --slip-rate (tasks.slip_writer), on a mix where the sound strategies
+  are rarer still (SLIP_MIX): an attempt at a base model whose sampled execution has more room to improve
+  under RL; the README reports what it measured;
 - loss on assistant tokens only (trace + EOS); the prompt is exactly rollout.format_prompt's.
 """
 
@@ -43,6 +47,11 @@ PIECE = Regex(r"▁?(?:\d|[A-Za-z]+|[^A-Za-z\d▁])")
 SKILL_MIX = {"direct": 0.50, "steps": 0.35, "check": 0.15}
 # Prior phase: the poor one-shot strategy dominates the choice; the sound ones are rare but present.
 PRIOR_MIX = {"direct": 0.85, "steps": 0.10, "check": 0.05}
+# Optional slip phase (--slip-steps, off by default): a fallible teacher (each written result slipped with
+# probability --slip-rate) on an even more skewed mix, so that sampled execution is imperfect and the sound
+# strategies are rarer at RL step 0. Measured in the README: it did not give a visible consolidation phase.
+SLIP_MIX = {"direct": 0.95, "steps": 0.03, "check": 0.02}
+SLIP_RATE = 0.10
 CHECK_SLIP_RATE = 0.5  # share of `check` traces whose direct step holds a slip the check catches
 MAX_NEW_TOKENS = 96  # longest reference trace is ~70 tokens
 IGNORE = -100  # label of tokens without loss (prompt, padding)
@@ -84,19 +93,24 @@ def build_model(tokenizer, args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def sft_trace(problem, rng: random.Random, mix: dict[str, float]) -> str:
-    """A reference trace for `problem` whose strategy is drawn from `mix`."""
+def sft_trace(problem, rng: random.Random, mix: dict[str, float], slip_rate: float = 0.0) -> str:
+    """A trace for `problem` whose strategy is drawn from `mix`; CHECK_SLIP_RATE of `check` traces hold a
+    slip for the check to catch. slip_rate > 0: a fallible teacher also slips on each written result with
+    that probability (tasks.slip_writer), carrying the slip forward; 0: a correct reference trace."""
     strategy = rng.choices(list(mix), weights=list(mix.values()))[0]
     slip = strategy == "check" and rng.random() < CHECK_SLIP_RATE
-    return tasks.reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
+    if slip_rate == 0:
+        return tasks.reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
+    return tasks.written_trace(problem, strategy, tasks.slip_writer(rng, slip_rate), first_slip=slip, rng=rng)
 
 
-def sft_batch(tokenizer, problems, rng: random.Random, mix: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_batch(tokenizer, problems, rng: random.Random, mix: dict[str, float],
+              slip_rate: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, labels) [B, T]; labels only on the trace and its EOS."""
     rows = []
     for p in problems:
         prompt = tokenizer(format_prompt(tokenizer, p.problem), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(sft_trace(p, rng, mix), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(sft_trace(p, rng, mix, slip_rate), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in rows])  # [B, T]
@@ -117,19 +131,24 @@ def train_sft(model, tokenizer, args, phase: str) -> None:
     """Supervised fine-tuning on freshly generated train-split traces, one new batch per step.
 
     phase "skill": --steps steps on SKILL_MIX with warm-up and cosine decay (learning_rate);
-    phase "prior": --prior-steps steps on PRIOR_MIX at the constant --prior-lr, with a fresh optimizer
-    and its own data stream.
+    phase "prior": --prior-steps steps on PRIOR_MIX at the constant --prior-lr;
+    phase "slip": --slip-steps steps on SLIP_MIX at the constant --prior-lr, written by a teacher that
+    slips on each result with probability --slip-rate.
+    Each phase has a fresh optimizer and its own data stream, so a phase only depends on the weights
+    it starts from.
     """
     skill = phase == "skill"
-    mix, steps = (SKILL_MIX, args.steps) if skill else (PRIOR_MIX, args.prior_steps)
-    rng = random.Random(args.seed if skill else f"prior:{args.seed}")
-    first_problem_seed = args.seed * 1_000_003 + (0 if skill else args.steps)
+    mix, steps, slip_rate = {"skill": (SKILL_MIX, args.steps, 0.0), "prior": (PRIOR_MIX, args.prior_steps, 0.0),
+                             "slip": (SLIP_MIX, args.slip_steps, args.slip_rate)}[phase]
+    rng = random.Random(args.seed if skill else f"{phase}:{args.seed}")
+    first_problem_seed = args.seed * 1_000_003 + {"skill": 0, "prior": args.steps,
+                                                  "slip": args.steps + args.prior_steps}[phase]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     model.train()
     start = time.time()
     for step in range(steps):
         problems = tasks.world_problems("train", args.batch_size, seed=first_problem_seed + step)
-        ids, mask, labels = sft_batch(tokenizer, problems, rng, mix)
+        ids, mask, labels = sft_batch(tokenizer, problems, rng, mix, slip_rate)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         lr = learning_rate(step, args) if skill else args.prior_lr
         for group in optimizer.param_groups:
@@ -143,16 +162,39 @@ def train_sft(model, tokenizer, args, phase: str) -> None:
     model.eval()
 
 
+def sample_texts(model, tokenizer, prompts: list[str], temperature: float,
+                 batch_size: int = 100) -> tuple[list[str], list[int]]:
+    """One completion per prompt and its length in tokens."""
+    texts, lengths = [], []
+    for i in range(0, len(prompts), batch_size):
+        batch = generate_rollouts(model, tokenizer, prompts[i:i + batch_size], group_size=1,
+                                  max_new_tokens=MAX_NEW_TOKENS, temperature=temperature)
+        texts += batch.texts
+        lengths += batch.completion_mask.sum(-1).tolist()
+    return texts, lengths
+
+
+def forced_plan_accuracy(model, tokenizer, problems, temperature: float, seed: int) -> dict[str, dict[str, float]]:
+    """Accuracy per family when the trace is forced to open with the `steps` or the `direct` plan (the
+    `direct` one may still add a check): the strategy gap, and the execution accuracy of the sound plan,
+    measured on every problem rather than on the few that pick it."""
+    torch.manual_seed(seed)
+    outcomes = {}
+    for strategy in ("steps", "direct"):
+        plans = [tasks.PLANS[p.meta["family"]][strategy] for p in problems]
+        prompts = [format_prompt(tokenizer, p.problem) + plan for p, plan in zip(problems, plans)]
+        texts, _ = sample_texts(model, tokenizer, prompts, temperature)
+        for p, plan, text in zip(problems, plans, texts):
+            correct = tasks.classify_error(p, plan + text) is None
+            outcomes.setdefault(p.meta["family"], {}).setdefault(strategy, []).append(correct)
+    return {family: {s: sum(v) / len(v) for s, v in by_plan.items()} for family, by_plan in outcomes.items()}
+
+
 def measure(model, tokenizer, problems, temperature: float, seed: int, batch_size: int = 100) -> dict:
     """Accuracy, strategy mix, accuracy per strategy, error types and mean length of one sample each."""
     torch.manual_seed(seed)
-    texts, lengths = [], []
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        batch = generate_rollouts(model, tokenizer, [format_prompt(tokenizer, p.problem) for p in chunk],
-                                  group_size=1, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature)
-        texts += batch.texts
-        lengths += batch.completion_mask.sum(-1).tolist()
+    texts, lengths = sample_texts(model, tokenizer, [format_prompt(tokenizer, p.problem) for p in problems],
+                                  temperature, batch_size)
     strategies = [tasks.detect_strategy(p, t) for p, t in zip(problems, texts)]
     errors = [tasks.classify_error(p, t) for p, t in zip(problems, texts)]
     per_strategy = {}
@@ -198,6 +240,10 @@ def parse_args() -> argparse.Namespace:
     sft.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     sft.add_argument("--prior-steps", type=int, default=300, help="optimiser steps of the prior phase")
     sft.add_argument("--prior-lr", type=float, default=3e-4, help="constant learning rate of the prior phase")
+    sft.add_argument("--slip-steps", type=int, default=0,
+                     help="optimiser steps of the optional slip phase (fallible teacher); 0 = none, the shipped model")
+    sft.add_argument("--slip-rate", type=float, default=SLIP_RATE,
+                     help="slip phase: probability that the teacher slips on any one written result")
     sft.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-n", type=int, default=200, help="held-out test problems to sample")
@@ -205,6 +251,8 @@ def parse_args() -> argparse.Namespace:
     for flag in ("steps", "batch_size", "threads", "hidden", "layers", "heads", "eval_n"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
+    if args.slip_steps < 0 or not 0 <= args.slip_rate < 1:
+        parser.error("--slip-steps must be >= 0 and --slip-rate in [0, 1)")
     if args.hidden % args.heads:
         parser.error("--hidden must be a multiple of --heads")
     return args
@@ -220,6 +268,8 @@ def main() -> None:
     print(f"vocab {len(tokenizer)}  parameters {params / 1e6:.2f}M")
     train_sft(model, tokenizer, args, "skill")
     train_sft(model, tokenizer, args, "prior")
+    if args.slip_steps:
+        train_sft(model, tokenizer, args, "slip")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(args.out)
@@ -228,6 +278,9 @@ def main() -> None:
     for name, temperature in (("temperature 1.0", 1.0), ("greedy", 0.0)):
         print_report(f"{name}, n={args.eval_n}, seed={args.seed}", measure(model, tokenizer, problems, temperature,
                                                                            args.seed))
+        forced = forced_plan_accuracy(model, tokenizer, problems, temperature, args.seed)
+        print("  plan forced      " + "  ".join(f"{family}: steps {acc['steps']:.2f} direct {acc['direct']:.2f}"
+                                                  for family, acc in sorted(forced.items())))
     print(f"saved {args.out}  ({params / 1e6:.2f}M parameters)  build wall time {time.time() - start:.0f}s")
 
 

@@ -1,0 +1,240 @@
+"""Train with GRPO / HICRA on TRL's GRPOTrainer (hicra_trl.py): one CPU to many GPUs, same command.
+
+    python train_trl.py --steps 2                                       # built-in world, tiny model, CPU
+    accelerate launch --config_file configs/single_gpu.yaml train_trl.py --model PATH_OR_ID \\
+        --data gsm8k_train --reward gsm8k --algo hicra --use-vllm
+    accelerate launch --config_file configs/multi_gpu_ddp.yaml train_trl.py ...       # one node, N GPUs
+    accelerate launch --config_file configs/deepspeed_zero3.yaml train_trl.py ...     # models that do not fit
+
+Flags keep train.py's names and meanings, mapped onto GRPOConfig:
+- one step = --prompts-per-step x --group-size completions and --ppo-epochs optimizer steps on them, as in
+  train.py: each optimizer step accumulates gradients over the whole rollout batch, --micro-batch-size
+  completions per device at a time (TRL's per_device_train_batch_size; gradient_accumulation_steps =
+  batch / (micro-batch x processes)); --ppo-epochs is TRL's num_iterations, so TRL counts
+  --steps x --ppo-epochs optimizer steps;
+- prompts are train.py's (rollout.format_prompt: the chat template's user turn, or the plain template);
+- rewards are reward.py's functions, graded as in train.py (a grader error or timeout scores 0 and is
+  counted in the reward_errors metric).
+Checkpoints are TRL's (OUT/checkpoint-N, every --save-every optimizer steps, and OUT at the end): plain
+Hugging Face folders that `python eval.py --model OUT/checkpoint-N` evaluates directly. Metrics go to
+--report-to backends and to OUT/checkpoint-N/trainer_state.json ("log_history").
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from transformers import AutoTokenizer
+
+from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, OneLineParser, check_bounds, report
+from data import InputError, load_problems
+from eval import DTYPES, dequantized_folder
+from hicra import PAPER_ALPHA
+from reward import REWARDS, score_completions
+from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE
+from tasks import DEFAULT_MODEL_DIR
+
+try:  # the optional requirements: a one-line error, not a traceback, when they are missing
+    from datasets import Dataset
+
+    from hicra_trl import ADVANTAGE_SCALES, ALGOS, LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer
+except ImportError as missing:
+    sys.exit(report(InputError(f"train_trl.py needs TRL ({missing.name} is not installed): pip install -r requirements-trl.txt")))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        description="GRPO / HICRA on TRL's GRPOTrainer.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL_DIR, help="HF model folder or hub id (from_pretrained)")
+    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model, de-quantised once (eval.py)")
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                       help="auto = bfloat16 on a GPU that supports it, float32 otherwise")
+    group.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's choice")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    group.add_argument("--lora-rank", type=int, default=0, help="LoRA rank via peft; 0 trains all weights")
+    group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling numerator (alpha / rank)")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default="world_train", help="training problems: benchmark name or JSONL file")
+    group.add_argument("--reward", default="boxed", choices=sorted(REWARDS), help="reward function (reward.py)")
+
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--prompts-per-step", type=int, default=16, help="problems sampled per step (all processes)")
+    group.add_argument("--group-size", type=int, default=8, help="completions per problem (G >= 2)")
+    group.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
+    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    group.add_argument("--use-vllm", action="store_true", help="generate with vLLM (pip install vllm; GPU)")
+    group.add_argument("--vllm-mode", default="colocate", choices=["colocate", "server"],
+                       help="colocate: vLLM shares the training GPUs; server: a separate `trl vllm-serve`")
+    group.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="GPU memory share of colocated vLLM")
+
+    group = parser.add_argument_group("algorithm")
+    group.add_argument("--algo", default="hicra", help=f"advantage shaping: {', '.join(ALGOS)} (hicra_trl.py)")
+    group.add_argument("--alpha", type=float, default=PAPER_ALPHA, help="HICRA amplification, in [0, 1]")
+    group.add_argument("--grams", default="world",
+                       help="strategic grams: preset (paper, world) or a file; --algo placebo: a file of placebo grams")
+    group.add_argument("--advantage", default="center", choices=sorted(ADVANTAGE_SCALES), help="group baseline form")
+    group.add_argument("--eps-low", type=float, default=0.2, help="lower clip range: ratio >= 1 - eps_low")
+    group.add_argument("--eps-high", type=float, default=0.28, help="upper clip range (clip-higher, DAPO)")
+    group.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient; 0 loads no reference model")
+    group.add_argument("--loss-agg", default="token-mean", choices=sorted(LOSS_TYPES), help="loss normaliser")
+    group.add_argument("--entropy-top-q", type=float, default=0.3, help="fraction of tokens amplified by high_entropy")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm")
+    group.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (optimizer steps)")
+    group.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps per rollout batch (num_iterations)")
+    group.add_argument("--micro-batch-size", type=int, default=32, help="completions per device per forward/backward")
+    group.add_argument("--steps", type=int, default=200, help="training steps (rollout + update)")
+    group.add_argument("--seed", type=int, default=0, help="seed of prompt order, sampling and init")
+
+    group = parser.add_argument_group("logging")
+    group.add_argument("--out", default="runs/trl", help="output folder: TRL checkpoints and the final model")
+    group.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps")
+    group.add_argument("--report-to", default="none", help="TRL/transformers backends: none, tensorboard, wandb, trackio")
+    return parser
+
+
+def processes() -> int:
+    """Number of training processes accelerate launched (1 under plain `python`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# Every numeric flag: finite and within its bound (cli.check_bounds), as train.py's TRAIN_BOUNDS.
+TRL_BOUNDS = {
+    "threads": NON_NEGATIVE,
+    "lora_rank": NON_NEGATIVE,
+    "lora_alpha": POSITIVE,
+    "prompts_per_step": AT_LEAST_ONE,
+    "group_size": (">= 2 (group-relative advantages need a group)", lambda v: v >= 2),
+    "max_new_tokens": AT_LEAST_ONE,
+    "temperature": POSITIVE,
+    "top_p": FRACTION,
+    "vllm_gpu_memory": FRACTION,
+    "alpha": UNIT_INTERVAL,
+    "eps_low": UNIT_INTERVAL,
+    "eps_high": NON_NEGATIVE,
+    "beta": NON_NEGATIVE,
+    "entropy_top_q": FRACTION,
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE,
+    "ppo_epochs": AT_LEAST_ONE,
+    "micro_batch_size": AT_LEAST_ONE,
+    "steps": AT_LEAST_ONE,
+    "seed": SEED,
+    "save_every": AT_LEAST_ONE,
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise InputError for a flag out of bounds or a batch that does not split over micro-batches and
+    processes; algo and the gram file are checked by HicraGRPOConfig."""
+    check_bounds(args, TRL_BOUNDS)
+    batch, per_pass = args.prompts_per_step * args.group_size, args.micro_batch_size * processes()
+    if batch % per_pass:
+        raise InputError(f"--prompts-per-step x --group-size ({batch}) must be a multiple of "
+                         f"--micro-batch-size x processes ({per_pass})")
+
+
+def prompt_of(tokenizer, problem: str):
+    """train.py's prompt: a conversation TRL renders with the chat template, or the plain-template text."""
+    content = f"{problem}\n{DEFAULT_INSTRUCTION}"
+    if tokenizer.chat_template:
+        return [{"role": "user", "content": content}]
+    return PLAIN_TEMPLATE.format(content=content)
+
+
+def problems_dataset(name_or_path: str, tokenizer) -> Dataset:
+    """Our problems (data.load_problems) as a TRL prompt dataset with an `answer` column for the reward."""
+    problems = load_problems(name_or_path)
+    return Dataset.from_list([{"prompt": prompt_of(tokenizer, p.problem), "answer": p.answer} for p in problems])
+
+
+def trl_reward(name: str):
+    """reward.py's function `name` in TRL's reward-function form: (completions, answer, ...) -> rewards."""
+
+    def reward(completions, answer, log_metric=None, **_):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # conversational: messages
+        rewards, errors = score_completions(REWARDS[name], texts, answer)
+        if log_metric is not None:
+            log_metric("reward_errors", errors)
+        return rewards
+
+    reward.__name__ = name
+    return reward
+
+
+def build_config(args: argparse.Namespace) -> HicraGRPOConfig:
+    """The HicraGRPOConfig of the flags (see the module docstring for the mapping)."""
+    batch = args.prompts_per_step * args.group_size
+    gpu = torch.cuda.is_available()
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if gpu and torch.cuda.is_bf16_supported() else "float32")
+    return HicraGRPOConfig(
+        output_dir=args.out,
+        algo=args.algo, hicra_alpha=args.alpha, grams=args.grams, entropy_top_q=args.entropy_top_q,
+        scale_rewards=ADVANTAGE_SCALES[args.advantage], loss_type=LOSS_TYPES[args.loss_agg],
+        epsilon=args.eps_low, epsilon_high=args.eps_high, beta=args.beta,
+        num_generations=args.group_size, max_completion_length=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p,
+        per_device_train_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=batch // (args.micro_batch_size * processes()),
+        num_iterations=args.ppo_epochs, max_steps=args.steps * args.ppo_epochs,
+        learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.grad_clip,
+        warmup_steps=args.warmup_steps, lr_scheduler_type="constant_with_warmup", seed=args.seed,
+        model_init_kwargs={"dtype": dtype}, bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not gpu,
+        use_vllm=args.use_vllm, vllm_mode=args.vllm_mode, vllm_gpu_memory_utilization=args.vllm_gpu_memory,
+        logging_steps=1, save_strategy="steps", save_steps=args.save_every, report_to=args.report_to,
+        **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),  # passing False warns (deprecated name)
+    )
+
+
+def build_trainer(args: argparse.Namespace, callbacks=None) -> HicraGRPOTrainer:
+    """The trainer of the flags: config, problems, reward function, optional LoRA (bench_trl.py adds callbacks)."""
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = build_config(args)
+    model = dequantized_folder(args.model, args.gguf_file) if args.gguf_file else args.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as error:
+        raise InputError(f"--model: cannot load '{model}': {str(error).splitlines()[0]}") from None
+    peft_config = None
+    if args.lora_rank > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules="all-linear")
+    return HicraGRPOTrainer(
+        model=model, reward_funcs=trl_reward(args.reward), args=config, train_dataset=problems_dataset(args.data, tokenizer),
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+    )
+
+
+def run(args: argparse.Namespace) -> HicraGRPOTrainer:
+    """Train per the flags and save the final model to --out."""
+    trainer = build_trainer(args)
+    trainer.train()
+    trainer.save_model(args.out)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse, check and train. Bad input: one `error: ...` line on stderr, exit code 2 (cli.report)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except InputError as error:
+        sys.exit(report(error))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
