@@ -27,7 +27,8 @@ import torch
 import grams as grams_lib
 from cli import report
 from data import InputError, load_problems
-from reward import REWARDS
+from eval import prompt_format_from_args
+from reward import load_reward
 from train import parse_args, policy_update, prepare_model, prompts_for_step, rollout_step, seed_everything
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> None:
         seed_everything(args.seed)
         problems = load_problems(args.data, flag="--data")
         grams = grams_lib.load_grams(args.grams)
+        reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
         model, tokenizer, ref_model = prepare_model(args, checkpoint=None)
     except InputError as error:
         sys.exit(report(error))
@@ -100,7 +102,9 @@ def main(argv: list[str]) -> None:
     for step in range(bench_args.repeats):
         started = time.perf_counter()
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
-        batch, _, _ = rollout_step(args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, REWARDS[args.reward])
+        batch, _, _ = rollout_step(
+            args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn, prompt_format
+        )
         rolled = time.perf_counter()
         policy_update(args, model, optimizer, batch)
         done = time.perf_counter()

@@ -113,3 +113,28 @@ def parse_problem(line: str, where: str) -> Problem:
             raise InputError(f"{where}: field {key!r} is empty")
     meta = {k: v for k, v in row.items() if k not in ("problem", "answer")}
     return Problem(problem=str(row["problem"]), answer=str(row["answer"]), meta=meta)
+
+
+def read_examples(path: str) -> list[tuple[str, str]]:
+    """Few-shot examples: a JSONL file of objects with `problem` and `solution` (the full worked answer, in
+    the format the prompt should teach). Errors name the file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--few-shot: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    examples = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("problem", "solution")):
+            raise InputError(f"{where}: expected a JSON object with string fields 'problem' and 'solution'")
+        examples.append((row["problem"], row["solution"]))
+    if not examples:
+        raise InputError(f"{path}: file is empty")
+    return examples
+

@@ -10,7 +10,8 @@ Choices, and where they come from:
   A greedy pass (temperature 0, one completion) runs beside it unless --no-greedy.
 - pass@k for every k <= K uses the unbiased estimator of Chen et al. (2021), averaged over problems.
 - Prompts are the training prompts (rollout.format_prompt: chat template, "reason step by step ...
-  \\boxed{}" instruction), zero-shot; sampling is plain temperature/top-p (rollout.sample_next_token).
+  \\boxed{}" instruction), zero-shot by default; --instruction, --system-prompt and --few-shot change them
+  as they do in train.py. Sampling is plain temperature/top-p (rollout.sample_next_token).
 - Response length counts generated tokens, EOS included; `truncated` counts completions cut by
   --max-new-tokens, `no_box` those without a complete \\boxed{}, `timeouts` gradings that ran past
   reward.DEFAULT_TIMEOUT_S (scored wrong).
@@ -31,9 +32,9 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, OneLineParser, check_bounds, report
-from data import InputError, Problem, load_problems
-from reward import REWARDS, boxed_reward, extract_boxed, grade_batch
-from rollout import format_prompt, generate_rollouts
+from data import InputError, Problem, load_problems, read_examples
+from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
+from rollout import DEFAULT_INSTRUCTION, PromptFormat, format_prompt, generate_rollouts
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
 PAPER_TEMPERATURE = 0.6
@@ -60,6 +61,7 @@ def evaluate(
     top_p: float = 1.0,
     progress: bool = True,
     ks: list[int] | None = None,
+    prompt_format: PromptFormat = PromptFormat(),
 ) -> tuple[dict, list[dict]]:
     """Generate `samples` completions per problem, grade them, and summarise.
 
@@ -67,7 +69,7 @@ def evaluate(
     Returns (summary, records): summary as in `summarize` (pass@k for `ks`, default every k <= samples),
     one record per problem with its prompt, completions, extracted answers and correctness.
     """
-    prompts = [format_prompt(tokenizer, p.problem) for p in problems]
+    prompts = [format_prompt(tokenizer, p.problem, prompt_format) for p in problems]
     jobs = [i for i in range(len(problems)) for _ in range(samples)]  # problem index of each completion
     records = [new_record(p, prompt) for p, prompt in zip(problems, prompts)]
     start = time.perf_counter()
@@ -255,6 +257,20 @@ def add_model_flags(group) -> None:
                        help="CPU threads for torch; 0 = torch's choice (1 is fastest on a busy machine)")
 
 
+def add_prompt_flags(group) -> None:
+    """How a problem becomes a prompt (rollout.PromptFormat): the flags eval.py and train.py share."""
+    group.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="text added after each problem; '' for none")
+    group.add_argument("--system-prompt", default=None, help="system prompt (a chat template's system turn, or a first line)")
+    group.add_argument("--few-shot", default=None, metavar="FILE",
+                       help="few-shot examples shown before each problem: JSONL with 'problem' and 'solution' fields")
+
+
+def prompt_format_from_args(args: argparse.Namespace) -> PromptFormat:
+    """The PromptFormat of the prompt flags; reads the --few-shot file (InputError on a bad file)."""
+    examples = tuple(read_examples(args.few_shot)) if args.few_shot else ()
+    return PromptFormat(instruction=args.instruction, system=args.system_prompt, examples=examples)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line, flags grouped as model / benchmark / sampling / output."""
     parser = OneLineParser(
@@ -267,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--benchmark", required=True, help="benchmark name (see data.BENCHMARKS) or a .jsonl file")
     bench.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-    bench.add_argument("--reward", default="boxed", choices=REWARDS, help="grader (boxed = strict, as the paper)")
+    bench.add_argument("--reward", default="boxed", help=f"grader (boxed = strict, as the paper); {REWARD_HELP}")
+    add_prompt_flags(parser.add_argument_group("prompt"))
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--protocol", default=None, choices=["paper"],
                           help="paper: T=0.6 and K=32 (AIME), 4 (AMC23), else --samples")
@@ -338,6 +355,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = load_problems(args.benchmark, args.limit, args.seed, flag="--benchmark")
+    reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.gguf_file)
     passes = {}
     if args.temperature > 0:
@@ -346,13 +364,14 @@ def run(args: argparse.Namespace) -> dict:
         passes["greedy"] = (1, 0.0, [1])
     out.mkdir(parents=True, exist_ok=True)
     summary = dict(model=args.model, gguf_file=args.gguf_file, benchmark=args.benchmark, problems=len(problems),
-                   max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed, reward=args.reward, passes={})
+                   max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed, reward=args.reward,
+                   instruction=args.instruction, system_prompt=args.system_prompt, few_shot=args.few_shot, passes={})
     results, summary_path = out / "results.jsonl", out / "summary.json"
     with results.with_suffix(".jsonl.tmp").open("w", encoding="utf-8") as f:
         for name, (samples, temperature, pass_ks) in passes.items():
             torch.manual_seed(args.seed)
             result, records = evaluate(model, tokenizer, problems, samples, temperature, args.max_new_tokens,
-                                       args.batch_size, REWARDS[args.reward], args.top_p, not args.quiet, pass_ks)
+                                       args.batch_size, reward_fn, args.top_p, not args.quiet, pass_ks, prompt_format)
             summary["passes"][name] = result
             for index, record in enumerate(records):
                 f.write(json.dumps({"pass": name, "index": index, **record}) + "\n")

@@ -26,14 +26,20 @@ Choices, and where they come from:
 - Model output is only parsed, never executed.
 """
 
+import importlib
+import importlib.util
 import logging
 import math
 import multiprocessing
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 from math_verify import parse, verify
+
+from data import InputError
 
 DEFAULT_TIMEOUT_S = 5.0
 GRADING_WORKERS = 8  # gradings of a batch in flight at once (each mostly waits on its child process)
@@ -171,6 +177,49 @@ def format_reward(completion: str, answer: str) -> float:
 
 
 REWARDS = {"boxed": boxed_reward, "gsm8k": gsm8k_reward, "format": format_reward}
+REWARD_HELP = (
+    f"reward function: a built-in ({', '.join(sorted(REWARDS))}) or your own callable as module:function "
+    "(an importable module or a .py file path; called as fn(completion, answer) -> float)"
+)
+
+
+def load_reward(spec: str):
+    """The reward callable named by --reward: a REWARDS key, `module:function` or `path/to/file.py:function`.
+
+    Raises InputError with a one-line message naming the flag for an unknown name, a module that does not
+    import, a missing attribute or an attribute that is not callable.
+    """
+    if spec in REWARDS:
+        return REWARDS[spec]
+    module_name, _, attribute = spec.rpartition(":")
+    if not module_name or not attribute:
+        raise InputError(f"--reward: unknown reward {spec!r}; built-in: {', '.join(sorted(REWARDS))}, or module:function")
+    try:
+        module = _import_reward_module(module_name)
+    except Exception as error:  # the user's module may fail in any way while importing
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise InputError(f"--reward: cannot import {module_name!r}: {type(error).__name__}: {message}") from None
+    if not hasattr(module, attribute):
+        raise InputError(f"--reward: module {module_name!r} has no attribute {attribute!r}")
+    fn = getattr(module, attribute)
+    if not callable(fn):
+        raise InputError(f"--reward: {spec!r} is not callable (it is a {type(fn).__name__})")
+    return fn
+
+
+def _import_reward_module(name: str):
+    """Import a module by dotted name, or load it from a .py file path."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file {name}")
+    # Registered under its own name (a dataclass in the file needs sys.modules), never shadowing a real module.
+    spec = importlib.util.spec_from_file_location(f"user_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def grade(fn, completion: str, answer: str) -> tuple[float, str | None]:

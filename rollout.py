@@ -55,13 +55,41 @@ class RolloutBatch:
         return self.completion_mask.sum(-1)
 
 
-def format_prompt(tokenizer, problem: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
-    """The prompt text for a problem: the chat template's user turn, or a plain template without one."""
-    content = f"{problem}\n{instruction}"
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a problem becomes a prompt: the instruction after it, an optional system prompt, and few-shot
+    examples, (problem, solution) pairs shown as earlier turns so the prompt can teach the answer format."""
+
+    instruction: str = DEFAULT_INSTRUCTION
+    system: str | None = None
+    examples: tuple[tuple[str, str], ...] = ()
+
+
+def format_prompt(tokenizer, problem: str, prompt_format: PromptFormat = PromptFormat()) -> str:
+    """The prompt text for a problem: chat turns through the tokenizer's chat template, a plain template without one.
+
+    Chat: [system], then per example a user turn (problem + instruction) and an assistant turn (solution),
+    then the problem's user turn. Plain: [system line], one "Question: ...\nAnswer: solution" block per
+    example, blank-line separated, then the problem's block ending in "Answer:".
+    """
+    questions = [problem_with_instruction(p, prompt_format.instruction) for p, _ in prompt_format.examples]
+    content = problem_with_instruction(problem, prompt_format.instruction)
+    solutions = [s for _, s in prompt_format.examples]
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": content}]
+        messages = [{"role": "system", "content": prompt_format.system}] if prompt_format.system else []
+        for question, solution in zip(questions, solutions):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": solution}]
+        messages.append({"role": "user", "content": content})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return PLAIN_TEMPLATE.format(content=content)
+    blocks = [prompt_format.system] if prompt_format.system else []
+    blocks += [f"{PLAIN_TEMPLATE.format(content=q)} {s}" for q, s in zip(questions, solutions)]
+    blocks.append(PLAIN_TEMPLATE.format(content=content))
+    return "\n\n".join(blocks)
+
+
+def problem_with_instruction(problem: str, instruction: str) -> str:
+    """The user's text: the problem, then the instruction on its own line (nothing added when it is empty)."""
+    return f"{problem}\n{instruction}" if instruction else problem
 
 
 def pad_token_id(tokenizer) -> int:

@@ -251,6 +251,43 @@ def classify_error(problem: Problem, completion: str) -> str | None:
     return "execution" if detect_strategy(problem, completion) in ("steps", "check") else "strategy"
 
 
+# Arithmetic drill for real pretrained models (README, "a real pretrained model"): "What is 47 + 38?",
+# held out by the same operand hash as the world, with a worked solution for few-shot prompts.
+DRILL_RANGE = (10, 99)  # both addends are two-digit numbers
+
+
+def drill_problems(split: str, n: int, seed: int) -> list[Problem]:
+    """`n` distinct addition problems of `split` ("What is a + b?"), deterministic for `seed`; meta holds the worked
+    `solution` (tens, then ones, then their sum, then the boxed answer), usable as a few-shot example."""
+    low, high = DRILL_RANGE
+    available = sum(split_of("add", (a, b)) == split for a in range(low, high + 1) for b in range(low, high + 1))
+    if n > available:
+        raise ValueError(f"the {split} split has {available} distinct drill problems, {n} asked")
+    rng = random.Random(f"drill:{split}:{seed}")
+    problems, seen = [], set()
+    while len(problems) < n:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        if split_of("add", (a, b)) == split and (a, b) not in seen:
+            seen.add((a, b))
+            problems.append(Problem(problem=f"What is {a} + {b}?", answer=str(a + b), meta={"solution": drill_solution(a, b)}))
+    return problems
+
+
+def drill_solution(a: int, b: int) -> str:
+    """The worked solution of a + b: "Let's add the tens and the ones. 40 + 30 = 70. 7 + 8 = 15. 70 + 15 = 85.
+    So the answer is \\boxed{85}." (it opens and closes with Listing 1 grams: "let's", "so")."""
+    tens, ones = a - a % 10 + b - b % 10, a % 10 + b % 10
+    steps = [f"{a - a % 10} + {b - b % 10} = {tens}", f"{a % 10} + {b % 10} = {ones}", f"{tens} + {ones} = {a + b}"]
+    return "Let's add the tens and the ones. " + ". ".join(steps) + f". So the answer is \\boxed{{{a + b}}}."
+
+
+def write_drill(path: str, split: str, n: int, seed: int) -> None:
+    """A JSONL file of `n` drill problems (problem, answer, solution): train.py/eval.py data or --few-shot file."""
+    with open(path, "w", encoding="utf-8") as out:
+        for p in drill_problems(split, n, seed):
+            out.write(json.dumps({"problem": p.problem, "answer": p.answer, "solution": p.meta["solution"]}) + "\n")
+
+
 def write_traces(path: str, n: int, seed: int) -> None:
     """A JSONL corpus of `n` correct reference traces (field `solution`), strategies drawn uniformly and half
     of the `check` traces with a caught slip: the input of `python grams.py extract` for the world."""
@@ -270,6 +307,11 @@ def main() -> None:
     traces.add_argument("--n", type=int, default=2000, help="number of traces")
     traces.add_argument("--seed", type=int, default=0, help="seed of problems, strategies and slips")
     traces.add_argument("--out", required=True, help="output JSONL file")
+    drill = commands.add_parser("drill", help="write N two-digit addition problems as JSONL (problem, answer, solution)")
+    drill.add_argument("--split", default="test", choices=SPLITS, help="operand split (train and test never overlap)")
+    drill.add_argument("--n", type=int, default=500, help="number of problems")
+    drill.add_argument("--seed", type=int, default=0, help="seed of the problems")
+    drill.add_argument("--out", required=True, help="output JSONL file")
     args = parser.parse_args()
     if args.n < 1:
         parser.error("--n must be >= 1")
@@ -277,6 +319,13 @@ def main() -> None:
         check_output_file(args.out, "--out")
     except InputError as error:
         parser.error(str(error))
+    if args.command == "drill":
+        try:
+            write_drill(args.out, args.split, args.n, args.seed)
+        except ValueError as error:
+            parser.error(f"--n: {error}")
+        print(f"wrote {args.n} {args.split} drill problems to {args.out}")
+        return
     write_traces(args.out, args.n, args.seed)
     print(f"wrote {args.n} traces to {args.out}")
 

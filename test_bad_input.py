@@ -327,7 +327,7 @@ def test_a_reward_that_raises_or_returns_no_finite_number_scores_zero_and_is_cou
             raise returned
         return returned
 
-    monkeypatch.setitem(train.REWARDS, "format", broken)
+    monkeypatch.setitem(reward.REWARDS, "format", broken)  # train.py resolves --reward through reward.load_reward
     out = tmp_path / "reward"
     train.main([*tiny_train_flags(inputs), "--reward", "format", "--out", str(out)])
     record = json.loads((out / "metrics.jsonl").read_text())

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tasks
 from data import Problem
+from reward import boxed_reward
 from rollout import completion_mask_from_eos, encode_prompts, eos_token_ids, format_prompt, generate_rollouts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -184,3 +185,15 @@ def test_shipped_model_executes_the_small_steps_better_than_the_one_long_step():
     accuracy = tiny_model.forced_plan_accuracy(model, tokenizer, problems, temperature=0.0, seed=BASE_SEED)
     for family in ("sum", "mul"):
         assert accuracy[family]["steps"] >= accuracy[family]["direct"] + GAP_MIN, (family, accuracy[family])
+
+
+def test_drill_splits_are_disjoint_distinct_and_their_solutions_are_correct_and_boxed():
+    test, train = tasks.drill_problems("test", 300, seed=0), tasks.drill_problems("train", 1000, seed=0)
+    assert len({p.problem for p in test}) == 300 and not {p.problem for p in test} & {p.problem for p in train}
+    for p in test[:50]:
+        assert boxed_reward(p.meta["solution"], p.answer) == 1.0
+    assert tasks.drill_solution(47, 38) == (
+        "Let's add the tens and the ones. 40 + 30 = 70. 7 + 8 = 15. 70 + 15 = 85. So the answer is \\boxed{85}."
+    )
+    with pytest.raises(ValueError, match="distinct drill problems"):
+        tasks.drill_problems("test", 5000, seed=0)

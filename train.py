@@ -21,7 +21,8 @@ log-probs come from one forward pass per rollout and are reused by every epoch (
                 training problems' `solution` field. Written to RUN_DIR/placebo_grams.txt.
 
 Every step appends one JSON line to RUN_DIR/metrics.jsonl, and so does every held-out evaluation (its
-"step" is the number of updates done, its keys start with "eval/").
+"step" is the number of updates done, its keys start with "eval/"); `--report-to` mirrors those lines to
+TensorBoard or wandb (trackers.py).
 
 Checkpoints survive a kill at any instant. RUN_DIR/checkpoint/ is the newest one: a Hugging Face folder
 (from_pretrained and eval.py load it) plus the trainer state (optimizer, scheduler, RNG) as safetensors and
@@ -69,13 +70,14 @@ from cli import (
     AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, OneLineParser, check_bounds, report, use_colour,
 )
 from data import InputError, Problem, load_problems
-from eval import add_model_flags, check_model_flags, evaluate, load_model
+from eval import add_model_flags, add_prompt_flags, check_model_flags, evaluate, load_model, prompt_format_from_args
 from grpo import ADVANTAGE_MODES, AGGREGATIONS, aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
 from metrics import RelativeToFirst, rollout_metrics, strategy_metrics
-from reward import REWARDS, score_completions
-from rollout import RolloutBatch, completion_logprobs, format_prompt, generate_rollouts
+from reward import REWARD_HELP, load_reward, score_completions
+from rollout import PromptFormat, RolloutBatch, completion_logprobs, format_prompt, generate_rollouts
 from tasks import DEFAULT_MODEL_DIR
+from trackers import TRACKERS, check_installed, open_trackers
 
 ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo")
 PLACEBO_CORPUS_SIZE = 2000  # world reference traces the placebo n-grams are drawn from
@@ -111,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--data", default="world_train", help="training problems: benchmark name or JSONL file")
     group.add_argument("--eval-data", default="world", help="held-out problems: benchmark name or JSONL file")
     group.add_argument("--eval-limit", type=int, default=500, help="held-out problems per evaluation (the first N)")
-    group.add_argument("--reward", default="boxed", choices=sorted(REWARDS), help="reward function (reward.py)")
+    group.add_argument("--reward", default="boxed", help=REWARD_HELP)
+
+    add_prompt_flags(parser.add_argument_group("prompt"))
 
     group = parser.add_argument_group("sampling")
     group.add_argument("--prompts-per-step", type=int, default=16, help="problems sampled per step")
@@ -158,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-checkpoints", type=int, default=1,
                        help="checkpoints kept: the newest in RUN_DIR/checkpoint, older ones in RUN_DIR/checkpoint-N")
     group.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its checkpoint")
+    group.add_argument("--report-to", nargs="+", default=[], choices=TRACKERS, metavar="TRACKER",
+                       help=f"also log metrics to {' and/or '.join(TRACKERS)} (optional packages; metrics.jsonl is always written)")
     return parser
 
 
@@ -405,10 +411,12 @@ def nonfinite_causes(args, rewards: torch.Tensor) -> str:
     return "; ".join(causes)
 
 
-def rollout_step(args, model, ref_model, tokenizer, problems: list[Problem], grams: list[str], reward_fn,
-                 placebo: list[str] | None = None):
+def rollout_step(
+    args, model, ref_model, tokenizer, problems: list[Problem], grams: list[str], reward_fn,
+    prompt_format: PromptFormat = PromptFormat(), placebo: list[str] | None = None,
+):
     """Sample, reward and shape advantages for one step; returns the batch and its reward bookkeeping."""
-    prompts = [format_prompt(tokenizer, p.problem) for p in problems]
+    prompts = [format_prompt(tokenizer, p.problem, prompt_format) for p in problems]
     rollout = generate_rollouts(
         model, tokenizer, prompts, args.group_size, args.max_new_tokens, args.temperature, args.top_p, args.logprob_chunk
     )
@@ -484,22 +492,27 @@ def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]
     (run_dir / f"samples_step{step:05d}.html").write_text(page, encoding="utf-8")
 
 
-def log_record(run_dir: Path, record: dict) -> None:
-    """Append one JSON line to RUN_DIR/metrics.jsonl."""
+def log_record(run_dir: Path, record: dict, trackers: list = ()) -> None:
+    """Append one JSON line to RUN_DIR/metrics.jsonl, then mirror it to the --report-to trackers."""
     with open(run_dir / "metrics.jsonl", "a") as log:
         log.write(json.dumps(record) + "\n")
+    for tracker in trackers:
+        tracker.log(record)
 
 
 def is_eval_record(record: dict) -> bool:
     return any(key.startswith("eval/") for key in record)
 
 
-def run_evaluation(args, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path, step: int) -> dict:
+def run_evaluation(
+    args, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path, step: int, reward_fn,
+    prompt_format: PromptFormat,
+) -> dict:
     """Held-out evaluation after `step` updates; returns its metrics record ("step" and "eval/..." keys)."""
     summary, records = evaluate(
         model, tokenizer, problems, samples=args.eval_samples, temperature=args.eval_temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.prompts_per_step * args.group_size,
-        reward_fn=REWARDS[args.reward], progress=False,
+        reward_fn=reward_fn, progress=False, prompt_format=prompt_format,
     )
     show_samples(run_dir, step, records, grams)
     model.train()
@@ -758,6 +771,8 @@ def run(args) -> Path:
     eval_problems = load_problems(args.eval_data, limit=args.eval_limit, flag="--eval-data") if args.eval_every else []
     grams = grams_lib.load_grams(args.grams)
     placebo = placebo_gram_set(args, train_problems, grams) if args.algo == "placebo" else None
+    reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
+    check_installed(args.report_to)
     if not resuming:
         model, tokenizer, ref_model = prepare_model(args, checkpoint=None)
     try:
@@ -785,7 +800,9 @@ def run(args) -> Path:
         truncate_metrics(run_dir / "metrics.jsonl", last_step)
     else:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run restarted from step 0 logs every line again
-    reward_fn = REWARDS[args.reward]
+    # metrics.jsonl now ends at the checkpoint's step (+1 for its evaluation), or is empty: drop later events
+    purge_from = start_step + 1 if checkpoint is not None else 0
+    trackers = open_trackers(args.report_to, run_dir, {k: v for k, v in vars(args).items() if k != "resume"}, purge_from)
     if start_step >= args.steps:
         tqdm.write(f"{run_dir} has already trained {start_step} steps (--steps {args.steps}): nothing to do; "
                    "raise --steps to continue")
@@ -794,11 +811,13 @@ def run(args) -> Path:
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc=args.algo, dynamic_ncols=True)
     for step in bar:
         if args.eval_every and step == 0:
-            log_record(run_dir, run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step))
+            held_out = run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step, reward_fn, prompt_format)
+            log_record(run_dir, held_out, trackers)
         started = time.time()
         indices = prompts_for_step(len(train_problems), step, args.prompts_per_step, args.seed)
         batch, group_problems, reward_errors = rollout_step(
-            args, model, ref_model, tokenizer, [train_problems[i] for i in indices], grams, reward_fn, placebo
+            args, model, ref_model, tokenizer, [train_problems[i] for i in indices], grams, reward_fn, prompt_format,
+            placebo,
         )
         rollout_seconds = time.time() - started
         update = policy_update(args, model, optimizer, batch)
@@ -825,13 +844,14 @@ def run(args) -> Path:
                        "end-of-sequence token; answers may be cut off")
             truncation_noted = True
         last_step = step == args.steps - 1
-        log_record(run_dir, record)
+        log_record(run_dir, record, trackers)
         fault_point("step:logged", step)
         if nonfinite_streak >= args.max_nonfinite_steps:
             raise TrainingError(f"{nonfinite_streak} steps in a row (to step {step}) had a non-finite loss or gradient "
                                 f"norm and were skipped; likely cause: {nonfinite_causes(args, batch.rewards)}")
         if args.eval_every and (last_step or (step + 1) % args.eval_every == 0):
-            log_record(run_dir, run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step + 1))
+            held_out = run_evaluation(args, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn, prompt_format)
+            log_record(run_dir, held_out, trackers)
             fault_point("eval:logged", step)
         bar.set_postfix(
             reward=f"{record['reward']:.2f}", acc=f"{record.get('accuracy', 0):.2f}",
@@ -840,6 +860,8 @@ def run(args) -> Path:
         if last_step or (args.save_every and (step + 1) % args.save_every == 0):
             save_checkpoint(run_dir, model, tokenizer, optimizer, scheduler, step, relative, nonfinite_streak,
                             args.keep_checkpoints)
+    for tracker in trackers:
+        tracker.close()
     print_summary(run_dir)
     return run_dir
 
