@@ -27,13 +27,14 @@ import sys
 import torch
 from transformers import AutoTokenizer
 
-from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, OneLineParser, check_bounds, report
+from cli import AT_LEAST_ONE, FRACTION, OneLineParser, check_bounds, report
 from data import InputError, load_problems
 from eval import DTYPES, dequantized_folder
 from hicra import PAPER_ALPHA
 from reward import REWARDS, score_completions
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE
 from tasks import DEFAULT_MODEL_DIR
+from train import TRAIN_BOUNDS
 
 try:  # the optional requirements: a one-line error, not a traceback, when they are missing
     from datasets import Dataset
@@ -106,30 +107,16 @@ def processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-# Every numeric flag: finite and within its bound (cli.check_bounds), as train.py's TRAIN_BOUNDS.
-TRL_BOUNDS = {
-    "threads": NON_NEGATIVE,
-    "lora_rank": NON_NEGATIVE,
-    "lora_alpha": POSITIVE,
-    "prompts_per_step": AT_LEAST_ONE,
-    "group_size": (">= 2 (group-relative advantages need a group)", lambda v: v >= 2),
-    "max_new_tokens": AT_LEAST_ONE,
-    "temperature": POSITIVE,
-    "top_p": FRACTION,
+# Every numeric flag: finite and within its bound (cli.check_bounds). The flags train.py also has keep its
+# bounds (train.TRAIN_BOUNDS); --steps and --save-every differ (TRL has no step-0-only run, no "end only" save).
+SHARED_FLAGS = (
+    "threads", "lora_rank", "lora_alpha", "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p",
+    "alpha", "eps_low", "eps_high", "beta", "entropy_top_q", "lr", "weight_decay", "grad_clip", "warmup_steps",
+    "ppo_epochs", "micro_batch_size", "seed",
+)
+TRL_BOUNDS = {flag: TRAIN_BOUNDS[flag] for flag in SHARED_FLAGS} | {
     "vllm_gpu_memory": FRACTION,
-    "alpha": UNIT_INTERVAL,
-    "eps_low": UNIT_INTERVAL,
-    "eps_high": NON_NEGATIVE,
-    "beta": NON_NEGATIVE,
-    "entropy_top_q": FRACTION,
-    "lr": POSITIVE,
-    "weight_decay": NON_NEGATIVE,
-    "grad_clip": NON_NEGATIVE,
-    "warmup_steps": NON_NEGATIVE,
-    "ppo_epochs": AT_LEAST_ONE,
-    "micro_batch_size": AT_LEAST_ONE,
     "steps": AT_LEAST_ONE,
-    "seed": SEED,
     "save_every": AT_LEAST_ONE,
 }
 
