@@ -7,7 +7,9 @@ Takes every train.py flag (same defaults) plus --repeats. Prints, per repeat: th
 generated tokens per second, the update's seconds (all PPO epochs) and trained completion tokens per
 second, the step time, and the fraction of the step's FLOP floor reached at this machine's matmul peak.
 At the end: the median step and the peak memory (CUDA max allocated on a GPU, max RSS of the process on
-a CPU).
+a CPU). On a CPU it also prints where the memory goes: the resident set after loading the model, and the
+highest resident set seen during sampling and during the update (optimizer step included), read from
+/proc/self/statm every few milliseconds by a background thread.
 
 FLOP floor: 2 N FLOPs per token for every token the sampler must read or write (each distinct prompt once,
 each generated token once), plus 2 N per token per forward and 4 N per token per backward of every PPO
@@ -17,10 +19,13 @@ The matmul peak is measured in the same run: the best of a few fp32 (or the mode
 """
 
 import argparse
+import os
 import resource
 import statistics
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -37,6 +42,35 @@ def peak_memory_mib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def resident_mib() -> float:
+    """The process's current resident set size (Linux /proc/self/statm), MiB."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PhaseMemory:
+    """Highest resident set per named phase, sampled every `interval_s` by a daemon thread (CPU, Linux)."""
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s, self.phase, self.peaks = interval_s, "load", {}
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self) -> None:
+        while True:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), resident_mib())
+            time.sleep(self.interval_s)
+
+    @contextmanager
+    def track(self, phase: str):
+        """Attribute the resident set to `phase` while the block runs (and one last reading at its end)."""
+        self.phase = phase
+        try:
+            yield
+        finally:
+            self.peaks[phase] = max(self.peaks.get(phase, 0.0), resident_mib())
+            self.phase = "between"
 
 
 def matmul_peak_flops(device: str, dtype: torch.dtype, size: int = 2048, tries: int = 5) -> float:
@@ -85,6 +119,8 @@ def main(argv: list[str]) -> None:
         model, tokenizer, ref_model = prepare_model(args, checkpoint=None)
     except InputError as error:
         sys.exit(report(error))
+    loaded_mib = resident_mib()
+    memory = PhaseMemory()
     if args.threads:
         torch.set_num_threads(args.threads)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -102,11 +138,13 @@ def main(argv: list[str]) -> None:
     for step in range(bench_args.repeats):
         started = time.perf_counter()
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
-        batch, _, _ = rollout_step(
-            args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn, prompt_format
-        )
+        with memory.track("rollout"):
+            batch, _, _ = rollout_step(
+                args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn, prompt_format
+            )
         rolled = time.perf_counter()
-        policy_update(args, model, optimizer, batch)
+        with memory.track("update"):
+            policy_update(args, model, optimizer, batch)
         done = time.perf_counter()
         tokens = int(batch.rollout.completion_mask.sum())
         floor = step_flop_floor(batch.rollout, params, args.ppo_epochs)
@@ -117,6 +155,13 @@ def main(argv: list[str]) -> None:
             f"total {done - started:6.2f} s, {floor / (done - started) / peak:6.1%} of the FLOP floor at peak"
         )
     print(f"median step {statistics.median(step_seconds):.2f} s; peak memory: {peak_memory_mib(device):.0f} MiB")
+    if not device.startswith("cuda"):
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+        print(
+            f"resident set: {loaded_mib:.0f} MiB after loading; highest {memory.peaks.get('rollout', 0):.0f} MiB "
+            f"while sampling, {memory.peaks.get('update', 0):.0f} MiB while updating (trainable weights "
+            f"{trainable:.0f} MiB, their gradients {trainable:.0f} MiB, AdamW's two moments {2 * trainable:.0f} MiB)"
+        )
 
 
 if __name__ == "__main__":

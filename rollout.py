@@ -19,8 +19,9 @@ Choices, and the quirks that bite:
   shift the rotary positions between sampling and training.
 - The completion mask comes from the first EOS, never from the pad id: the EOS token carries loss, tokens
   after it do not, even when the pad id equals the EOS id.
-- The vocabulary projection and fp32 log-softmax run over `chunk_size` positions at a time (recomputed in
-  the backward pass), so no [B, T, V] fp32 tensor is ever materialised.
+- The vocabulary projection and fp32 log-softmax run only over the completion's real tokens (padding
+  never meets the head), `chunk_size` tokens at a time and recomputed in the backward pass, so the largest
+  vocabulary-sized tensor is [chunk_size, V] whatever the batch's rows and lengths.
 """
 
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ def _token_logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, tempera
 
 
 def _head_logp_and_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float):
-    """_token_logp_and_entropy of head(hidden) for hidden [B, c, H], targets [B, c]."""
+    """_token_logp_and_entropy of head(hidden) for hidden [n, H], targets [n]."""
     return _token_logp_and_entropy(head(hidden), targets, temperature)
 
 
@@ -186,13 +187,14 @@ def _states_before_tokens_shared_prompts(model, prompt_ids, prompt_mask, complet
 
 
 def completion_logprobs(
-    model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float, chunk_size: int = 64
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float, chunk_size: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of the completion under `model` at `temperature`.
 
     prompt_ids/prompt_mask [B, P], completion_ids/completion_mask [B, C] -> (logp [B, C], entropy [B, C]),
-    both zero where completion_mask is 0. Differentiable when grad is enabled. Assumes the usual
-    `logits = lm_head(last_hidden_state)` of Llama/Qwen/Mistral-style causal LMs.
+    both zero where completion_mask is 0. Differentiable when grad is enabled. The head and log-softmax see
+    `chunk_size` real completion tokens at a time. Assumes the usual `logits = lm_head(last_hidden_state)`
+    of Llama/Qwen/Mistral-style causal LMs.
     """
     temperature = temperature if temperature > 0 else 1.0  # greedy decoding is scored at T = 1
     full_width = completion_ids.shape[1]
@@ -205,23 +207,24 @@ def completion_logprobs(
         hidden = _states_before_tokens(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # [B, C, H]
     else:
         hidden = _states_before_tokens_shared_prompts(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    completion_len = completion_ids.shape[1]
+    real = completion_mask.bool()  # [B, C']
+    states, targets = hidden[real], completion_ids[real]  # [N, H], [N]: the real completion tokens only
     head = model.get_output_embeddings()
     logps, entropies = [], []
-    for start in range(0, completion_len, chunk_size):
+    for start in range(0, max(len(targets), 1), chunk_size):  # one (empty) chunk when N = 0
         chunk = slice(start, start + chunk_size)
         if torch.is_grad_enabled():
             logp, entropy = checkpoint(
-                _head_logp_and_entropy, hidden[:, chunk], head, completion_ids[:, chunk], temperature, use_reentrant=False
-            )
+                _head_logp_and_entropy, states[chunk], head, targets[chunk], temperature, use_reentrant=False
+            )  # [n], [n]
         else:
-            logp, entropy = _head_logp_and_entropy(hidden[:, chunk], head, completion_ids[:, chunk], temperature)
+            logp, entropy = _head_logp_and_entropy(states[chunk], head, targets[chunk], temperature)
         logps.append(logp)
         entropies.append(entropy)
-    mask = completion_mask.float()
     padding = (0, full_width - width)  # back to the caller's width, zeros in the dropped columns
-    logp = torch.nn.functional.pad(torch.cat(logps, dim=1) * mask, padding)  # [B, C]
-    entropy = torch.nn.functional.pad(torch.cat(entropies, dim=1) * mask, padding)  # [B, C]
+    empty = torch.zeros(real.shape, device=hidden.device)  # [B, C']
+    logp = torch.nn.functional.pad(empty.masked_scatter(real, torch.cat(logps)), padding)  # [B, C]
+    entropy = torch.nn.functional.pad(empty.masked_scatter(real, torch.cat(entropies)), padding)  # [B, C]
     return logp, entropy
 
 
@@ -332,7 +335,7 @@ def generate_rollouts(
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
-    chunk_size: int = 64,
+    chunk_size: int = 512,
     score: bool = True,
 ) -> RolloutBatch:
     """Sample `group_size` completions for each prompt text in one batch; temperature 0 = greedy.

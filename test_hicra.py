@@ -174,6 +174,27 @@ def test_rollout_logprobs_match_a_fresh_training_forward(tokenizer, architecture
     assert (batch.old_logp[batch.completion_mask == 0] == 0).all()
 
 
+def test_vocabulary_head_sees_only_real_completion_tokens_a_chunk_at_a_time(tokenizer, model):
+    prompts = [format_prompt(tokenizer, "What is 2 + 2?"), format_prompt(tokenizer, "Add 12 and 30, then check.")]
+    torch.manual_seed(0)
+    batch = generate_rollouts(model, tokenizer, prompts, group_size=3, max_new_tokens=12, temperature=1.0)
+    mask = batch.completion_mask.clone()
+    mask[0, 4:], mask[2, 1:] = 0, 0  # rows that stopped early: their padding must not meet the head
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, inputs, _o: head_rows.append(inputs[0].shape[:-1]))
+    args = (model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, mask, 1.0)
+    with torch.no_grad():
+        chunked = completion_logprobs(*args, chunk_size=7)
+        whole = completion_logprobs(*args, chunk_size=10_000)
+    hook.remove()
+    real = int(mask.sum())
+    assert [len(shape) for shape in head_rows] == [1] * len(head_rows)  # [n, H] rows, never [B, C, H]
+    assert sum(shape[0] for shape in head_rows[:-1]) == real and max(shape[0] for shape in head_rows[:-1]) == 7
+    assert head_rows[-1][0] == real
+    for a, b in zip(chunked, whole):
+        assert torch.allclose(a, b, atol=1e-6) and (a[mask == 0] == 0).all()
+
+
 def test_bfloat16_rollouts_are_rescored_by_the_training_forward_and_near_float32(tokenizer):
     model = build_model(tokenizer)
     half = build_model(tokenizer).to(torch.bfloat16)

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
     group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    group.add_argument("--logprob-chunk", type=int, default=64, help="positions per fp32 log-softmax chunk")
+    group.add_argument("--logprob-chunk", type=int, default=512,
+                       help="completion tokens per fp32 vocabulary log-softmax chunk (bounds its memory)")
 
     group = parser.add_argument_group("algorithm")
     group.add_argument("--algo", default="hicra", choices=ALGOS, help="advantage shaping, see the module doc")
