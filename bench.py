@@ -7,9 +7,11 @@ Takes every train.py flag (same defaults) plus --repeats. Prints, per repeat: th
 generated tokens per second, the update's seconds (all PPO epochs) and trained completion tokens per
 second, the step time, and the fraction of the step's FLOP floor reached at this machine's matmul peak.
 At the end: the median step and the peak memory (CUDA max allocated on a GPU, max RSS of the process on
-a CPU). On a CPU it also prints where the memory goes: the resident set after loading the model, and the
-highest resident set seen during sampling and during the update (optimizer step included), read from
-/proc/self/statm every few milliseconds by a background thread.
+a CPU). On a CPU it also prints where the memory goes: the resident set after loading the model, and for
+each step the highest resident set seen while sampling and while updating (optimizer step included), read
+from /proc/self/statm every few milliseconds by a background thread. Step 0 starts without gradients or
+AdamW moments (they appear in its update), so its sampling peak is the sampler's own; from step 1 on the
+AdamW moments are held throughout, and freed memory the allocator keeps for reuse counts as resident.
 
 FLOP floor: 2 N FLOPs per token for every token the sampler must read or write (each distinct prompt once,
 each generated token once), plus 2 N per token per forward and 4 N per token per backward of every PPO
@@ -138,12 +140,12 @@ def main(argv: list[str]) -> None:
     for step in range(bench_args.repeats):
         started = time.perf_counter()
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
-        with memory.track("rollout"):
+        with memory.track(f"sampling {step}"):
             batch, _, _ = rollout_step(
                 args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn, prompt_format
             )
         rolled = time.perf_counter()
-        with memory.track("update"):
+        with memory.track(f"update {step}"):
             policy_update(args, model, optimizer, batch)
         done = time.perf_counter()
         tokens = int(batch.rollout.completion_mask.sum())
@@ -153,14 +155,15 @@ def main(argv: list[str]) -> None:
             f"step {step}: rollout {rolled - started:6.2f} s ({tokens / (rolled - started):7.1f} tok/s, {tokens} tokens), "
             f"update {done - rolled:6.2f} s ({args.ppo_epochs * tokens / (done - rolled):7.1f} tok/s), "
             f"total {done - started:6.2f} s, {floor / (done - started) / peak:6.1%} of the FLOP floor at peak"
+            + ("" if device.startswith("cuda") else f"; resident set at most {memory.peaks[f'sampling {step}']:.0f} MiB "
+               f"sampling, {memory.peaks[f'update {step}']:.0f} MiB updating")
         )
     print(f"median step {statistics.median(step_seconds):.2f} s; peak memory: {peak_memory_mib(device):.0f} MiB")
     if not device.startswith("cuda"):
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
         print(
-            f"resident set: {loaded_mib:.0f} MiB after loading; highest {memory.peaks.get('rollout', 0):.0f} MiB "
-            f"while sampling, {memory.peaks.get('update', 0):.0f} MiB while updating (trainable weights "
-            f"{trainable:.0f} MiB, their gradients {trainable:.0f} MiB, AdamW's two moments {2 * trainable:.0f} MiB)"
+            f"resident set after loading: {loaded_mib:.0f} MiB; trainable weights {trainable:.0f} MiB, their "
+            f"gradients {trainable:.0f} MiB, AdamW's two moments {2 * trainable:.0f} MiB"
         )
 
 

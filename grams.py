@@ -180,7 +180,7 @@ def semantic_entropy(counts: Mapping[str, int] | Sequence[int]) -> float:
     """
     values = [c for c in (counts.values() if isinstance(counts, Mapping) else counts) if c > 0]
     total = sum(values)
-    return -sum(c / total * math.log(c / total) for c in values) if total else 0.0
+    return sum(c / total * math.log(total / c) for c in values) if total else 0.0  # log(1/p): no -0.0
 
 
 def batch_gram_counts(texts: Sequence[str], grams: Sequence[str]) -> Counter:

@@ -334,7 +334,7 @@ def test_batch_planning_mask_ignores_padding(tokenizer):
 
 def test_semantic_entropy_of_known_counts():
     assert semantic_entropy([1, 1, 2]) == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
-    assert semantic_entropy({"a": 3}) == 0.0
+    assert semantic_entropy({"a": 3}) == 0.0 and math.copysign(1.0, semantic_entropy({"a": 3})) == 1.0  # not -0.0
     assert semantic_entropy([]) == 0.0
 
 
