@@ -75,7 +75,7 @@ from grpo import ADVANTAGE_MODES, AGGREGATIONS, aggregate_loss, clip_fractions, 
 from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
 from metrics import RelativeToFirst, rollout_metrics, strategy_metrics
 from reward import REWARD_HELP, load_reward, score_completions
-from rollout import PromptFormat, RolloutBatch, completion_logprobs, format_prompt, generate_rollouts
+from rollout import PromptFormat, RolloutBatch, activation_checkpointing, completion_logprobs, format_prompt, generate_rollouts
 from tasks import DEFAULT_MODEL_DIR
 from trackers import TRACKERS, check_installed, open_trackers
 
@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps (passes) per rollout batch")
     group.add_argument("--micro-batch-size", type=int, default=32, help="completions per forward/backward")
     group.add_argument("--micro-batch-tokens", type=int, default=0,
-                       help="also cap a micro-batch at this many padded tokens (rows x (prompt + longest completion)); "
-                            "0 = no cap. Bounds activation memory; the gradient is the same")
+                       help="also cap the tokens a micro-batch's forward processes (each distinct prompt once + "
+                            "rows x longest completion; rows kept with their group); 0 = no cap. Bounds activation "
+                            "memory; the gradient is the same")
     group.add_argument("--steps", type=int, default=200, help="training steps (rollout + update)")
     group.add_argument("--max-nonfinite-steps", type=int, default=5,
                        help="stop after this many steps in a row skipped for a non-finite loss or gradient")
@@ -325,14 +326,33 @@ def placebo_gram_set(args, train_problems: list[Problem], grams: list[str]) -> l
         raise InputError(f"--algo placebo: {error}") from None
 
 
-def micro_batches(lengths: torch.Tensor, prompt_width: int, max_rows: int, max_tokens: int) -> list[torch.Tensor]:
-    """Row indices of each micro-batch: rows in order of completion length (so a micro-batch pads little),
-    at most `max_rows` rows and, when max_tokens > 0, at most `max_tokens` padded tokens
-    (rows x (prompt_width + longest completion)); a row longer than that alone gets a micro-batch of its own."""
+def micro_batches(
+    lengths: torch.Tensor, group_size: int, prompt_width: int, max_rows: int, max_tokens: int, shared_prompts: bool = True
+) -> list[torch.Tensor]:
+    """Row indices of each micro-batch, at most `max_rows` rows each. lengths: [B] completion lengths, rows
+    i*G .. i*G+G-1 sharing prompt i.
+
+    Without a token cap (max_tokens 0) rows go in order of completion length, so a micro-batch pads little.
+    With one, the tokens a micro-batch's forward processes stay within max_tokens: each distinct prompt once
+    (`shared_prompts`: completion_logprobs encodes a prompt once for all its rows; once per row otherwise)
+    plus rows x the longest completion. Rows are then taken group by group (groups in order of their longest
+    completion, a group's rows by length), so a prompt is split over as few micro-batches as the cap allows;
+    a row over the cap alone gets a micro-batch of its own.
+    """
+    if max_tokens:
+        group = torch.arange(len(lengths)) // group_size  # [B]
+        group_longest = lengths.view(-1, group_size).max(-1).values[group]  # [B]
+        order = sorted(range(len(lengths)), key=lambda r: (int(group_longest[r]), int(group[r]), int(lengths[r])))
+    else:
+        order = lengths.argsort(stable=True).tolist()
+
+    def forward_tokens(rows: list[int]) -> int:
+        prompts = len({row // group_size for row in rows}) if shared_prompts else len(rows)
+        return prompts * prompt_width + len(rows) * max(int(lengths[row]) for row in rows)
+
     batches, current = [], []
-    for row in lengths.argsort(stable=True).tolist():
-        width = prompt_width + int(lengths[row])
-        if current and (len(current) == max_rows or (max_tokens and (len(current) + 1) * width > max_tokens)):
+    for row in order:
+        if current and (len(current) == max_rows or (max_tokens and forward_tokens(current + [row]) > max_tokens)):
             batches.append(torch.tensor(current))
             current = []
         current.append(row)
@@ -352,7 +372,8 @@ def policy_update(args, model, optimizer, batch: StepBatch) -> dict[str, float]:
     totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0, "nonfinite_updates": 0}
     # Micro-batches of rows of similar length: completion_logprobs drops the columns all rows pad.
     row_groups = micro_batches(
-        rollout.completion_mask.sum(-1), rollout.prompt_ids.shape[1], args.micro_batch_size, args.micro_batch_tokens
+        rollout.completion_mask.sum(-1), rollout.group_size, rollout.prompt_ids.shape[1], args.micro_batch_size,
+        args.micro_batch_tokens, shared_prompts=not activation_checkpointing(model),
     )
     model.train()
     for _ in range(args.ppo_epochs):
