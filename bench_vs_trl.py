@@ -29,7 +29,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int) -> None:
+def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int, logprob_chunk: int) -> None:
     """Our train.py step (rollout_step + policy_update) with the shared configuration."""
     import torch
 
@@ -43,7 +43,7 @@ def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int) -> N
         "--model", model, "--data", "gsm8k_train", "--reward", "gsm8k", "--grams", "paper", "--algo", "grpo",
         "--prompts-per-step", str(PROMPTS), "--group-size", str(GROUP), "--max-new-tokens", str(MAX_NEW),
         "--lr", str(LR), "--micro-batch-size", str(MICRO_BATCH), "--dtype", "float32", "--threads", str(threads),
-        "--eval-every", "0", "--micro-batch-tokens", str(micro_batch_tokens),
+        "--eval-every", "0", "--micro-batch-tokens", str(micro_batch_tokens), "--logprob-chunk", str(logprob_chunk),
     ])
     torch.set_num_threads(threads)
     problems, grams = load_problems(args.data), grams_lib.load_grams(args.grams)
@@ -57,8 +57,8 @@ def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int) -> N
         print(RECORD, json.dumps({"step": step, "seconds": time.perf_counter() - started}), flush=True)
 
 
-def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int) -> None:
-    """TRL's GRPOTrainer with the shared configuration (micro_batch_tokens is ours only, unused here)."""
+def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int, logprob_chunk: int) -> None:
+    """TRL's GRPOTrainer with the shared configuration (micro_batch_tokens and logprob_chunk are ours only, unused here)."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -108,6 +108,7 @@ def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
     command = [
         sys.executable, __file__, "--child", kind, "--model", args.model, "--steps", str(args.steps),
         "--threads", str(args.threads), "--micro-batch-tokens", str(args.micro_batch_tokens),
+        "--logprob-chunk", str(args.logprob_chunk),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -125,10 +126,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     parser.add_argument("--micro-batch-tokens", type=int, default=0,
                         help="our --micro-batch-tokens (activation memory cap; same gradient); 0 = rows only")
+    parser.add_argument("--logprob-chunk", type=int, default=512,
+                        help="our --logprob-chunk (tokens per vocabulary log-softmax chunk; same result)")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        (run_ours if args.child == "ours" else run_trl)(args.model, args.steps, args.threads, args.micro_batch_tokens)
+        run = run_ours if args.child == "ours" else run_trl
+        run(args.model, args.steps, args.threads, args.micro_batch_tokens, args.logprob_chunk)
         print(RECORD, json.dumps({"peak_rss_mib": peak_rss_mib()}), flush=True)
         return
     if args.steps < 2:
