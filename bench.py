@@ -56,7 +56,7 @@ class PhaseMemory:
     """Highest resident set per named phase, sampled every `interval_s` by a daemon thread (CPU, Linux)."""
 
     def __init__(self, interval_s: float = 0.002):
-        self.interval_s, self.phase, self.peaks = interval_s, "load", {}
+        self.interval_s, self.phase, self.peaks = interval_s, "between", {}  # "between": outside any tracked block
         threading.Thread(target=self._poll, daemon=True).start()
 
     def _poll(self) -> None:

@@ -340,9 +340,8 @@ def micro_batches(
     a row over the cap alone gets a micro-batch of its own.
     """
     if max_tokens:
-        group = torch.arange(len(lengths)) // group_size  # [B]
-        group_longest = lengths.view(-1, group_size).max(-1).values[group]  # [B]
-        order = sorted(range(len(lengths)), key=lambda r: (int(group_longest[r]), int(group[r]), int(lengths[r])))
+        group_longest = lengths.view(-1, group_size).max(-1).values.tolist()  # [N], the longest row of each group
+        order = sorted(range(len(lengths)), key=lambda r: (group_longest[r // group_size], r // group_size, int(lengths[r])))
     else:
         order = lengths.argsort(stable=True).tolist()
 
