@@ -1,29 +1,27 @@
 """The built-in reasoning world: small verifiable word problems where the strategy decides success.
 
-Each problem family has two ways to be solved, announced by a planning phrase at the start of the trace:
+Each problem family has two ways to be solved, announced by a planning phrase at the start of the trace,
+followed by the operands copied from the problem ("the numbers are 47, 6") and the strategy's equations:
 
 - `steps`  (sound): break the problem into one small operation per line, e.g.
-      "let's break it into parts. 40 * 6 = 240. 7 * 6 = 42. 240 + 42 = 282. so the answer is \\boxed{282}."
+      "let's break it into parts. the numbers are 47, 6. 40 * 6 = 240. 7 * 6 = 42. 240 + 42 = 282.
+       so the answer is \\boxed{282}."
 - `direct` (poor):  do everything in one long step, e.g.
-      "let's multiply in one step. 47 * 6 = 282. so the answer is \\boxed{282}."
+      "let's multiply in one step. the numbers are 47, 6. 47 * 6 = 282. so the answer is \\boxed{282}."
 - `check`  (sound): the direct step, then "let me check:" redoes it in small steps and either confirms it
       ("that is right.") or catches the slip ("wait, that is wrong.") and answers with the checked value.
 
 All are valid, but a tiny model executes the small steps more reliably: one long step is beyond its
-capacity, so `direct` fails more often *by itself*; no error is injected at sampling time. Measured on the
-shipped model (first 300 test problems of seed 0, temperature 1.0, plan forced,
-tiny_model.forced_plan_accuracy): steps vs direct accuracy is 0.73 vs 0.10 on `sum`, 0.79 vs 0.43 on `mul`,
-but 0.72 vs 0.72 on `change` (there the strategy does not matter). The base model (tiny_model.py) is fine-tuned on a mix where `direct`
-dominates, so reinforcement learning has a strategy to discover (the planning phrase of `steps` or
-`check`), which is what HICRA credits (paper Sec. 3).
+capacity, so `direct` fails more often *by itself*; no error is injected at sampling time. The base model
+(tiny_model.py) is fine-tuned on a mix where `direct` dominates, so reinforcement learning has a strategy
+to discover (the planning phrase of `steps` or `check`), which is what HICRA credits (paper Sec. 3); and
+its teacher was fallible (it misread operands and slipped on results now and then, `written_trace` with
+`slip_writer`), so the model's own execution is imperfect under every strategy and can be consolidated.
+The README gives the measured strategy gap and base accuracies.
 
-Traces can also be written by a fallible solver (`written_trace` with `slip_writer`): each result slips
-with some probability and the later steps build on the written value, as on paper (tiny_model.py's
-optional slip phase).
-
-Families: `sum` (four 2-digit numbers), `mul` (2-digit times 1-digit), `change` (a + b - c).
-Train and test problems are disjoint by their operands (a fixed hash splits the operand space), so test
-arithmetic was never seen verbatim during fine-tuning.
+Families: `sum` (four 2-digit numbers), `mul` (2-digit times 1-digit), `packs` (a*b + c*d, one-digit
+factors). Train and test problems are disjoint by their operands (a fixed hash splits the operand space),
+so test arithmetic was never seen verbatim during fine-tuning.
 """
 
 import json
@@ -35,7 +33,7 @@ from pathlib import Path
 from cli import OneLineParser, check_output_file
 from data import InputError, Problem
 
-FAMILIES = ("sum", "mul", "change")
+FAMILIES = ("sum", "mul", "packs")
 STRATEGIES = ("direct", "steps", "check")
 SPLITS = ("train", "test")
 DEFAULT_MODEL_DIR = str(Path(__file__).parent / "models" / "tiny-world")  # the base model tiny_model.py builds
@@ -45,12 +43,13 @@ TEST_PERCENT = 20  # share of each family's operand space held out for the test 
 PLANS = {
     "sum": {"steps": "let's add them one at a time", "direct": "let's add them all at once"},
     "mul": {"steps": "let's break it into parts", "direct": "let's multiply in one step"},
-    "change": {"steps": "let's go step by step", "direct": "let's do it in one step"},
+    "packs": {"steps": "let's go step by step", "direct": "let's do it in one step"},
 }
 CHECK = "let me check"
 CHECK_OK = "that is right"
 CHECK_WRONG = "wait, that is wrong"
 CONCLUDE = "so the answer is"
+RESTATE = "the numbers are"  # execution text: the operands copied before any equation
 
 # The world's strategic grams (grams preset "world"): every planning phrase above, lower-case.
 WORLD_GRAMS = sorted({plan for plans in PLANS.values() for plan in plans.values()}
@@ -69,9 +68,8 @@ def family_operands(family: str, rng: random.Random) -> tuple[int, ...]:
     if family == "mul":
         tens, units = rng.randint(1, 9), rng.randint(1, 9)  # units > 0 so the split has two parts
         return (10 * tens + units, rng.randint(3, 9))
-    if family == "change":
-        a, b = rng.randint(20, 99), rng.randint(20, 99)
-        return (a, b, rng.randint(10, a + b - 10))
+    if family == "packs":
+        return tuple(rng.randint(2, 9) for _ in range(4))
     raise ValueError(f"unknown family '{family}' (known: {', '.join(FAMILIES)})")
 
 
@@ -81,7 +79,7 @@ def solve(family: str, ops: tuple[int, ...]) -> int:
         return sum(ops)
     if family == "mul":
         return ops[0] * ops[1]
-    return ops[0] + ops[1] - ops[2]
+    return ops[0] * ops[1] + ops[2] * ops[3]
 
 
 def problem_text(family: str, ops: tuple[int, ...], name: str, item: str) -> str:
@@ -93,8 +91,9 @@ def problem_text(family: str, ops: tuple[int, ...], name: str, item: str) -> str
     if family == "mul":
         a, b = ops
         return f"{name} buys {a} bags of {item}. Each bag holds {b} {item}. How many {item} does {name} buy?"
-    a, b, c = ops
-    return f"{name} has {a} {item}, gets {b} more and then gives away {c}. How many {item} does {name} have now?"
+    a, b, c, d = ops
+    return (f"{name} buys {a} packs of {b} {item} and {c} packs of {d} {item}. "
+            f"How many {item} does {name} buy?")
 
 
 def split_of(family: str, ops: tuple[int, ...]) -> str:
@@ -154,9 +153,9 @@ def step_equations(family: str, ops: tuple[int, ...], write=exact) -> list[str]:
         x, y = step(f"{tens} * {b}", tens * b), step(f"{units} * {b}", units * b)
         step(f"{x} + {y}", x + y)
     else:
-        a, b, c = ops
-        s = step(f"{a} + {b}", a + b)
-        step(f"{s} - {c}", s - c)
+        a, b, c, d = ops
+        x, y = step(f"{a} * {b}", a * b), step(f"{c} * {d}", c * d)
+        step(f"{x} + {y}", x + y)
     return lines
 
 
@@ -166,7 +165,7 @@ def direct_equation(family: str, ops: tuple[int, ...], result: int) -> str:
         return f"{' + '.join(map(str, ops))} = {result}"
     if family == "mul":
         return f"{ops[0]} * {ops[1]} = {result}"
-    return f"{ops[0]} + {ops[1]} - {ops[2]} = {result}"
+    return f"{ops[0]} * {ops[1]} + {ops[2]} * {ops[3]} = {result}"
 
 
 def slipped(value: int, rng: random.Random) -> int:
@@ -174,9 +173,16 @@ def slipped(value: int, rng: random.Random) -> int:
     return max(1, value + rng.choice((-10, -1, 1, 10, 100 if value >= 100 else 20)))
 
 
-def slip_writer(rng: random.Random, slip_rate: float):
-    """write(value) for a fallible solver: each result is `slipped` with probability `slip_rate`."""
-    return lambda value: slipped(value, rng) if rng.random() < slip_rate else value
+def miscopied(value: int, rng: random.Random) -> int:
+    """A plausible misreading of an operand: one digit off by one (units, or tens when there are tens)."""
+    step = rng.choice((1, 10)) if value >= 10 else 1
+    return max(1, value + rng.choice((-step, step)))
+
+
+def slip_writer(rng: random.Random, slip_rate: float, slip=slipped):
+    """write(value) for a fallible solver: each value goes through slip(value, rng) with probability
+    `slip_rate` (`slipped` for results, `miscopied` for operands)."""
+    return lambda value: slip(value, rng) if rng.random() < slip_rate else value
 
 
 def last_result(equation: str) -> int:
@@ -184,28 +190,35 @@ def last_result(equation: str) -> int:
     return int(equation.rsplit("= ", 1)[1])
 
 
-def written_trace(problem: Problem, strategy: str, write=exact, first_slip: bool = False,
-                  rng: random.Random | None = None) -> str:
-    """A trace of `problem` with `strategy` in which every result goes through write(value).
+def restatement(ops: tuple[int, ...]) -> str:
+    """The line that copies a problem's operands, right after the plan: "the numbers are 47, 38, 12, 90"."""
+    return f"{RESTATE} {', '.join(map(str, ops))}"
 
-    The answer is what the trace computed: with write=exact it is right; with a fallible writer
-    (`slip_writer`) it is wrong whenever a slip reaches the end. first_slip (strategy "check" only): the
-    direct step holds a slip drawn from `rng`, for the check to catch. The check compares its own small-step
-    result with the direct one: "that is right." if they agree, else "wait, that is wrong." and the checked
-    value is the answer.
+
+def written_trace(problem: Problem, strategy: str, write=exact, first_slip: bool = False,
+                  rng: random.Random | None = None, copy=exact) -> str:
+    """A trace of `problem` with `strategy`: the plan, the operands as copied (copy(x) for each), the
+    strategy's equations on the copied operands with every result going through write(value), the answer.
+
+    The answer is what the trace computed: with write=copy=exact it is right; with a fallible writer or
+    copier (`slip_writer`) it is wrong whenever a slip reaches the end, under any strategy. first_slip
+    (strategy "check" only): the direct step holds a slip drawn from `rng`, for the check to catch. The
+    check compares its own small-step result with the direct one: "that is right." if they agree, else
+    "wait, that is wrong." and the checked value is the answer.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}' (known: {', '.join(STRATEGIES)})")
     if first_slip and strategy != "check":
         raise ValueError("slip=True needs strategy 'check' (only a check can catch a slip)")
-    family, ops = problem.meta["family"], tuple(problem.meta["operands"])
+    family = problem.meta["family"]
+    ops = tuple(copy(x) for x in problem.meta["operands"])
     if strategy == "steps":
         steps = step_equations(family, ops, write)
-        body, answer = [PLANS[family]["steps"], *steps], last_result(steps[-1])
+        body, answer = [PLANS[family]["steps"], restatement(ops), *steps], last_result(steps[-1])
     else:
         value = solve(family, ops)
         first = slipped(value, rng or random.Random(0)) if first_slip else write(value)
-        body, answer = [PLANS[family]["direct"], direct_equation(family, ops, first)], first
+        body, answer = [PLANS[family]["direct"], restatement(ops), direct_equation(family, ops, first)], first
         if strategy == "check":
             steps = step_equations(family, ops, write)
             answer = last_result(steps[-1])

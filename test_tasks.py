@@ -63,7 +63,7 @@ def test_a_slip_carries_forward_to_a_wrong_answer_classified_as_execution():
     written = iter([240 + 10, 42, 292])  # the first result written 10 too high; the sum built on it is right
 
     trace = tasks.written_trace(MUL, "steps", lambda value: next(written))
-    assert trace == "let's break it into parts. 40 * 6 = 250. 7 * 6 = 42. 250 + 42 = 292. so the answer is \\boxed{292}."
+    assert trace == "let's break it into parts. the numbers are 47, 6. 40 * 6 = 250. 7 * 6 = 42. 250 + 42 = 292. so the answer is \\boxed{292}."
     assert tasks.classify_error(MUL, trace) == "execution"
 
 
@@ -75,6 +75,20 @@ def test_a_slip_inside_the_check_is_an_execution_error():
     assert tasks.detect_strategy(MUL, trace) == "check" and tasks.classify_error(MUL, trace) == "execution"
 
 
+def test_a_misread_operand_carries_into_every_strategy_as_an_execution_error_under_a_sound_plan():
+    for strategy, error in (("steps", "execution"), ("check", "execution"), ("direct", "strategy")):
+        copied = iter([48, 6])  # 47 read as 48
+        trace = tasks.written_trace(MUL, strategy, copy=lambda value: next(copied))
+        assert "the numbers are 48, 6. " in trace and tasks.boxed_answer(trace) == "288", trace
+        assert tasks.classify_error(MUL, trace) == error
+
+
+def test_miscopied_changes_one_digit_by_one():
+    rng = random.Random(0)
+    assert {tasks.miscopied(47, rng) for _ in range(200)} == {46, 48, 37, 57}
+    assert {tasks.miscopied(6, rng) for _ in range(200)} == {5, 7}
+
+
 def test_slip_writer_slips_at_its_rate():
     write = tasks.slip_writer(random.Random(0), 0.25)
     slips = sum(write(500) != 500 for _ in range(4000))
@@ -82,7 +96,7 @@ def test_slip_writer_slips_at_its_rate():
     assert all(tasks.slip_writer(random.Random(1), 0.0)(v) == v for v in range(1, 200))
 
 
-def test_slip_phase_teacher_is_wrong_at_the_rate_its_slips_imply():
+def test_fallible_teacher_is_wrong_at_the_rate_its_slips_imply():
     import tiny_model
 
     problems = [p for p in tasks.world_problems("train", 900, seed=5) if p.meta["family"] == "mul"]  # 3 results
@@ -90,6 +104,9 @@ def test_slip_phase_teacher_is_wrong_at_the_rate_its_slips_imply():
     traces = [tiny_model.sft_trace(p, rng, {"steps": 1.0}, slip_rate=0.1) for p in problems]
     wrong = sum(tasks.classify_error(p, t) == "execution" for p, t in zip(problems, traces)) / len(problems)
     assert 0.17 < wrong < 0.37  # 1 - 0.9**3 = 0.27, minus the rare slips that cancel
+    copied = [tiny_model.sft_trace(p, rng, {"steps": 1.0}, copy_slip_rate=0.1) for p in problems]
+    wrong = sum(tasks.classify_error(p, t) == "execution" for p, t in zip(problems, copied)) / len(problems)
+    assert 0.12 < wrong < 0.27  # 1 - 0.9**2 = 0.19: two operands to copy
     exact = [tiny_model.sft_trace(p, random.Random(1), {"steps": 1.0}) for p in problems[:50]]
     assert all(tasks.classify_error(p, t) is None for p, t in zip(problems, exact))
 
@@ -108,11 +125,11 @@ def test_world_grams_are_lower_case_and_mark_every_plan():
 
 
 def test_classify_error_correct_is_none():
-    assert tasks.classify_error(MUL, "let's multiply in one step. 47 * 6 = 282. so the answer is \\boxed{282}.") is None
+    assert tasks.classify_error(MUL, "let's multiply in one step. the numbers are 47, 6. 47 * 6 = 282. so the answer is \\boxed{282}.") is None
 
 
 def test_classify_error_poor_plan_is_strategy_error():
-    wrong_direct = "let's multiply in one step. 47 * 6 = 272. so the answer is \\boxed{272}."
+    wrong_direct = "let's multiply in one step. the numbers are 47, 6. 47 * 6 = 272. so the answer is \\boxed{272}."
     assert tasks.classify_error(MUL, wrong_direct) == "strategy"
 
 
@@ -122,9 +139,9 @@ def test_classify_error_missing_or_foreign_plan_is_strategy_error():
 
 
 def test_classify_error_slip_under_sound_plan_is_execution_error():
-    slip = "let's break it into parts. 40 * 6 = 240. 7 * 6 = 48. 240 + 48 = 288. so the answer is \\boxed{288}."
+    slip = "let's break it into parts. the numbers are 47, 6. 40 * 6 = 240. 7 * 6 = 48. 240 + 48 = 288. so the answer is \\boxed{288}."
     assert tasks.classify_error(MUL, slip) == "execution"
-    missed = ("let's multiply in one step. 47 * 6 = 272. let me check: 40 * 6 = 240, 7 * 6 = 42, 240 + 42 = 282. "
+    missed = ("let's multiply in one step. the numbers are 47, 6. 47 * 6 = 272. let me check: 40 * 6 = 240, 7 * 6 = 42, 240 + 42 = 282. "
               "that is right. so the answer is \\boxed{272}.")
     assert tasks.classify_error(MUL, missed) == "execution"
 
@@ -153,7 +170,7 @@ def test_shipped_model_loads_offline_and_reaches_base_accuracy():
     assert sum(f.stat().st_size for f in MODEL_DIR.iterdir()) < 10 * 2**20
     problems = tasks.world_problems("test", BASE_SAMPLE, seed=BASE_SEED)
     batch = generate_rollouts(model, tokenizer, [format_prompt(tokenizer, p.problem) for p in problems],
-                              group_size=1, max_new_tokens=96, temperature=0.0)
+                              group_size=1, max_new_tokens=128, temperature=0.0)
     accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
     assert BASE_BAND[0] <= accuracy <= BASE_BAND[1]
     assert not batch.truncated.any()

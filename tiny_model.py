@@ -1,6 +1,6 @@
 """Build the tiny base model of the built-in world (tasks.py): tokenizer, small Llama, SFT warm start.
 
-    python tiny_model.py --out models/tiny-world        # deterministic for --seed; 13 min measured on 2 shared CPU cores
+    python tiny_model.py --out models/tiny-world        # deterministic for --seed; see the README for its build time
 
 Deliberate choices:
 - word-level tokenizer whose digits are single tokens (" 47" -> "▁4", "7"), so arithmetic is learnable by
@@ -14,10 +14,12 @@ Deliberate choices:
   `steps` / `check` strategies are rare but present, so RL has a strategy to discover. (One skewed phase
   alone also starves the sound strategies of practice: they end up no better than `direct`.) The errors
   of `direct` come from the model's own limited capacity;
-- an optional third *slip* phase (--slip-steps, off by default) in which a fallible teacher slips on each
-  written result with probability --slip-rate (tasks.slip_writer), on a mix where the sound strategies
-  are rarer still (SLIP_MIX): an attempt at a base model whose sampled execution has more room to improve
-  under RL; the README reports what it measured;
+- a fallible teacher in both phases (world v2): it misreads each operand it copies with probability
+  --copy-slip-rate and slips on each result it writes with probability --slip-rate (tasks.slip_writer),
+  building on what it wrote. The model learns the slips as probability spread around the right token, so
+  at temperature 1 its execution is imperfect under every strategy, the sound ones included, and RL can
+  sharpen it: the room for the paper's first phase (procedural consolidation). Copying the operands is
+  the one skill every strategy shares, so every completion, whatever its plan, gives it a learning signal;
 - loss on assistant tokens only (trace + EOS); the prompt is exactly rollout.format_prompt's.
 """
 
@@ -46,14 +48,15 @@ PIECE = Regex(r"▁?(?:\d|[A-Za-z]+|[^A-Za-z\d▁])")
 # Skill phase: every strategy practised often enough to be executed well.
 SKILL_MIX = {"direct": 0.50, "steps": 0.35, "check": 0.15}
 # Prior phase: the poor one-shot strategy dominates the choice; the sound ones are rare but present.
-PRIOR_MIX = {"direct": 0.85, "steps": 0.10, "check": 0.05}
-# Optional slip phase (--slip-steps, off by default): a fallible teacher (each written result slipped with
-# probability --slip-rate) on an even more skewed mix, so that sampled execution is imperfect and the sound
-# strategies are rarer at RL step 0. Measured in the README: it did not give a visible consolidation phase.
-SLIP_MIX = {"direct": 0.95, "steps": 0.03, "check": 0.02}
-SLIP_RATE = 0.10
+PRIOR_MIX = {"direct": 0.90, "steps": 0.06, "check": 0.04}
+# The teacher of both phases is fallible, as a person is: it misreads each operand it copies with
+# probability COPY_SLIP_RATE and slips on each result it writes with probability SLIP_RATE, building on what
+# it wrote. The model learns those slips as a spread of probability around the right token, so sampled
+# execution is imperfect under every strategy at RL step 0 and can be sharpened by reinforcement learning.
+COPY_SLIP_RATE = 0.04
+SLIP_RATE = 0.03
 CHECK_SLIP_RATE = 0.5  # share of `check` traces whose direct step holds a slip the check catches
-MAX_NEW_TOKENS = 96  # longest reference trace is ~70 tokens
+MAX_NEW_TOKENS = 128  # longest reference trace is 94 tokens (a `sum` check with its slip caught)
 IGNORE = -100  # label of tokens without loss (prompt, padding)
 
 
@@ -93,24 +96,27 @@ def build_model(tokenizer, args) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def sft_trace(problem, rng: random.Random, mix: dict[str, float], slip_rate: float = 0.0) -> str:
+def sft_trace(problem, rng: random.Random, mix: dict[str, float], slip_rate: float = 0.0,
+              copy_slip_rate: float = 0.0) -> str:
     """A trace for `problem` whose strategy is drawn from `mix`; CHECK_SLIP_RATE of `check` traces hold a
-    slip for the check to catch. slip_rate > 0: a fallible teacher also slips on each written result with
-    that probability (tasks.slip_writer), carrying the slip forward; 0: a correct reference trace."""
+    slip for the check to catch. A fallible teacher also slips on each written result with probability
+    slip_rate and misreads each copied operand with probability copy_slip_rate (tasks.slip_writer), carrying
+    the slip forward; both 0: a correct reference trace."""
     strategy = rng.choices(list(mix), weights=list(mix.values()))[0]
     slip = strategy == "check" and rng.random() < CHECK_SLIP_RATE
-    if slip_rate == 0:
+    if slip_rate == 0 and copy_slip_rate == 0:
         return tasks.reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
-    return tasks.written_trace(problem, strategy, tasks.slip_writer(rng, slip_rate), first_slip=slip, rng=rng)
+    return tasks.written_trace(problem, strategy, tasks.slip_writer(rng, slip_rate), first_slip=slip, rng=rng,
+                               copy=tasks.slip_writer(rng, copy_slip_rate, tasks.miscopied))
 
 
-def sft_batch(tokenizer, problems, rng: random.Random, mix: dict[str, float],
-              slip_rate: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_batch(tokenizer, problems, rng: random.Random, mix: dict[str, float], slip_rate: float = 0.0,
+              copy_slip_rate: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, labels) [B, T]; labels only on the trace and its EOS."""
     rows = []
     for p in problems:
         prompt = tokenizer(format_prompt(tokenizer, p.problem), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(sft_trace(p, rng, mix, slip_rate), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(sft_trace(p, rng, mix, slip_rate, copy_slip_rate), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in rows])  # [B, T]
@@ -131,24 +137,20 @@ def train_sft(model, tokenizer, args, phase: str) -> None:
     """Supervised fine-tuning on freshly generated train-split traces, one new batch per step.
 
     phase "skill": --steps steps on SKILL_MIX with warm-up and cosine decay (learning_rate);
-    phase "prior": --prior-steps steps on PRIOR_MIX at the constant --prior-lr;
-    phase "slip": --slip-steps steps on SLIP_MIX at the constant --prior-lr, written by a teacher that
-    slips on each result with probability --slip-rate.
-    Each phase has a fresh optimizer and its own data stream, so a phase only depends on the weights
+    phase "prior": --prior-steps steps on PRIOR_MIX at the constant --prior-lr.
+    Both phases' traces are written by the fallible teacher (--slip-rate, --copy-slip-rate). Each phase has a fresh optimizer and its own data stream, so a phase only depends on the weights
     it starts from.
     """
     skill = phase == "skill"
-    mix, steps, slip_rate = {"skill": (SKILL_MIX, args.steps, 0.0), "prior": (PRIOR_MIX, args.prior_steps, 0.0),
-                             "slip": (SLIP_MIX, args.slip_steps, args.slip_rate)}[phase]
+    mix, steps = (SKILL_MIX, args.steps) if skill else (PRIOR_MIX, args.prior_steps)
     rng = random.Random(args.seed if skill else f"{phase}:{args.seed}")
-    first_problem_seed = args.seed * 1_000_003 + {"skill": 0, "prior": args.steps,
-                                                  "slip": args.steps + args.prior_steps}[phase]
+    first_problem_seed = args.seed * 1_000_003 + (0 if skill else args.steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     model.train()
     start = time.time()
     for step in range(steps):
         problems = tasks.world_problems("train", args.batch_size, seed=first_problem_seed + step)
-        ids, mask, labels = sft_batch(tokenizer, problems, rng, mix, slip_rate)
+        ids, mask, labels = sft_batch(tokenizer, problems, rng, mix, args.slip_rate, args.copy_slip_rate)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         lr = learning_rate(step, args) if skill else args.prior_lr
         for group in optimizer.param_groups:
@@ -240,10 +242,10 @@ def parse_args() -> argparse.Namespace:
     sft.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     sft.add_argument("--prior-steps", type=int, default=300, help="optimiser steps of the prior phase")
     sft.add_argument("--prior-lr", type=float, default=3e-4, help="constant learning rate of the prior phase")
-    sft.add_argument("--slip-steps", type=int, default=0,
-                     help="optimiser steps of the optional slip phase (fallible teacher); 0 = none, the shipped model")
     sft.add_argument("--slip-rate", type=float, default=SLIP_RATE,
-                     help="slip phase: probability that the teacher slips on any one written result")
+                     help="probability that the teacher slips on any one result it writes")
+    sft.add_argument("--copy-slip-rate", type=float, default=COPY_SLIP_RATE,
+                     help="probability that the teacher misreads any one operand it copies")
     sft.add_argument("--log-every", type=int, default=100, help="print the loss every N steps")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-n", type=int, default=200, help="held-out test problems to sample")
@@ -251,8 +253,9 @@ def parse_args() -> argparse.Namespace:
     for flag in ("steps", "batch_size", "threads", "hidden", "layers", "heads", "eval_n"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
-    if args.slip_steps < 0 or not 0 <= args.slip_rate < 1:
-        parser.error("--slip-steps must be >= 0 and --slip-rate in [0, 1)")
+    for flag in ("slip_rate", "copy_slip_rate"):
+        if not 0 <= getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be in [0, 1)")
     if args.hidden % args.heads:
         parser.error("--hidden must be a multiple of --heads")
     return args
@@ -268,8 +271,6 @@ def main() -> None:
     print(f"vocab {len(tokenizer)}  parameters {params / 1e6:.2f}M")
     train_sft(model, tokenizer, args, "skill")
     train_sft(model, tokenizer, args, "prior")
-    if args.slip_steps:
-        train_sft(model, tokenizer, args, "slip")
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(args.out)

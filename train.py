@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("sampling")
     group.add_argument("--prompts-per-step", type=int, default=16, help="problems sampled per step")
     group.add_argument("--group-size", type=int, default=8, help="completions per problem (G >= 2)")
-    group.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
+    group.add_argument("--max-new-tokens", type=int, default=128, help="completion length limit")
     group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     group.add_argument("--logprob-chunk", type=int, default=512,
