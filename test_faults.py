@@ -27,7 +27,7 @@ import train
 STEPS = 10
 FLAGS = [
     "--data", "world_train", "--eval-data", "world", "--eval-limit", "2", "--eval-every", "4",
-    "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "48", "--threads", "1", "--seed", "1",
+    "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "64", "--threads", "1", "--seed", "2",
 ]  # long enough for the tiny world model to finish most answers: rewards vary, so the updates move the weights
 KILLS = [  # (point, step): each run of the chain is killed at the next one, in the order the runs reach them
     ("step:logged", 0),  # after the first metrics line, before any checkpoint: the resume starts at step 0 again
