@@ -164,13 +164,15 @@ def test_tokenizer_round_trips_traces_with_single_digit_tokens():
 
 
 def test_shipped_model_loads_offline_and_reaches_base_accuracy():
+    import tiny_model
+
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
     assert sum(f.stat().st_size for f in MODEL_DIR.iterdir()) < 10 * 2**20
     problems = tasks.world_problems("test", BASE_SAMPLE, seed=BASE_SEED)
     batch = generate_rollouts(model, tokenizer, [format_prompt(tokenizer, p.problem) for p in problems],
-                              group_size=1, max_new_tokens=128, temperature=0.0)
+                              group_size=1, max_new_tokens=tiny_model.MAX_NEW_TOKENS, temperature=0.0)
     accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
     assert BASE_BAND[0] <= accuracy <= BASE_BAND[1]
     assert not batch.truncated.any()

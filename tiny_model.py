@@ -49,10 +49,7 @@ PIECE = Regex(r"▁?(?:\d|[A-Za-z]+|[^A-Za-z\d▁])")
 SKILL_MIX = {"direct": 0.50, "steps": 0.35, "check": 0.15}
 # Prior phase: the poor one-shot strategy dominates the choice; the sound ones are rare but present.
 PRIOR_MIX = {"direct": 0.90, "steps": 0.06, "check": 0.04}
-# The teacher of both phases is fallible, as a person is: it misreads each operand it copies with
-# probability COPY_SLIP_RATE and slips on each result it writes with probability SLIP_RATE, building on what
-# it wrote. The model learns those slips as a spread of probability around the right token, so sampled
-# execution is imperfect under every strategy at RL step 0 and can be sharpened by reinforcement learning.
+# The fallible teacher of both phases (module docstring): per copied operand and per written result.
 COPY_SLIP_RATE = 0.04
 SLIP_RATE = 0.03
 CHECK_SLIP_RATE = 0.5  # share of `check` traces whose direct step holds a slip the check catches
@@ -138,8 +135,8 @@ def train_sft(model, tokenizer, args, phase: str) -> None:
 
     phase "skill": --steps steps on SKILL_MIX with warm-up and cosine decay (learning_rate);
     phase "prior": --prior-steps steps on PRIOR_MIX at the constant --prior-lr.
-    Both phases' traces are written by the fallible teacher (--slip-rate, --copy-slip-rate). Each phase has a fresh optimizer and its own data stream, so a phase only depends on the weights
-    it starts from.
+    Both phases' traces are written by the fallible teacher (--slip-rate, --copy-slip-rate). Each phase
+    has a fresh optimizer and its own data stream, so a phase only depends on the weights it starts from.
     """
     skill = phase == "skill"
     mix, steps = (SKILL_MIX, args.steps) if skill else (PRIOR_MIX, args.prior_steps)
