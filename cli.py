@@ -6,7 +6,7 @@ line, with exit code 2 (USAGE_ERROR), and no traceback:
 - numbers are checked up front, before any file is written, against a table of bounds per script
   (`check_bounds`): finite (argparse's `float` accepts "nan" and "inf") and in range;
 - files (data, grams) and model folders raise data.InputError where they are read (data.py, grams.py,
-  eval.load_model); each script's `main` prints it as the one line.
+  model_loading.load_model); each script's `main` prints it as the one line.
 """
 
 import argparse
@@ -16,7 +16,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from data import InputError
+
+class InputError(ValueError):
+    """Bad user input; the message is one line: "FILE:LINE: what is wrong" or "--flag: ..."."""
+
 
 USAGE_ERROR = 2  # exit code of every bad-input error, as argparse uses for a bad command line
 SEED_LIMIT = 2**32  # numpy's seeds are in [0, 2**32)

@@ -15,12 +15,10 @@ Choices, and where they come from:
 - Response length counts generated tokens, EOS included; `truncated` counts completions cut by
   --max-new-tokens, `no_box` those without a complete \\boxed{}, `timeouts` gradings that ran past
   reward.DEFAULT_TIMEOUT_S (scored wrong).
-- A GGUF file is de-quantised by transformers and saved once as a plain HF folder under
-  ~/.cache/hicra/, so the model can also be trained and saved (load_model).
+- The model loads through model_loading.load_model (HF folder, hub id or GGUF file).
 """
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -29,17 +27,16 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, OneLineParser, check_bounds, report
-from data import InputError, Problem, load_problems, read_examples
+from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, report
+from config import ModelFlags, PromptFlags, add_flags
+from data import Problem, load_problems, read_examples
+from model_loading import check_model_flags, load_model
 from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
-from rollout import DEFAULT_INSTRUCTION, PromptFormat, format_prompt, generate_rollouts
+from rollout import PromptFormat, format_prompt, generate_rollouts
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
 PAPER_TEMPERATURE = 0.6
-GGUF_CACHE = Path.home() / ".cache" / "hicra"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -139,132 +136,6 @@ def summarize(records: list[dict], samples: int, temperature: float, ks: list[in
     return summary
 
 
-def resolve_device_and_dtype(device: str, dtype: str, training: bool = False) -> tuple[str, torch.dtype]:
-    """device "auto" = cuda when available; dtype "auto" = bfloat16 on a GPU that supports it, else float32.
-
-    A device this machine lacks, or a dtype it cannot run, is an InputError (checked before anything loads):
-    float16 is refused for training on every device (no loss scaling or float32 master weights here, so
-    AdamW turns the weights to NaN in one step), but runs for evaluation, on a CPU too.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise InputError(f"--device: unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
-        raise InputError(f"--device {device}: CUDA is not available ({why}); use --device cpu or auto")
-    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {device}: MPS is not available here (Apple-silicon Macs only); use --device cpu or auto")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device: {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    if dtype == "auto":
-        bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
-        return device, torch.bfloat16 if bf16 else torch.float32
-    if training and dtype == "float16":
-        raise InputError("--dtype float16: training needs loss scaling and float32 master weights, which train.py "
-                         "does not do (the weights turn NaN); use bfloat16 or float32")
-    if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise InputError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; use float32")
-    return device, DTYPES[dtype]
-
-
-def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_file: str | None = None,
-               flag: str = "--model"):
-    """(model, tokenizer) from an HF folder (e.g. a train.py checkpoint), a hub id, or a GGUF file.
-
-    `path_or_id` may itself be a .gguf file; otherwise `gguf_file` names the GGUF file inside it.
-    dtype: "auto" or a key of DTYPES; device: "auto" or a torch device string. Anything that does not
-    load (no such folder, a config.json without a model type, truncated weights, an id not in the offline
-    cache) is an InputError naming `flag` and the folder.
-    """
-    device, dtype = resolve_device_and_dtype(device, dtype)
-    local = Path(path_or_id).expanduser()
-    if path_or_id.endswith(".gguf"):
-        if not local.is_file():
-            raise InputError(f"{flag}: {path_or_id}: no such file")
-        path_or_id, gguf_file = str(local.parent), local.name
-    elif local.is_file():
-        raise InputError(f"{flag}: {path_or_id} is a file; expected a model folder, a hub id or a .gguf file")
-    elif not local.exists() and looks_like_a_path(path_or_id):
-        raise InputError(f"{flag}: {path_or_id}: no such folder")
-    try:
-        if gguf_file is not None:
-            path_or_id = dequantized_folder(path_or_id, gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    except InputError:
-        raise
-    except Exception as error:  # transformers raises OSError, ValueError, KeyError, safetensors errors, ...
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = lines[0] if lines else type(error).__name__
-        if (local / "checkpoint").is_dir():  # a train.py run folder: its model is in checkpoint/
-            reason = f"a train.py run folder? its model is {local / 'checkpoint'}"
-        raise InputError(f"{flag}: cannot load '{path_or_id}': {reason}") from None
-    return model, tokenizer
-
-
-def looks_like_a_path(path_or_id: str) -> bool:
-    """Whether a --model value can only be a local path: a hub id is NAME or OWNER/NAME."""
-    return path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1 or "\\" in path_or_id
-
-
-def dequantized_folder(folder: str, gguf_file: str) -> str:
-    """A plain HF folder holding the de-quantised weights of folder/gguf_file, built once and cached.
-
-    transformers de-quantises GGUF tensors on load but marks the model as quantised, which blocks
-    training and saving; a model rebuilt from the config without `quantization_config` is plain.
-    """
-    source = Path(folder).expanduser() / gguf_file
-    if not source.is_file():
-        raise InputError(f"--gguf-file: {source}: no such file")
-    cached = GGUF_CACHE / f"{source.stem}-{source.stat().st_size}"
-    if (cached / "config.json").is_file():
-        return str(cached)
-    quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
-    config = copy.deepcopy(quantized.config)
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    partial = cached.with_name(cached.name + ".partial")  # renamed when complete: no half-written cache
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(cached)
-    return str(cached)
-
-
-MODEL_BOUNDS = {"threads": NON_NEGATIVE}  # numeric model flags, shared by eval.py and train.py
-
-
-def check_model_flags(args: argparse.Namespace, training: bool) -> None:
-    """The shared model flags (add_model_flags), checked before anything loads; raises InputError."""
-    check_bounds(args, MODEL_BOUNDS)
-    resolve_device_and_dtype(args.device, args.dtype, training)
-
-
-def add_model_flags(group) -> None:
-    """How to load the model (load_model): the flags eval.py and train.py share, besides --model."""
-    group.add_argument("--gguf-file", default=None, help="GGUF file name inside the --model folder")
-    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                       help="weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise")
-    group.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    group.add_argument("--threads", type=int, default=0,
-                       help="CPU threads for torch; 0 = torch's choice (1 is fastest on a busy machine)")
-
-
-def add_prompt_flags(group) -> None:
-    """How a problem becomes a prompt (rollout.PromptFormat): the flags eval.py and train.py share."""
-    group.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="text added after each problem; '' for none")
-    group.add_argument("--system-prompt", default=None, help="system prompt (a chat template's system turn, or a first line)")
-    group.add_argument("--few-shot", default=None, metavar="FILE",
-                       help="few-shot examples shown before each problem: JSONL with 'problem' and 'solution' fields")
-
-
 def prompt_format_from_args(args: argparse.Namespace) -> PromptFormat:
     """The PromptFormat of the prompt flags; reads the --few-shot file (InputError on a bad file)."""
     examples = tuple(read_examples(args.few_shot)) if args.few_shot else ()
@@ -277,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a model on a benchmark (pass@k and greedy). `python eval.py plot RUN_DIR ...` draws figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="HF folder (e.g. RUN_DIR/checkpoint), hub id, or .gguf file")
-    add_model_flags(model)
+    add_flags(parser, ModelFlags, overrides={
+        "model": dict(default=None, required=True, help="HF folder (e.g. RUN_DIR/checkpoint), hub id, or .gguf file"),
+    })
+    add_flags(parser, PromptFlags)
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--benchmark", required=True, help="benchmark name (see data.BENCHMARKS) or a .jsonl file")
     bench.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     bench.add_argument("--reward", default="boxed", help=f"grader (boxed = strict, as the paper); {REWARD_HELP}")
-    add_prompt_flags(parser.add_argument_group("prompt"))
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--protocol", default=None, choices=["paper"],
                           help="paper: T=0.6 and K=32 (AIME), 4 (AMC23), else --samples")
@@ -389,7 +260,7 @@ def main(argv: list[str]) -> int:
         if argv[:1] == ["plot"]:
             if len(argv) < 2:
                 raise InputError("plot: give at least one RUN_DIR")
-            import plots  # matplotlib is only needed for figures
+            from analysis import plots  # matplotlib is only needed for figures
 
             plots.main(argv[1:])
         else:

@@ -26,6 +26,7 @@ import math
 import random
 import re
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -33,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from cli import OneLineParser, check_output_file
-from data import InputError, read_text_lines
+from cli import InputError, OneLineParser, check_output_file
+from data import read_text_lines
 
-PRESET_FILES = {"paper": Path(__file__).parent / "grams" / "listing1.txt"}
+PRESET_FILES = {"paper": Path(__file__).parent / "data" / "grams" / "listing1.txt"}
 PRESET_NAMES = ("paper", "world")
 
 ANSI_PLANNING = "\033[1;33m"  # bold yellow
@@ -47,7 +48,7 @@ HIGHLIGHT_TAGS = {"ansi": (ANSI_PLANNING, ANSI_RESET), "plain": ("[[", "]]"), "h
 def load_grams(preset_or_path: str) -> list[str]:
     """The strategic-gram list of a preset name ("paper", "world") or of a file with one gram per line."""
     if preset_or_path == "world":
-        from tasks import WORLD_GRAMS
+        from world.tasks import WORLD_GRAMS
 
         return list(WORLD_GRAMS)
     path = PRESET_FILES.get(preset_or_path, Path(preset_or_path))
@@ -456,6 +457,33 @@ def placebo_grams(corpus_texts: Sequence[str], strategic_grams: Sequence[str], s
             raise ValueError(f"placebo grams: the corpus has {len(picked)} non-strategic {n}-word n-grams, {count} needed")
         chosen += picked
     return sorted(chosen)
+
+
+PLACEBO_CORPUS_SIZE = 2000  # world reference traces the placebo n-grams are drawn from
+
+
+def placebo_corpus(data: str, train_problems: Sequence) -> list[str]:
+    """The texts placebo n-grams are drawn from: on the built-in world (--data world*) PLACEBO_CORPUS_SIZE
+    reference traces (tasks.write_traces, seed 0); otherwise the training problems' `solution` field."""
+    if data.startswith("world"):
+        from world.tasks import write_traces
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "traces.jsonl"
+            write_traces(str(path), PLACEBO_CORPUS_SIZE, seed=0)
+            return [json.loads(line)["solution"] for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [p.meta["solution"] for p in train_problems if isinstance(p.meta.get("solution"), str)]
+    if not texts:
+        raise InputError(f"--algo placebo: {data} has no 'solution' field to draw placebo n-grams from")
+    return texts
+
+
+def placebo_grams_for(data: str, train_problems: Sequence, strategic_grams: Sequence[str], seed: int) -> list[str]:
+    """placebo_grams of a run's training data (placebo_corpus), seeded by --seed; InputError when too few."""
+    try:
+        return placebo_grams(placebo_corpus(data, train_problems), strategic_grams, seed)
+    except ValueError as error:
+        raise InputError(f"--algo placebo: {error}") from None
 
 
 def compare_main(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ for the whole run. Choices the paper leaves open, made here:
   NaN; consumers use `.get`.
 """
 
+import dataclasses
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import torch
 
 from grams import batch_gram_counts, find_gram_spans, semantic_entropy
 from hicra import high_entropy_mask
+from world.tasks import STRATEGIES, classify_error, detect_strategy
 
 CONTINUATION_WORDS = 3  # length k of the procedural n-gram that follows a strategic gram
 
@@ -134,6 +136,44 @@ def rollout_metrics(batch, planning_mask: torch.Tensor, correct: torch.Tensor, g
     if error_types is not None:
         values.update(error_type_metrics(error_types))
     return {key: value for key, value in values.items() if value is not None}
+
+
+def step_metrics(batch, problems: list, grams: Sequence[str], world: bool, relative: "RelativeToFirst") -> dict[str, float]:
+    """The figures of one training step's rollouts (train.StepBatch): reward, rollout_metrics relative to
+    step 0, on the built-in world (`world`) its error types and strategy metrics, and the share of
+    completion tokens whose advantage --algo amplified. problems: one per completion."""
+    correct = batch.rewards >= 1.0  # [B]
+    texts = batch.rollout.texts
+    record = {"reward": batch.rewards.mean().item(), "reward_errors": batch.reward_errors}
+    error_types = [classify_error(p, text) for p, text in zip(problems, texts)] if world else None
+    record.update(relative(rollout_metrics(batch.rollout, batch.planning_mask, correct, grams, error_types=error_types)))
+    if world:
+        record.update(world_strategy_metrics(problems, texts, correct.tolist()))
+    if batch.amplified_mask is not None:
+        completion = batch.rollout.completion_mask.bool()  # [B, C]
+        record["amplified_ratio"] = float((batch.amplified_mask & completion).sum()) / max(int(completion.sum()), 1)
+    return record
+
+
+NEVER_AN_ANSWER = "not a number"  # a boxed integer never equals it, so classify_error always sees a failure
+
+
+def world_strategy_metrics(problems: list, texts: list[str], correct: list[bool]) -> dict[str, float]:
+    """Share and execution accuracy of each strategy of the built-in world (strategy_metrics).
+
+    A completion's plan is sound iff the world's classifier would call its failure an execution error
+    (tasks.classify_error asked with an answer no completion gives), so the set of sound strategies stays
+    the world's own.
+    """
+    strategies = [detect_strategy(problem, text) for problem, text in zip(problems, texts)]
+    sound = [classify_error(dataclasses.replace(problem, answer=NEVER_AN_ANSWER), text) == "execution"
+             for problem, text in zip(problems, texts)]
+    return strategy_metrics(strategies, sound, correct, STRATEGIES)
+
+
+def is_eval_record(record: dict) -> bool:
+    """Whether a metrics.jsonl record is a held-out evaluation (its keys start with "eval/") or a training step."""
+    return any(key.startswith("eval/") for key in record)
 
 
 class RelativeToFirst:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from math_verify import parse, verify
 
-from data import InputError
+from cli import InputError
 
 DEFAULT_TIMEOUT_S = 5.0
 GRADING_WORKERS = 8  # gradings of a batch in flight at once (each mostly waits on its child process)

@@ -228,6 +228,38 @@ def completion_logprobs(
     return logp, entropy
 
 
+def micro_batches(
+    lengths: torch.Tensor, group_size: int, prompt_width: int, max_rows: int, max_tokens: int, shared_prompts: bool = True
+) -> list[torch.Tensor]:
+    """Row indices of each micro-batch, at most `max_rows` rows each. lengths: [B] completion lengths, rows
+    i*G .. i*G+G-1 sharing prompt i.
+
+    Without a token cap (max_tokens 0) rows go in order of completion length, so a micro-batch pads little.
+    With one, the tokens a micro-batch's forward processes stay within max_tokens: each distinct prompt once
+    (`shared_prompts`: completion_logprobs encodes a prompt once for all its rows; once per row otherwise)
+    plus rows x the longest completion. Rows are then taken group by group (groups in order of their longest
+    completion, a group's rows by length), so a prompt is split over as few micro-batches as the cap allows;
+    a row over the cap alone gets a micro-batch of its own.
+    """
+    if max_tokens:
+        group_longest = lengths.view(-1, group_size).max(-1).values.tolist()  # [N], the longest row of each group
+        order = sorted(range(len(lengths)), key=lambda r: (group_longest[r // group_size], r // group_size, int(lengths[r])))
+    else:
+        order = lengths.argsort(stable=True).tolist()
+
+    def forward_tokens(rows: list[int]) -> int:
+        prompts = len({row // group_size for row in rows}) if shared_prompts else len(rows)
+        return prompts * prompt_width + len(rows) * max(int(lengths[row]) for row in rows)
+
+    batches, current = [], []
+    for row in order:
+        if current and (len(current) == max_rows or (max_tokens and forward_tokens(current + [row]) > max_tokens)):
+            batches.append(torch.tensor(current))
+            current = []
+        current.append(row)
+    return batches + [torch.tensor(current)]
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """One token per row from logits [b, V]: argmax when temperature is 0, else a draw from
     softmax(logits / T) restricted to the top-p nucleus (the fewest most likely tokens holding mass >= top_p)."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import checkpoint
 import rollout as rollout_lib
 import train
 from conftest import build_model, build_tokenizer
@@ -469,7 +470,7 @@ def test_evaluations_are_logged_as_their_own_lines_and_survive_resume(tiny_model
     steps = [r["step"] for r in records if "reward" in r]
     assert evals == [0, 1, 2] and steps == [0, 1]  # held-out after 0, 1 and 2 updates
     assert sorted(p.name for p in out.glob("samples_step*.html")) == [f"samples_step0000{i}.html" for i in range(3)]
-    train.truncate_metrics(out / "metrics.jsonl", last_step=0)
+    checkpoint.truncate_metrics(out / "metrics.jsonl", last_step=0)
     assert [(r["step"], "reward" in r) for r in read_metrics(out)] == [(0, False), (0, True), (1, False)]
 
 
@@ -477,22 +478,22 @@ def test_micro_batches_cover_every_row_once_within_both_caps():
     lengths = torch.tensor([5, 1, 3, 9, 2, 7, 30, 4])  # two rows per prompt: groups (0, 1), (2, 3), ...
     for shared in (True, False):
         for max_rows, max_tokens in [(3, 0), (8, 40), (2, 25), (8, 60)]:
-            batches = train.micro_batches(lengths, 2, 10, max_rows, max_tokens, shared_prompts=shared)
+            batches = rollout_lib.micro_batches(lengths, 2, 10, max_rows, max_tokens, shared_prompts=shared)
             assert sorted(torch.cat(batches).tolist()) == list(range(len(lengths)))
             for rows in batches:
                 prompts = len({r // 2 for r in rows.tolist()}) if shared else len(rows)
                 assert len(rows) <= max_rows
                 assert len(rows) == 1 or not max_tokens or prompts * 10 + len(rows) * lengths[rows].max() <= max_tokens
-    assert train.micro_batches(lengths, 2, 10, 8, 0)[0].tolist() == lengths.argsort(stable=True).tolist()
+    assert rollout_lib.micro_batches(lengths, 2, 10, 8, 0)[0].tolist() == lengths.argsort(stable=True).tolist()
 
 
 def test_token_capped_micro_batches_keep_a_group_together_and_count_its_prompt_once():
     lengths = torch.tensor([4, 6, 5, 3, 20, 2, 6, 6])  # four prompts of width 50, two rows each
-    batches = [rows.tolist() for rows in train.micro_batches(lengths, 2, 50, 8, 120)]
+    batches = [rows.tolist() for rows in rollout_lib.micro_batches(lengths, 2, 50, 8, 120)]
     # groups in order of their longest row: (2, 3) 5, (0, 1) 6, (6, 7) 6, (4, 5) 20; adding row 1 would cost
     # 2 prompts x 50 + 4 rows x 6 = 124 > 120, while rows 1, 6, 7 cost 2 x 50 + 3 x 6 = 118
     assert batches == [[3, 2, 0], [1, 6, 7], [5, 4]]
-    unshared = [rows.tolist() for rows in train.micro_batches(lengths, 2, 50, 8, 120, shared_prompts=False)]
+    unshared = [rows.tolist() for rows in rollout_lib.micro_batches(lengths, 2, 50, 8, 120, shared_prompts=False)]
     assert unshared == [[3, 2], [0, 1], [6, 7], [5], [4]]  # every row pays its own prompt: 2 x (50 + 6) = 112
 
 

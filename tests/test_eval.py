@@ -7,8 +7,10 @@ import threading
 import pytest
 
 import eval as evaluation
+import model_loading
 from conftest import build_model
-from data import InputError, load_problems
+from cli import InputError
+from data import load_problems
 from reward import (
     GradingTimeout,
     answers_match,
@@ -148,7 +150,7 @@ def model_dir(tmp_path_factory, tokenizer):
 
 
 def test_evaluate_returns_pass_at_k_and_one_record_per_problem(model_dir):
-    model, tokenizer = evaluation.load_model(str(model_dir))
+    model, tokenizer = model_loading.load_model(str(model_dir))
     problems = load_problems("gsm8k", limit=2)
     summary, records = evaluation.evaluate(
         model, tokenizer, problems, samples=3, temperature=1.0, max_new_tokens=6, batch_size=4, progress=False

@@ -1,7 +1,7 @@
 """Benchmark one training step (rollout + policy update) and print its throughput, time and peak memory.
 
-    python bench.py                                   # the default run's configuration (tiny world model)
-    python bench.py --repeats 3 --model PATH --data gsm8k_train --max-new-tokens 256 --group-size 8
+    python -m benchmarks.bench                                   # the default run's configuration (tiny world model)
+    python -m benchmarks.bench --repeats 3 --model PATH --data gsm8k_train --max-new-tokens 256 --group-size 8
 
 Takes every train.py flag (same defaults) plus --repeats. Prints, per repeat: the rollout's seconds and
 generated tokens per second, the update's seconds (all PPO epochs) and trained completion tokens per
@@ -32,11 +32,12 @@ from contextlib import contextmanager
 import torch
 
 import grams as grams_lib
-from cli import report
-from data import InputError, load_problems
+from cli import InputError, report
+from data import load_problems
 from eval import prompt_format_from_args
 from reward import load_reward
-from train import parse_args, policy_update, prepare_model, prompts_for_step, rollout_step, seed_everything
+from model_loading import load_policy
+from train import parse_args, policy_update, prompts_for_step, rollout_step, seed_everything
 
 
 def peak_memory_mib(device: str) -> float:
@@ -118,7 +119,7 @@ def main(argv: list[str]) -> None:
         problems = load_problems(args.data, flag="--data")
         grams = grams_lib.load_grams(args.grams)
         reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
-        model, tokenizer, ref_model = prepare_model(args, checkpoint=None)
+        model, tokenizer, ref_model = load_policy(args, checkpoint=None)
     except InputError as error:
         sys.exit(report(error))
     loaded_mib = resident_mib()
@@ -141,7 +142,7 @@ def main(argv: list[str]) -> None:
         started = time.perf_counter()
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
         with memory.track(f"sampling {step}"):
-            batch, _, _ = rollout_step(
+            batch = rollout_step(
                 args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn, prompt_format
             )
         rolled = time.perf_counter()

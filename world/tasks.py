@@ -30,8 +30,8 @@ import re
 import zlib
 from pathlib import Path
 
-from cli import OneLineParser, check_output_file
-from data import InputError, Problem
+from cli import InputError, OneLineParser, check_output_file
+from data import Problem
 
 FAMILIES = ("sum", "mul", "packs")
 STRATEGIES = ("direct", "steps", "check")

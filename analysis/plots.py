@@ -30,7 +30,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
-from data import InputError, read_text_lines
+from cli import InputError
+
+from data import read_text_lines
 from metrics import (EXECUTION_PHASE_KEYS, PHASE_FRACTION, PHASE_WINDOW, PLANNING_PHASE_KEYS, mean_confidence_interval,
                      moving_average, phase_summary)
 

@@ -16,13 +16,13 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402  (TRL brings datasets)
 
 import eval as eval_cli  # noqa: E402
-import train_trl  # noqa: E402
+from scale_out import train_trl  # noqa: E402
 from conftest import build_model  # noqa: E402
 from data import InputError  # noqa: E402
 from grams import batch_planning_mask  # noqa: E402
 from grpo import aggregate_loss, clipped_policy_loss, group_advantages  # noqa: E402
 from hicra import hicra_advantages  # noqa: E402
-from hicra_trl import LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer  # noqa: E402
+from scale_out.hicra_trl import LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer  # noqa: E402
 from rollout import completion_logprobs  # noqa: E402
 
 GROUP = 4
@@ -223,6 +223,6 @@ def test_config_rejects_bad_values_before_loading_anything(tmp_path):
 def test_shipped_accelerate_configs_load(name, distributed_type):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    config = ClusterConfig.from_yaml_file(str(Path(__file__).parent / "configs" / f"{name}.yaml"))
+    config = ClusterConfig.from_yaml_file(str(Path(__file__).parent.parent / "scale_out" / "configs" / f"{name}.yaml"))
     assert config.distributed_type.value == distributed_type
     assert config.deepspeed_config.get("zero_stage", 3) == 3

@@ -1,7 +1,7 @@
 """Time our training step against TRL's GRPOTrainer on the identical configuration, alternating, in one run.
 
-    /work/venv-trl/bin/python bench_vs_trl.py --model PATH            # needs trl installed (own venv is fine)
-    python bench_vs_trl.py --model PATH --rounds 2 --steps 3 --threads 2
+    /work/venv-trl/bin/python -m benchmarks.bench_vs_trl --model PATH           # needs trl installed (own venv is fine)
+    python -m benchmarks.bench_vs_trl --model PATH --rounds 2 --steps 3 --threads 2
 
 The configuration (both sides): --model, gsm8k_train prompts in order, the chat template with the same
 user turn (rollout.format_prompt), 8 prompts x 4 completions, <= 64 new tokens, temperature 1, no top-k /
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 PROMPTS, GROUP, MAX_NEW, LR, MICRO_BATCH = 8, 4, 64, 1e-6, 32
 RECORD = "bench-record "  # prefix of the lines a child reports to the parent
@@ -36,7 +37,8 @@ def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int, logp
     import grams as grams_lib
     from data import load_problems
     from reward import REWARDS
-    from train import parse_args, policy_update, prepare_model, prompts_for_step, rollout_step
+    from model_loading import load_policy
+    from train import parse_args, policy_update, prompts_for_step, rollout_step
 
     torch.manual_seed(0)
     args = parse_args([
@@ -47,12 +49,12 @@ def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int, logp
     ])
     torch.set_num_threads(threads)
     problems, grams = load_problems(args.data), grams_lib.load_grams(args.grams)
-    model_, tokenizer, _ = prepare_model(args, checkpoint=None)
+    model_, tokenizer, _ = load_policy(args, checkpoint=None)
     optimizer = torch.optim.AdamW(model_.parameters(), lr=args.lr, weight_decay=0.0)
     for step in range(steps):
         started = time.perf_counter()
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
-        batch, _, _ = rollout_step(args, model_, None, tokenizer, [problems[i] for i in indices], grams, REWARDS["gsm8k"])
+        batch = rollout_step(args, model_, None, tokenizer, [problems[i] for i in indices], grams, REWARDS["gsm8k"])
         policy_update(args, model_, optimizer, batch)
         print(RECORD, json.dumps({"step": step, "seconds": time.perf_counter() - started}), flush=True)
 
@@ -106,11 +108,11 @@ def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int, logpr
 def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
     """Run one side in a fresh process; its timed step seconds (first step dropped) and peak RSS in MiB."""
     command = [
-        sys.executable, __file__, "--child", kind, "--model", args.model, "--steps", str(args.steps),
+        sys.executable, "-m", "benchmarks.bench_vs_trl", "--child", kind, "--model", args.model, "--steps", str(args.steps),
         "--threads", str(args.threads), "--micro-batch-tokens", str(args.micro_batch_tokens),
         "--logprob-chunk", str(args.logprob_chunk),
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     if result.returncode != 0:
         sys.exit(f"error: the {kind} child failed:\n{result.stderr[-3000:]}")
     records = [json.loads(line.removeprefix(RECORD)) for line in result.stdout.splitlines() if line.startswith(RECORD)]

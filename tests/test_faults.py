@@ -1,7 +1,7 @@
 """Failure behaviour of train.py: kills at any instant, damaged or planted run folders, non-finite training.
 
 The kill test runs each training in a child process that SIGKILLs itself at a named point
-(train.fault_point, through the HICRA_FAULT environment variable), resumes in the next child, and compares
+(checkpoint.fault_point, through the HICRA_FAULT environment variable), resumes in the next child, and compares
 the final records with an uninterrupted run's. The children are forks of this test process, which has
 imported torch and transformers already, so no child pays for the imports again. Forking is safe only from a process with one thread (a lock held by another thread would
 stay held in the child forever): tqdm's monitor thread is stopped first, and the test checks there is no other.
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from tqdm._monitor import TMonitor
 from transformers import AutoModelForCausalLM
 
+import checkpoint
 import train
 
 STEPS = 10
@@ -33,10 +34,10 @@ KILLS = [  # (point, step): each run of the chain is killed at the next one, in 
     ("step:logged", 0),  # after the first metrics line, before any checkpoint: the resume starts at step 0 again
     ("save:start", 0),
     ("save:marker", 0),  # checkpoint.tmp/ is complete, checkpoint/ does not exist yet
-    ("step:updated", 1),  # mid-step: the update is done, its metrics line is not written
+    ("step:logging", 1),  # mid-step: the update is done, its metrics line is not written
     ("save:model", 1),
     ("save:tokenizer", 2),
-    ("eval:logged", 3),  # after a held-out evaluation's line
+    ("eval:logged", 4),  # after the held-out evaluation's line after step 3 (its record's step is 4)
     ("save:state", 3),
     ("save:between_renames", 4),  # checkpoint/ renamed to checkpoint-4/, checkpoint.tmp/ not yet renamed
     ("save:renamed", 4),  # the resume finishing that rename is itself killed
@@ -52,9 +53,9 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill test f
 
 def fault_child(argv: list[str], fault: str | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ.pop(train.FAULT_ENV, None)
+    os.environ.pop(checkpoint.FAULT_ENV, None)
     if fault:
-        os.environ[train.FAULT_ENV] = fault
+        os.environ[checkpoint.FAULT_ENV] = fault
     train.main(argv)
 
 
@@ -67,7 +68,7 @@ def run_in_child(argv: list[str], fault: str | None = None) -> int:
     if child.exitcode is None:
         child.kill()
         child.join()
-        pytest.fail(f"training with {train.FAULT_ENV}={fault} hung")
+        pytest.fail(f"training with {checkpoint.FAULT_ENV}={fault} hung")
     return child.exitcode
 
 
@@ -145,9 +146,9 @@ def test_planted_pickle_in_a_run_folder_is_refused_and_runs_nothing(tmp_path, ca
     (out / "checkpoint" / "trainer_state.pt").unlink()
     state = out / "checkpoint" / "trainer_state.safetensors"
     state.write_bytes(payload)  # in place of the safetensors file, its size recorded as if written by train.py
-    marker = json.loads((out / "checkpoint" / train.COMPLETE_MARKER).read_text())
+    marker = json.loads((out / "checkpoint" / checkpoint.COMPLETE_MARKER).read_text())
     marker["files"]["trainer_state.safetensors"] = len(payload)
-    (out / "checkpoint" / train.COMPLETE_MARKER).write_text(json.dumps(marker))
+    (out / "checkpoint" / checkpoint.COMPLETE_MARKER).write_text(json.dumps(marker))
     message = error_of(["--resume", str(out), "--steps", "2"], capsys)
     assert str(state) in message and "not a readable safetensors file" in message
     assert not target.exists()  # ...and never ran
@@ -168,13 +169,13 @@ def test_truncated_checkpoint_file_is_a_one_line_error_naming_it(tmp_path, capsy
 def test_resume_without_a_complete_checkpoint_starts_again_and_clears_leftovers(tmp_path, capsys):
     out = tmp_path / "run"
     short_run(out, "--steps", "2", "--save-every", "1")
-    (out / "checkpoint" / train.COMPLETE_MARKER).unlink()  # as if killed before the marker was written
+    (out / "checkpoint" / checkpoint.COMPLETE_MARKER).unlink()  # as if killed before the marker was written
     (out / "checkpoint.tmp").mkdir()
     (out / "checkpoint.old").mkdir()  # left by earlier versions killed between their two renames
     train.main(["--resume", str(out), "--steps", "2"])
     assert "has no complete checkpoint yet; starting it again from step 0" in capsys.readouterr().err
     assert [r["step"] for r in records(out)] == [0, 1]
-    assert folders(out) == ["checkpoint"] and train.checkpoint_step(out / "checkpoint") == 1
+    assert folders(out) == ["checkpoint"] and checkpoint.checkpoint_step(out / "checkpoint") == 1
 
 
 def test_checkpoint_old_and_an_incomplete_tmp_are_cleaned_on_resume(tmp_path):
@@ -192,7 +193,7 @@ def test_keep_checkpoints_keeps_the_newest_loadable_folders(tmp_path):
     out = tmp_path / "run"
     short_run(out, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "3")
     assert folders(out) == ["checkpoint", "checkpoint-2", "checkpoint-3"]
-    assert [train.checkpoint_step(out / f) for f in folders(out)] == [3, 1, 2]
+    assert [checkpoint.checkpoint_step(out / f) for f in folders(out)] == [3, 1, 2]
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
 
 
@@ -216,7 +217,7 @@ def test_a_new_run_never_overwrites_a_run_folder(tmp_path, capsys):
     short_run(out, "--steps", "1")
     (out / "metrics.jsonl").unlink()  # a checkpoint alone is a run too
     assert f"--out: {out} already holds a run; pass --resume {out}" in error_of([*FLAGS, "--out", str(out)], capsys)
-    assert train.checkpoint_step(out / "checkpoint") == 0
+    assert checkpoint.checkpoint_step(out / "checkpoint") == 0
 
 
 def test_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
@@ -266,7 +267,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_one_line_error(tmp_path, 
                         "--max-nonfinite-steps", "2"], capsys, code=1)
     assert message.startswith("error: 2 steps in a row (to step 1) had a non-finite loss or gradient norm")
     assert "likely cause: a learning rate too high (--lr 0.0002)" in message
-    assert train.checkpoint_step(out / "checkpoint") == 0  # saved after step 0, finite: nothing trained
+    assert checkpoint.checkpoint_step(out / "checkpoint") == 0  # saved after step 0, finite: nothing trained
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint" / "model.safetensors").values())
 
 
@@ -290,7 +291,7 @@ def test_an_update_that_leaves_a_weight_non_finite_stops_the_run_and_saves_nothi
 def test_a_metrics_line_torn_by_a_crash_is_dropped_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "reward": 1.0}\n{"step": 1, "reward": 0.5}\n{"step": 2, "rew')
-    train.truncate_metrics(path, last_step=5)
+    checkpoint.truncate_metrics(path, last_step=5)
     assert path.read_text() == '{"step": 0, "reward": 1.0}\n{"step": 1, "reward": 0.5}\n'
 
 

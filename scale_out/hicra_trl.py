@@ -46,7 +46,7 @@ from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
 import grams as grams_lib
-from data import InputError
+from cli import InputError
 from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
 
 ALGOS = ("grpo", "hicra", "high_entropy", "placebo")

@@ -1,6 +1,6 @@
 """Time the planning mask (grams.planning_token_mask) on long completions, canonical and not.
 
-    python bench_planning_mask.py --tokenizer PATH --grams paper --tokens 1024 2048 4096 8192
+    python -m benchmarks.bench_planning_mask --tokenizer PATH --grams paper --tokens 1024 2048 4096 8192
 
 A completion of N tokens is the canonical encoding of random words from a planning-heavy vocabulary; its
 non-canonical twin spells two frequent words letter by letter (as sampling can), which sends the mask
@@ -15,7 +15,7 @@ import time
 from transformers import AutoTokenizer
 
 import grams as grams_lib
-from data import InputError
+from cli import InputError
 
 WORDS = "let me check the sum wait but we get 12 + 30 = 42 so the answer is alternatively consider the case where x = 3 then".split()
 SPELLED = ("check", "answer")  # words whose tokens are replaced by one token per letter

@@ -1,6 +1,6 @@
 """Build the tiny base model of the built-in world (tasks.py): tokenizer, small Llama, SFT warm start.
 
-    python tiny_model.py --out models/tiny-world        # deterministic for --seed; see the README for its build time
+    python -m world.tiny_model --out world/models/tiny-world    # deterministic for --seed; see the README for its build time
 
 Deliberate choices:
 - word-level tokenizer whose digits are single tokens (" 47" -> "▁4", "7"), so arithmetic is learnable by
@@ -33,7 +33,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import tasks
+from world import tasks
 from cli import OneLineParser
 from rollout import DEFAULT_INSTRUCTION, format_prompt, generate_rollouts
 

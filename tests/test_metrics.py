@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-import plots
+from analysis import plots
 from grams import (contains_gram, extract_strategic_grams, lexical_embeddings, placebo_grams, semantic_entropy,
                    word_ngrams)
 from hicra import high_entropy_mask

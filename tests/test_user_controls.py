@@ -1,4 +1,4 @@
-"""Prompt flags (instruction, system prompt, few-shot), --reward module:function, --report-to trackers."""
+"""Prompt flags (instruction, system prompt, few-shot), --reward module:function, --report-to runlog."""
 
 import importlib.machinery
 import json
@@ -7,12 +7,13 @@ import types
 
 import pytest
 
-import bench
+from benchmarks import bench
 import eval as evaluation
 import train
-import trackers
+import runlog
 from conftest import build_model, build_tokenizer
-from data import InputError, read_examples
+from cli import InputError
+from data import read_examples
 from reward import load_reward
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE, PromptFormat, format_prompt
 
@@ -204,7 +205,7 @@ def test_tensorboard_gets_a_scalar_per_logged_key_on_a_two_step_run(run_files, t
     events.Reload()
     logged = {}
     for record in read_metrics(out):
-        for tag in trackers.scalars(record):
+        for tag in runlog.scalars(record):
             logged.setdefault(tag, []).append(record["step"])
     assert "train/reward" in logged and "eval/pass@1" in logged
     assert set(events.Tags()["scalars"]) == set(logged)
@@ -219,8 +220,8 @@ def test_wandb_tracker_logs_the_same_scalars_at_the_record_step(tmp_path, monkey
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     fake.init = lambda **kwargs: calls.append(kwargs) or fake_run
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    trackers.check_installed(["wandb"])
-    (tracker,) = trackers.open_trackers(["wandb"], tmp_path / "run-a", {"lr": 0.1}, purge_from=0)
+    runlog.check_installed(["wandb"])
+    (tracker,) = runlog.open_trackers(["wandb"], tmp_path / "run-a", {"lr": 0.1}, purge_from=0)
     tracker.log({"step": 3, "reward": 0.5, "eval/pass@1": 0.25})
     tracker.close()
     assert calls[0]["config"] == {"lr": 0.1} and calls[0]["name"] == "run-a"
@@ -228,7 +229,7 @@ def test_wandb_tracker_logs_the_same_scalars_at_the_record_step(tmp_path, monkey
 
 
 def test_missing_tracker_package_is_a_one_line_error_before_training(run_files, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(runlog.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit) as stop:
         train.main(train_args(run_files, tmp_path / "run", "--report-to", "wandb"))
     assert "--report-to wandb: the wandb package is not installed" in one_line_error(stop, capsys)

@@ -1,8 +1,8 @@
 """Sweeps: a grid of algorithms x seeds x flag values, run in parallel, aggregated with confidence intervals.
 
-    python sweep.py --algos grpo hicra --seeds 0 1 2 --out runs/sweep --workers 2 -- --eval-samples 4
-    python sweep.py --algos grpo hicra --seeds 0 1 2 --set lr=1e-4,2e-4,4e-4 --out runs/lr --workers 2
-    python sweep.py --algos grpo hicra --seeds 0 1 2 --out runs/sweep --report-only     # tables and figures only
+    python -m analysis.sweep --algos grpo hicra --seeds 0 1 2 --out runs/sweep --workers 2 -- --eval-samples 4
+    python -m analysis.sweep --algos grpo hicra --seeds 0 1 2 --set lr=1e-4,2e-4,4e-4 --out runs/lr --workers 2
+    python -m analysis.sweep --algos grpo hicra --seeds 0 1 2 --out runs/sweep --report-only     # tables and figures only
 
 Everything after `--` goes to every `train.py` run. Each run is one process with one thread
 (`--threads 1`), in RUN_DIR = OUT/ALGO[-FLAGVALUE...]-seedS, its output in RUN_DIR/train.log. A run is
@@ -48,7 +48,7 @@ from metrics import mean_confidence_interval, phase_summary
 EVAL_KEY = "eval/pass@1"
 OUTCOMES = ("final", "auc", "steps_to_target", "t80/execution", "t80/planning")
 INFORMATIVE = ("amplified", "seconds")  # shown per arm, not compared: share of tokens amplified, run time
-TRAIN_SCRIPT = Path(__file__).parent / "train.py"
+TRAIN_SCRIPT = Path(__file__).parent.parent / "train.py"
 
 
 @dataclass(frozen=True)
@@ -289,7 +289,7 @@ def markdown_report(arms: dict[str, dict], paired: list[dict], best: list[dict],
 
 def write_figures(outcomes: list[Outcome], out: Path) -> list[Path]:
     """Fig. 6 with 95% t bands per arm, and one phase figure per arm (built-in world)."""
-    import plots
+    from analysis import plots
 
     runs = []
     for outcome in outcomes:
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     started, load_before = time.time(), os.getloadavg()[0]
     failed = [] if args.report_only else run_grid(jobs, out, train_flags, args.workers)
-    header = f"# Sweep {out.name}\n\n`python sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+    header = f"# Sweep {out.name}\n\n`python -m analysis.sweep {' '.join(argv if argv is not None else sys.argv[1:])}`"
     if not args.report_only:
         header += (f"\n\nThis invocation: {time.time() - started:.0f} s wall on {os.cpu_count()} CPUs, 1-minute load "
                    f"average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end.")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tasks
+from world import tasks
 from data import Problem
 from reward import boxed_reward
 from rollout import completion_mask_from_eos, encode_prompts, eos_token_ids, format_prompt, generate_rollouts
@@ -97,7 +97,7 @@ def test_slip_writer_slips_at_its_rate():
 
 
 def test_fallible_teacher_is_wrong_at_the_rate_its_slips_imply():
-    import tiny_model
+    from world import tiny_model
 
     problems = [p for p in tasks.world_problems("train", 900, seed=5) if p.meta["family"] == "mul"]  # 3 results
     rng = random.Random(0)
@@ -164,7 +164,7 @@ def test_tokenizer_round_trips_traces_with_single_digit_tokens():
 
 
 def test_shipped_model_loads_offline_and_reaches_base_accuracy():
-    import tiny_model
+    from world import tiny_model
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
@@ -195,7 +195,7 @@ def test_sampler_decodes_greedily_like_generate_while_rows_finish_at_different_s
 
 def test_shipped_model_executes_the_small_steps_better_than_the_one_long_step():
     """Plan forced, greedy (no sampling noise): `steps` beats `direct` in every family."""
-    import tiny_model
+    from world import tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()

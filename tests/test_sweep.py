@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy.stats import t as student_t
 
-import sweep
+from analysis import sweep
 from conftest import build_model, build_tokenizer
 from metrics import mean_confidence_interval, phase_summary, step_of_fraction, strategy_metrics
 

@@ -1,7 +1,7 @@
 """Time the default training step of two checkouts of this repository, alternating, in one process.
 
     git worktree add /tmp/before COMMIT
-    python bench_compare.py --before /tmp/before --after . --threads 1 --steps 6
+    python -m benchmarks.bench_compare --before /tmp/before --after . --threads 1 --steps 6
 
 Each checkout's train.py builds its own model (--seed 0) and optimizer; then step s of A, step s of B,
 step s+1 of A, ... (rollout_step + policy_update with train.py's defaults: 16 prompts x 8 completions of the
@@ -16,7 +16,8 @@ import time
 
 import torch
 
-MODULES = ("rollout", "eval", "data", "tasks", "reward", "grams", "train", "grpo", "hicra", "metrics", "cli")
+MODULES = ("rollout", "eval", "data", "tasks", "reward", "grams", "train", "grpo", "hicra", "metrics", "cli", "config",
+           "checkpoint", "model_loading", "runlog", "trackers", "world", "world.tasks")
 
 
 def load_checkout(path: str):
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> None:
         train, reward, data, grams = load_checkout(path)
         train_args = train.parse_args(["--eval-every", "0", "--threads", str(args.threads)])
         torch.manual_seed(0)
-        model, tokenizer, _ = train.prepare_model(train_args, None)
+        load = getattr(train, "prepare_model", None) or sys.modules["model_loading"].load_policy  # before / after the split
+        model, tokenizer, _ = load(train_args, None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=train_args.lr)
         problems, gram_list = data.load_problems(train_args.data), grams.load_grams(train_args.grams)
         sides[label] = (train, reward, train_args, model, tokenizer, optimizer, problems, gram_list, [])
@@ -55,9 +57,10 @@ def main(argv: list[str]) -> None:
             indices = train.prompts_for_step(len(problems), step, train_args.prompts_per_step, 0)
             torch.manual_seed(step)
             wall, cpu = time.perf_counter(), time.process_time()
-            batch, _, _ = train.rollout_step(
+            batch = train.rollout_step(
                 train_args, model, None, tokenizer, [problems[i] for i in indices], gram_list, reward.REWARDS[train_args.reward]
             )
+            batch = batch[0] if isinstance(batch, tuple) else batch  # older checkouts return (batch, problems, errors)
             rollout_wall, rollout_cpu = time.perf_counter() - wall, time.process_time() - cpu
             train.policy_update(train_args, model, optimizer, batch)
             times.append((time.perf_counter() - wall, time.process_time() - cpu, rollout_wall, rollout_cpu))

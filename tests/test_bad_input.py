@@ -29,14 +29,18 @@ import pytest
 import torch
 
 import cli
+import config
 import eval as evaluation
 import grams
+import model_loading
 import reward
+import runlog
 import train
 from conftest import build_model, build_tokenizer
-from data import InputError, load_problems
+from cli import InputError
+from data import load_problems
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent.parent  # the repository root, where the scripts are
 # Children forked from a server that imported the scripts' modules once: a case then costs milliseconds,
 # not the ~4 s of CPU a fresh interpreter spends importing torch and transformers.
 FORKSERVER = multiprocessing.get_context("forkserver")
@@ -125,7 +129,7 @@ CASES = [
     Case("eval-model-is-a-run-folder", EVAL, "--model {run}", ("--model", "train.py run folder")),
     Case("eval-plot-nothing", EVAL, "plot", ("plot:",), bare=True),
     # the other command-line tools
-    Case("tasks-out-in-missing-folder", "tasks.py", "traces --n 2 --out {out}/no_folder/traces.jsonl",
+    Case("tasks-out-in-missing-folder", "world.tasks", "traces --n 2 --out {out}/no_folder/traces.jsonl",
          ("--out", "no_folder", "does not exist"), bare=True),
     Case("grams-extract-out-is-a-folder", "grams.py", "extract --corpus {dir}/train.jsonl --field problem --out {out}",
          ("--out", "is a folder"), bare=True),
@@ -214,17 +218,24 @@ def prepare_case(case: Case, inputs: Path, finished: Path, root: Path) -> tuple[
     shutil.copytree(finished, run)
     if case.damaged_config:
         (run / "config.json").write_text('{"algo": "hicra",')
-    return [sys.executable, str(HERE / case.script), *case_argv(case, inputs, out, run)], out
+    script = str(HERE / case.script) if case.script.endswith(".py") else ["-m", case.script]  # a file, or a module
+    return [sys.executable, *([script] if isinstance(script, str) else script), *case_argv(case, inputs, out, run)], out
 
 
 def run_script(script: str, argv: list[str], cwd: Path, stderr_path: Path) -> None:
-    """Child process body: `python SCRIPT ARGV` run as __main__ in `cwd`, stdout dropped, stderr to a file."""
+    """Child process body: `python SCRIPT ARGV` (or `python -m MODULE ARGV`: script "-m", argv[0] the module)
+    run as __main__ in `cwd`, stdout dropped, stderr to a file."""
     os.chdir(cwd)
     with open(stderr_path, "w") as stderr, open(os.devnull, "w") as stdout:
         os.dup2(stdout.fileno(), 1)
         os.dup2(stderr.fileno(), 2)
-    sys.argv = [script, *argv]
-    runpy.run_path(script, run_name="__main__")
+    if script == "-m":
+        sys.argv = [argv[0], *argv[1:]]
+        sys.modules.pop(argv[0], None)  # preloaded by the server; a fresh `python -m` has not imported it yet
+        runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [script, *argv]
+        runpy.run_path(script, run_name="__main__")
 
 
 def run_command_line(argv: list[str], cwd: Path, stderr_path: Path) -> tuple[int, str]:
@@ -260,7 +271,7 @@ def test_bad_input_is_one_error_line_and_nothing_written(case, inputs, finished_
 def test_a_fresh_interpreter_gives_the_same_error(name, inputs, finished_run, tmp_path):
     case = next(c for c in CASES if c.name == name)
     argv, out = prepare_case(case, inputs, finished_run, tmp_path)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}  # -m MODULE from out
     fresh = subprocess.run(argv, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert (fresh.returncode, fresh.stderr) == run_command_line(argv, out, tmp_path / "stderr.txt")
 
@@ -268,7 +279,7 @@ def test_a_fresh_interpreter_gives_the_same_error(name, inputs, finished_run, tm
 # ---------------------------------------------------------------- every numeric flag, in-process
 
 
-@pytest.mark.parametrize("bounds", [train.TRAIN_BOUNDS, evaluation.EVAL_BOUNDS, evaluation.MODEL_BOUNDS])
+@pytest.mark.parametrize("bounds", [config.BOUNDS, evaluation.EVAL_BOUNDS, model_loading.MODEL_BOUNDS])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -1e9])
 def test_every_numeric_flag_refuses_non_finite_and_out_of_range_values(bounds, bad):
     args = train.parse_args(["--steps", "1"])
@@ -362,7 +373,7 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(tmp_path, capsys, mon
     assert not cli.use_colour(Terminal())
     monkeypatch.delenv("NO_COLOR")
     records = [{"problem": "1 + 1?", "completions": ["wait, let me check: 2"], "correct": [True]}]
-    train.show_samples(tmp_path, 0, records, ["wait"])  # pytest's captured stdout is not a terminal
+    runlog.show_samples(tmp_path, 0, records, ["wait"])  # pytest's captured stdout is not a terminal
     shown = capsys.readouterr().out
     assert "\033[" not in shown and "[[wait]]" in shown
 

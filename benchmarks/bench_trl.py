@@ -1,6 +1,6 @@
 """Benchmark training steps through TRL's GRPOTrainer (hicra_trl.py), as bench.py does for train.py.
 
-    python bench_trl.py --repeats 2 --model PATH --data gsm8k_train --reward gsm8k --grams paper
+    python -m benchmarks.bench_trl --repeats 2 --model PATH --data gsm8k_train --reward gsm8k --grams paper
 
 Takes every train_trl.py flag (same defaults) plus --repeats (steps to time). A step is TRL's optimizer
 step, which with train_trl.py's mapping (--ppo-epochs 1) is one rollout batch: generation, the entropy
@@ -17,9 +17,9 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from bench import peak_memory_mib
-from data import InputError
-from train_trl import build_parser, build_trainer
+from benchmarks.bench import peak_memory_mib
+from cli import InputError
+from scale_out.train_trl import build_parser, build_trainer
 
 
 class StepTimer(TrainerCallback):

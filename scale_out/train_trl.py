@@ -1,10 +1,10 @@
 """Train with GRPO / HICRA on TRL's GRPOTrainer (hicra_trl.py): one CPU to many GPUs, same command.
 
-    python train_trl.py --steps 2                                       # built-in world, tiny model, CPU
-    accelerate launch --config_file configs/single_gpu.yaml train_trl.py --model PATH_OR_ID \\
+    python -m scale_out.train_trl --steps 2                                       # built-in world, tiny model, CPU
+    accelerate launch --config_file scale_out/configs/single_gpu.yaml -m scale_out.train_trl --model PATH_OR_ID \\
         --data gsm8k_train --reward gsm8k --algo hicra --use-vllm
-    accelerate launch --config_file configs/multi_gpu_ddp.yaml train_trl.py ...       # one node, N GPUs
-    accelerate launch --config_file configs/deepspeed_zero3.yaml train_trl.py ...     # models that do not fit
+    accelerate launch --config_file scale_out/configs/multi_gpu_ddp.yaml  -m scale_out.train_trl ...  # one node, N GPUs
+    accelerate launch --config_file scale_out/configs/deepspeed_zero3.yaml  -m scale_out.train_trl ...  # models that do not fit
 
 Flags keep train.py's names and meanings, mapped onto GRPOConfig:
 - one step = --prompts-per-step x --group-size completions and --ppo-epochs optimizer steps on them, as in
@@ -23,82 +23,65 @@ Hugging Face folders that `python eval.py --model OUT/checkpoint-N` evaluates di
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer
 
-from cli import AT_LEAST_ONE, FRACTION, OneLineParser, check_bounds, report
-from data import InputError, load_problems
-from eval import DTYPES, dequantized_folder
-from hicra import PAPER_ALPHA
+from cli import AT_LEAST_ONE, FRACTION, InputError, OneLineParser, check_bounds, report
+from config import BOUNDS, TrainConfig, add_flags, flag
+from data import load_problems
+from model_loading import DTYPES, dequantized_folder
 from reward import REWARDS, score_completions
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE
-from tasks import DEFAULT_MODEL_DIR
-from train import TRAIN_BOUNDS
 
 try:  # the optional requirements: a one-line error, not a traceback, when they are missing
     from datasets import Dataset
 
-    from hicra_trl import ADVANTAGE_SCALES, ALGOS, LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer
+    from scale_out.hicra_trl import ADVANTAGE_SCALES, ALGOS, LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer
 except ImportError as missing:
-    sys.exit(report(InputError(f"train_trl.py needs TRL ({missing.name} is not installed): pip install -r requirements-trl.txt")))
+    sys.exit(report(InputError(f"train_trl.py needs TRL ({missing.name} is not installed): pip install -r scale_out/requirements-trl.txt")))
+
+
+SHARED_FLAGS = (  # train.py's settings that mean the same here (config.TrainConfig declares them)
+    "model", "gguf_file", "dtype", "threads", "gradient_checkpointing", "lora_rank", "lora_alpha", "data", "reward",
+    "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p", "algo", "alpha", "grams", "advantage",
+    "eps_low", "eps_high", "beta", "loss_agg", "entropy_top_q", "lr", "weight_decay", "grad_clip", "warmup_steps",
+    "ppo_epochs", "micro_batch_size", "steps", "seed",
+)
+
+
+@dataclass
+class TrlFlags:
+    """The settings only this launcher has (vLLM) or that mean something else here (TRL's outputs)."""
+
+    use_vllm: bool = flag(False, "generate with vLLM (pip install vllm; GPU)", "sampling")
+    vllm_mode: str = flag("colocate", "colocate: vLLM shares the training GPUs; server: a separate `trl vllm-serve`",
+                          "sampling", choices=("colocate", "server"))
+    vllm_gpu_memory: float = flag(0.3, "GPU memory share of colocated vLLM", "sampling", FRACTION)
+    out: str = flag("runs/trl", "output folder: TRL checkpoints and the final model", "logging")
+    save_every: int = flag(50, "checkpoint every N optimizer steps", "logging", AT_LEAST_ONE)
+    report_to: str = flag("none", "TRL/transformers backends: none, tensorboard, wandb, trackio", "logging")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """train.py's shared flags (their TRL meaning where it differs) and TrlFlags."""
     parser = OneLineParser(
         description="GRPO / HICRA on TRL's GRPOTrainer.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL_DIR, help="HF model folder or hub id (from_pretrained)")
-    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model, de-quantised once (eval.py)")
-    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                       help="auto = bfloat16 on a GPU that supports it, float32 otherwise")
-    group.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's choice")
-    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    group.add_argument("--lora-rank", type=int, default=0, help="LoRA rank via peft; 0 trains all weights")
-    group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling numerator (alpha / rank)")
-
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", default="world_train", help="training problems: benchmark name or JSONL file")
-    group.add_argument("--reward", default="boxed", choices=sorted(REWARDS), help="reward function (reward.py)")
-
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--prompts-per-step", type=int, default=16, help="problems sampled per step (all processes)")
-    group.add_argument("--group-size", type=int, default=8, help="completions per problem (G >= 2)")
-    group.add_argument("--max-new-tokens", type=int, default=96, help="completion length limit")
-    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    group.add_argument("--use-vllm", action="store_true", help="generate with vLLM (pip install vllm; GPU)")
-    group.add_argument("--vllm-mode", default="colocate", choices=["colocate", "server"],
-                       help="colocate: vLLM shares the training GPUs; server: a separate `trl vllm-serve`")
-    group.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="GPU memory share of colocated vLLM")
-
-    group = parser.add_argument_group("algorithm")
-    group.add_argument("--algo", default="hicra", help=f"advantage shaping: {', '.join(ALGOS)} (hicra_trl.py)")
-    group.add_argument("--alpha", type=float, default=PAPER_ALPHA, help="HICRA amplification, in [0, 1]")
-    group.add_argument("--grams", default="world",
-                       help="strategic grams: preset (paper, world) or a file; --algo placebo: a file of placebo grams")
-    group.add_argument("--advantage", default="center", choices=sorted(ADVANTAGE_SCALES), help="group baseline form")
-    group.add_argument("--eps-low", type=float, default=0.2, help="lower clip range: ratio >= 1 - eps_low")
-    group.add_argument("--eps-high", type=float, default=0.28, help="upper clip range (clip-higher, DAPO)")
-    group.add_argument("--beta", type=float, default=0.0, help="k3 KL coefficient; 0 loads no reference model")
-    group.add_argument("--loss-agg", default="token-mean", choices=sorted(LOSS_TYPES), help="loss normaliser")
-    group.add_argument("--entropy-top-q", type=float, default=0.3, help="fraction of tokens amplified by high_entropy")
-
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
-    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    group.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm")
-    group.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up (optimizer steps)")
-    group.add_argument("--ppo-epochs", type=int, default=1, help="optimizer steps per rollout batch (num_iterations)")
-    group.add_argument("--micro-batch-size", type=int, default=32, help="completions per device per forward/backward")
-    group.add_argument("--steps", type=int, default=200, help="training steps (rollout + update)")
-    group.add_argument("--seed", type=int, default=0, help="seed of prompt order, sampling and init")
-
-    group = parser.add_argument_group("logging")
-    group.add_argument("--out", default="runs/trl", help="output folder: TRL checkpoints and the final model")
-    group.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps")
-    group.add_argument("--report-to", default="none", help="TRL/transformers backends: none, tensorboard, wandb, trackio")
+    add_flags(parser, TrainConfig, only=SHARED_FLAGS, overrides={
+        "reward": dict(choices=sorted(REWARDS), help="reward function (reward.py)"),
+        "prompts_per_step": dict(help="problems sampled per step (all processes)"),
+        "algo": dict(choices=None, help=f"advantage shaping: {', '.join(ALGOS)} (hicra_trl.py)"),
+        "grams": dict(help="strategic grams: preset (paper, world) or a file; --algo placebo: a file of placebo grams"),
+        "advantage": dict(choices=sorted(ADVANTAGE_SCALES)),
+        "loss_agg": dict(choices=sorted(LOSS_TYPES)),
+        "warmup_steps": dict(help="linear learning-rate warm-up (optimizer steps)"),
+        "ppo_epochs": dict(help="optimizer steps per rollout batch (num_iterations)"),
+        "micro_batch_size": dict(help="completions per device per forward/backward"),
+        "steps": dict(help="training steps (rollout + update)"),
+    })
+    add_flags(parser, TrlFlags)
     return parser
 
 
@@ -107,14 +90,9 @@ def processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-# Every numeric flag: finite and within its bound (cli.check_bounds). The flags train.py also has keep its
-# bounds (train.TRAIN_BOUNDS); --steps and --save-every differ (TRL has no step-0-only run, no "end only" save).
-SHARED_FLAGS = (
-    "threads", "lora_rank", "lora_alpha", "prompts_per_step", "group_size", "max_new_tokens", "temperature", "top_p",
-    "alpha", "eps_low", "eps_high", "beta", "entropy_top_q", "lr", "weight_decay", "grad_clip", "warmup_steps",
-    "ppo_epochs", "micro_batch_size", "seed",
-)
-TRL_BOUNDS = {flag: TRAIN_BOUNDS[flag] for flag in SHARED_FLAGS} | {
+# Every numeric flag: finite and within its bound (cli.check_bounds): train.py's bounds for the shared flags,
+# but --steps and --save-every differ (TRL has no step-0-only run, no "end only" save).
+TRL_BOUNDS = {name: BOUNDS[name] for name in SHARED_FLAGS if name in BOUNDS} | {
     "vllm_gpu_memory": FRACTION,
     "steps": AT_LEAST_ONE,
     "save_every": AT_LEAST_ONE,

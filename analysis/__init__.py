@@ -1,0 +1,1 @@
+"""Analysis tools: figures of the training dynamics (plots.py) and seed sweeps with intervals (sweep.py)."""

@@ -1,0 +1,269 @@
+"""Checkpoints and resume: a run survives a kill at any instant and resumes bit for bit.
+
+RUN_DIR/checkpoint/ is the newest checkpoint: a Hugging Face folder (from_pretrained and eval.py load it)
+plus the trainer state (optimizer, scheduler, RNG states, the metric baseline, the non-finite streak) as
+safetensors and JSON, never pickle, so resuming a downloaded run folder cannot run code.
+
+Writing one (`save`): checkpoint.tmp/ is written, every file fsync'ed, then complete.json is written last
+(the step and every file's size): a folder without it is incomplete. The previous checkpoint is renamed to
+checkpoint-N/ (N = updates done) and checkpoint.tmp/ to checkpoint/; all but the newest --keep-checkpoints
+are then deleted.
+
+Resuming (`settle_checkpoints`, `resume`): the newest complete folder among these is taken, an interrupted
+rename finished, incomplete leftovers deleted, and the metrics lines logged after that checkpoint dropped;
+with no complete checkpoint the run starts again from step 0.
+
+Test hook: HICRA_FAULT=POINT:STEP makes the process SIGKILL itself at a named point (`fault_point`: the
+save:* points here, step:/eval: logging/logged in runlog.py); tests/test_faults.py kills a run at each and
+checks that the resumed run logs exactly what an uninterrupted one does.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cli import InputError
+from metrics import RelativeToFirst, is_eval_record
+
+CHECKPOINT = "checkpoint"  # RUN_DIR/checkpoint: the newest complete checkpoint
+COMPLETE_MARKER = "complete.json"  # written last into a checkpoint folder: {"step": ..., "files": {name: bytes}}
+FAULT_ENV = "HICRA_FAULT"  # test hook (tests/test_faults.py): "POINT:STEP" makes the process SIGKILL itself there
+
+
+def fault_point(point: str, step: int) -> None:
+    """Kill this process (SIGKILL, as a crash or an out-of-memory kill would) at `point` of `step` when
+    HICRA_FAULT=point:step; does nothing when HICRA_FAULT is unset. test_faults.py resumes after each."""
+    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (new names, renames), to disk; folders only where the OS allows."""
+    if path.is_dir() and os.name == "nt":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """checkpoint/, checkpoint-N/ and leftovers (checkpoint.tmp/, checkpoint.old/ of earlier versions)."""
+    names = (CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old")
+    return sorted(
+        p for p in run_dir.glob(f"{CHECKPOINT}*")
+        if p.is_dir() and (p.name in names or p.name.removeprefix(f"{CHECKPOINT}-").isdigit())
+    )
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The last finished step of a complete checkpoint folder; None when it is incomplete (no readable marker)."""
+    try:
+        return int(json.loads((folder / COMPLETE_MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_trainer_state(folder: Path, optimizer, scheduler, step: int, relative: RelativeToFirst, nonfinite_streak: int) -> None:
+    """Optimizer tensors and torch RNG states to trainer_state.safetensors, the rest to trainer_state.json."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng/cuda/{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    for index, values in optimizer_state["state"].items():
+        tensors.update({f"optimizer/{index}/{name}": value.contiguous().cpu() for name, value in values.items()})
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    state = {
+        "step": step,
+        "nonfinite_streak": nonfinite_streak,
+        "relative_baseline": relative.first,
+        "optimizer_param_groups": optimizer_state["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "rng_python": [python_rng[0], list(python_rng[1]), python_rng[2]],
+        "rng_numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
+    }
+    save_file(tensors, folder / "trainer_state.safetensors")
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+
+
+def write_complete_marker(folder: Path, step: int) -> None:
+    """fsync every file of `folder`, then write complete.json (the step, every file's size) last."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    marker = folder / COMPLETE_MARKER
+    marker.write_text(json.dumps({"step": step, "files": files}))
+    fsync_path(marker)
+    fsync_path(folder)
+
+
+def save(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, relative: RelativeToFirst,
+                    nonfinite_streak: int, keep: int) -> None:
+    """Write checkpoint.tmp/ (complete.json last), make it checkpoint/, keep the newest `keep` checkpoints."""
+    temp = run_dir / f"{CHECKPOINT}.tmp"
+    shutil.rmtree(temp, ignore_errors=True)
+    fault_point("save:start", step)
+    model.save_pretrained(temp)
+    fault_point("save:model", step)
+    tokenizer.save_pretrained(temp)
+    fault_point("save:tokenizer", step)
+    write_trainer_state(temp, optimizer, scheduler, step, relative, nonfinite_streak)
+    fault_point("save:state", step)
+    write_complete_marker(temp, step)
+    fault_point("save:marker", step)
+    promote_checkpoint(run_dir, temp, step)
+    prune_checkpoints(run_dir, keep)
+    fault_point("save:pruned", step)
+
+
+def promote_checkpoint(run_dir: Path, source: Path, step: int) -> None:
+    """Rename the complete checkpoint `source` to checkpoint/; the one it replaces becomes checkpoint-N/."""
+    final = run_dir / CHECKPOINT
+    if final.exists():
+        previous = checkpoint_step(final)
+        if previous is None:
+            shutil.rmtree(final)
+        else:
+            older = run_dir / f"{CHECKPOINT}-{previous + 1}"  # named by updates done, as HF Trainer does
+            shutil.rmtree(older, ignore_errors=True)
+            final.rename(older)
+    fault_point("save:between_renames", step)
+    source.rename(final)
+    fsync_path(run_dir)
+    fault_point("save:renamed", step)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete the checkpoint-N/ folders beyond the newest `keep - 1` (checkpoint/ is the keep-th)."""
+    steps = {p: checkpoint_step(p) for p in checkpoint_folders(run_dir) if p.name.removeprefix(f"{CHECKPOINT}-").isdigit()}
+    newest_first = sorted(steps, key=lambda p: -1 if steps[p] is None else steps[p], reverse=True)
+    for folder in newest_first[keep - 1:]:
+        shutil.rmtree(folder)
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """One-line error naming the first file of a complete checkpoint that is missing or has changed size."""
+    recorded = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
+    for name, size in recorded.items():
+        path = folder / name
+        found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+        if found != f"{size} bytes":
+            raise InputError(f"{path}: {found} where {COMPLETE_MARKER} records {size} bytes; the checkpoint is "
+                             f"damaged (remove {folder} to resume from an older checkpoint or from step 0)")
+
+
+def settle_checkpoints(run_dir: Path) -> Path | None:
+    """On resume: make the newest complete checkpoint RUN_DIR/checkpoint and delete incomplete leftovers.
+
+    Returns it, or None when the run has no complete checkpoint (it then starts again from step 0).
+    A trainer_state.pt (the pickle format of earlier versions, or a planted file) is refused: unpickling
+    a file can run any code, and run folders are shared.
+    """
+    folders = checkpoint_folders(run_dir)
+    for folder in folders:
+        if (folder / "trainer_state.pt").exists():
+            raise InputError(f"{folder / 'trainer_state.pt'}: a pickle trainer state (an earlier version's format, or a "
+                             "planted file) is not loaded, since unpickling can run code; start a new run")
+    steps = {folder: checkpoint_step(folder) for folder in folders}
+    complete = [folder for folder in folders if steps[folder] is not None]
+    newest = max(complete, key=lambda f: (steps[f], f.name == CHECKPOINT), default=None)
+    if newest is not None:
+        check_checkpoint_files(newest)
+    for folder in folders:
+        if folder != newest and (steps[folder] is None or steps[folder] >= steps[newest]):
+            shutil.rmtree(folder)
+    if newest is None:
+        return None
+    if newest.name != CHECKPOINT:
+        promote_checkpoint(run_dir, newest, steps[newest])
+    return run_dir / CHECKPOINT
+
+
+def restore_checkpoint(folder: Path, optimizer, scheduler) -> tuple[int, RelativeToFirst, int]:
+    """Restore optimizer, scheduler and RNG state (no pickle: safetensors and JSON only).
+
+    Returns the last finished step, the metric baseline and the count of non-finite steps in a row.
+    """
+    tensors_path, json_path = folder / "trainer_state.safetensors", folder / "trainer_state.json"
+    try:
+        tensors = load_file(tensors_path)
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{tensors_path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
+    try:
+        state = json.loads(json_path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{json_path}: not a readable trainer state ({str(error).splitlines()[0]})") from None
+    try:
+        per_parameter: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/")
+                per_parameter.setdefault(int(index), {})[name] = tensor
+        groups = [{**group, "betas": tuple(group["betas"])} for group in state["optimizer_param_groups"]]  # JSON lists
+        optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+        scheduler.load_state_dict(state["scheduler"])
+        version, internal, gauss = state["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, *rest = state["rng_numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(tensors["rng/torch"])
+        cuda_states = [tensors[f"rng/cuda/{i}"] for i in range(sum(k.startswith("rng/cuda/") for k in tensors))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        return state["step"], RelativeToFirst(state["relative_baseline"]), state["nonfinite_streak"]
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise InputError(f"{folder}: trainer state does not fit this run ({str(error).splitlines()[0]})") from None
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint of step `last_step` (a run stopped between a log and a save).
+
+    Kept: training records up to `last_step` and evaluations up to `last_step + 1` updates. A last line
+    without its newline (torn by a crash mid-write) is dropped; the file is replaced whole, never half-written.
+    """
+    if path.exists():
+        lines = path.read_text().split("\n")[:-1]  # complete lines only: each ends with "\n"
+        records = [json.loads(line) for line in lines if line]
+        kept = [r for r in records if r["step"] <= last_step + is_eval_record(r)]
+        temp = path.with_name(path.name + ".tmp")
+        temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        temp.replace(path)
+
+
+def resume(run_dir: Path, checkpoint: Path | None, optimizer, scheduler) -> tuple[int, RelativeToFirst, int]:
+    """Restore the run's state from `checkpoint` (None: a run starting at step 0) and cut metrics.jsonl to it.
+
+    Returns the first step to run, the metric baseline and the count of non-finite steps in a row.
+    """
+    if checkpoint is None:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run restarted from step 0 logs every line again
+        return 0, RelativeToFirst(), 0
+    last_step, relative, nonfinite_streak = restore_checkpoint(checkpoint, optimizer, scheduler)
+    truncate_metrics(run_dir / "metrics.jsonl", last_step)
+    return last_step + 1, relative, nonfinite_streak
+
+
+def check_run_folder(run_dir: Path, resuming: bool) -> None:
+    """Refuse an --out that is a file, or that already holds a run when starting a new one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out: {run_dir} is a file, not a folder")
+    if not resuming and ((run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT).exists()):
+        raise InputError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} or another --out")
+
+
+def create_run_folder(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--out: cannot create {run_dir}: {error.strerror}") from None

@@ -1,0 +1,279 @@
+"""The training configuration, each flag declared once: its default, help text, group and bound.
+
+`TrainConfig` is the table (as CleanRL's `Args` and TRL's `GRPOConfig`); everything else is derived from it:
+- the command line (`build_parser`): `--lora-rank` for the field `lora_rank`, help with the default;
+- the checks (`check_config`): every number finite and within its field's bound, every file value of the
+  right type and choice, before anything is written; one `error: ...` line naming the flag otherwise;
+- a run's RUN_DIR/config.json (`saved_settings`) and its resume (`parse_config`: the saved settings, then
+  those given explicitly on the command line);
+- `--config FILE` (YAML or JSON, e.g. a run's own config.json): settings read from a file, which the flags
+  given on the command line override, as TRL's scripts do.
+scale_out/train_trl.py takes the fields it shares with train.py from here (`add_flags(..., only=...)`).
+"""
+
+import argparse
+import dataclasses
+import json
+import secrets
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cli import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bound, InputError, OneLineParser,
+                 check_bounds, flag_name)
+from grpo import ADVANTAGE_MODES, AGGREGATIONS
+from hicra import PAPER_ALPHA
+from reward import REWARD_HELP
+from rollout import DEFAULT_INSTRUCTION
+from runlog import TRACKERS
+from world.tasks import DEFAULT_MODEL_DIR
+
+ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+GROUPS = ("model", "data", "prompt", "sampling", "algorithm", "optimisation", "logging", "run")
+MODEL_FLAGS = ("model", "gguf_file", "lora_rank", "lora_alpha")  # what is trained: fixed for the life of a run
+SESSION_FLAGS = ("resume", "config")  # how this process was started, not settings of the run: never saved
+
+
+def flag(default, help: str, group: str, bound: Bound | None = None, choices: tuple | None = None, **argparse_kwargs):
+    """A TrainConfig field: its default and what the command line, the checks and the help need to know."""
+    metadata = dict(help=help, group=group, bound=bound, choices=choices, argparse=argparse_kwargs)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelFlags:
+    """How the model is loaded (model_loading.py): shared by train.py and eval.py."""
+
+    model: str = flag(DEFAULT_MODEL_DIR, "HF model folder or hub id (from_pretrained)", "model")
+    gguf_file: str | None = flag(None, "GGUF file name inside the --model folder", "model")
+    dtype: str = flag("auto", "weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise",
+                      "model", choices=DTYPE_NAMES)
+    device: str = flag("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...", "model")
+    threads: int = flag(0, "CPU threads for torch; 0 = torch's choice (1 is fastest on a busy machine)", "model",
+                        NON_NEGATIVE)
+
+
+@dataclass
+class PromptFlags:
+    """How a problem becomes a prompt (rollout.PromptFormat): shared by train.py and eval.py."""
+
+    instruction: str = flag(DEFAULT_INSTRUCTION, "text added after each problem; '' for none", "prompt")
+    system_prompt: str | None = flag(None, "system prompt (a chat template's system turn, or a first line)", "prompt")
+    few_shot: str | None = flag(None, "few-shot examples shown before each problem: JSONL with 'problem' and "
+                                      "'solution' fields", "prompt", metavar="FILE")
+
+
+@dataclass
+class TrainConfig(PromptFlags, ModelFlags):
+    """Every flag of train.py. A field's metadata holds its help, group, bound and choices (see `flag`)."""
+
+    gradient_checkpointing: bool = flag(False, "recompute activations in backward", "model")
+    lora_rank: int = flag(0, "LoRA rank via peft; 0 trains all weights", "model", NON_NEGATIVE)
+    lora_alpha: float = flag(32.0, "LoRA scaling numerator (alpha / rank)", "model", POSITIVE)
+
+    data: str = flag("world_train", "training problems: benchmark name or JSONL file", "data")
+    eval_data: str = flag("world", "held-out problems: benchmark name or JSONL file", "data")
+    eval_limit: int = flag(500, "held-out problems per evaluation (the first N)", "data", AT_LEAST_ONE)
+    reward: str = flag("boxed", REWARD_HELP, "data")
+
+    prompts_per_step: int = flag(16, "problems sampled per step", "sampling", AT_LEAST_ONE)
+    group_size: int = flag(8, "completions per problem (G >= 2)", "sampling",
+                           (">= 2 (group-relative advantages need a group)", lambda v: v >= 2))
+    max_new_tokens: int = flag(128, "completion length limit", "sampling", AT_LEAST_ONE)
+    temperature: float = flag(1.0, "sampling temperature (> 0)", "sampling", POSITIVE)
+    top_p: float = flag(1.0, "nucleus sampling threshold", "sampling", FRACTION)
+    logprob_chunk: int = flag(512, "completion tokens per fp32 vocabulary log-softmax chunk (bounds its memory)",
+                              "sampling", AT_LEAST_ONE)
+
+    algo: str = flag("hicra", "advantage shaping, see train.py's docstring", "algorithm", choices=ALGOS)
+    alpha: float = flag(PAPER_ALPHA, "HICRA amplification, in [0, 1]", "algorithm", UNIT_INTERVAL)
+    grams: str = flag("world", "strategic grams: preset (paper, world) or a file", "algorithm")
+    advantage: str = flag("center", "group baseline form", "algorithm", choices=ADVANTAGE_MODES)
+    eps_low: float = flag(0.2, "lower clip range: ratio >= 1 - eps_low", "algorithm", UNIT_INTERVAL)
+    eps_high: float = flag(0.28, "upper clip range (clip-higher, DAPO)", "algorithm", NON_NEGATIVE)
+    beta: float = flag(0.0, "k3 KL coefficient; 0 loads no reference model", "algorithm", NON_NEGATIVE)
+    loss_agg: str = flag("token-mean", "loss normaliser", "algorithm", choices=AGGREGATIONS)
+    entropy_coef: float = flag(0.01, "entropy bonus of --algo entropy_reg", "algorithm", NON_NEGATIVE)
+    entropy_top_q: float = flag(0.3, "fraction of highest-entropy tokens amplified by --algo high_entropy "
+                                     "(Fig. 10's 30%%)", "algorithm", FRACTION)
+
+    lr: float = flag(2e-4, "AdamW learning rate", "optimisation", POSITIVE)
+    weight_decay: float = flag(0.0, "AdamW weight decay", "optimisation", NON_NEGATIVE)
+    grad_clip: float = flag(1.0, "max global grad norm; 0 = off", "optimisation", NON_NEGATIVE)
+    warmup_steps: int = flag(0, "linear learning-rate warm-up steps", "optimisation", NON_NEGATIVE)
+    ppo_epochs: int = flag(1, "optimizer steps (passes) per rollout batch", "optimisation", AT_LEAST_ONE)
+    micro_batch_size: int = flag(32, "completions per forward/backward", "optimisation", AT_LEAST_ONE)
+    micro_batch_tokens: int = flag(0, "also cap the tokens a micro-batch's forward processes (each distinct prompt "
+                                      "once + rows x longest completion; rows kept with their group); 0 = no cap. "
+                                      "Bounds activation memory; the gradient is the same", "optimisation", NON_NEGATIVE)
+    steps: int = flag(200, "training steps (rollout + update)", "optimisation",
+                      (">= 1 (to evaluate a model without training, use eval.py)", lambda v: v >= 1))
+    max_nonfinite_steps: int = flag(5, "stop after this many steps in a row skipped for a non-finite loss or "
+                                       "gradient", "optimisation", AT_LEAST_ONE)
+    seed: int = flag(0, "seed of prompts order, sampling and init", "optimisation", SEED)
+
+    out: str | None = flag(None, "run directory (default runs/ALGO-seedS-TIME-XXXXXX, XXXXXX random)", "logging")
+    eval_every: int = flag(50, "evaluate every N steps (and at 0 and the end); 0 = never", "logging", NON_NEGATIVE)
+    eval_samples: int = flag(1, "samples per held-out problem", "logging", AT_LEAST_ONE)
+    eval_temperature: float = flag(1.0, "held-out sampling temperature; 0 = greedy", "logging", NON_NEGATIVE)
+    save_every: int = flag(50, "checkpoint every N steps (and at the end); 0 = end only", "logging", NON_NEGATIVE)
+    keep_checkpoints: int = flag(1, "checkpoints kept: the newest in RUN_DIR/checkpoint, older ones in "
+                                    "RUN_DIR/checkpoint-N", "logging", AT_LEAST_ONE)
+    report_to: list[str] = flag([], f"also log metrics to {' and/or '.join(TRACKERS)} (optional packages; "
+                                    "metrics.jsonl is always written)", "logging", choices=TRACKERS, metavar="TRACKER")
+
+    resume: str | None = flag(None, "continue this run from its checkpoint", "run", metavar="RUN_DIR")
+    config: str | None = flag(None, "read settings from a YAML or JSON file (e.g. a run's config.json); flags given "
+                                    "on the command line override it", "run", metavar="FILE")
+
+
+# ---------------------------------------------------------------- derived: the command line
+
+
+def value_types(annotation) -> tuple[type, ...]:
+    """The Python types a field's annotation admits: int -> (int,), str | None -> (str, NoneType)."""
+    if isinstance(annotation, types.UnionType):
+        return typing.get_args(annotation)
+    return (typing.get_origin(annotation) or annotation,)
+
+
+def add_flags(parser: argparse.ArgumentParser, config_class, only: tuple[str, ...] | None = None,
+              overrides: dict[str, dict] | None = None) -> None:
+    """One argparse flag per field of `config_class` (or of those named in `only`), in groups, in GROUPS order.
+
+    `overrides` changes a flag's argparse settings by field name (scale_out/train_trl.py: another default).
+    """
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for spec in dataclasses.fields(config_class):
+        if only is not None and spec.name not in only:
+            continue
+        meta, kinds = spec.metadata, value_types(spec.type)
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        kwargs = dict(default=default, help=meta["help"], **meta["argparse"])
+        if bool in kinds:
+            kwargs["action"] = "store_true"
+        elif list in kinds:
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = kinds[0]
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        kwargs.update((overrides or {}).get(spec.name, {}))
+        groups[meta["group"]].add_argument(flag_name(spec.name), **kwargs)
+    for group in groups.values():  # argparse prints empty groups' titles too
+        if not group._group_actions:
+            parser._action_groups.remove(group)
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """train.py's command line, derived from TrainConfig; `suppress_defaults`: only the flags given appear."""
+    parser = OneLineParser(description="GRPO / HICRA training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+)
+    add_flags(parser, TrainConfig)
+    if suppress_defaults:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+    return parser
+
+
+# ---------------------------------------------------------------- derived: checks and files
+
+
+BOUNDS = {spec.name: spec.metadata["bound"] for spec in dataclasses.fields(TrainConfig) if spec.metadata["bound"]}
+
+
+def checked_setting(name: str, value, where: str):
+    """`value` (read from a file at `where`) if it has the type and choice the field `name` allows; InputError otherwise.
+
+    A number written as a string ("1e-4", which YAML 1.1 reads as text) is taken as the number it spells.
+    """
+    specs = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
+    if name not in specs or name in SESSION_FLAGS:
+        raise InputError(f"{where}: unknown setting {name!r}")
+    kinds, choices = value_types(specs[name].type), specs[name].metadata["choices"]
+    if float in kinds and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if list in kinds:
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise InputError(f"{where}: {flag_name(name)}: expected a list of names, got {value!r}")
+        items = value
+    else:
+        numeric = float in kinds and isinstance(value, int)  # JSON may write 1.0 as 1
+        if isinstance(value, bool) != (bool in kinds) or not (isinstance(value, kinds) or numeric):
+            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise InputError(f"{where}: {flag_name(name)}: expected {wanted}, got {value!r}")
+        items = [value]
+    for item in items:
+        if choices and item not in choices:
+            raise InputError(f"{where}: {flag_name(name)}: {item!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def read_settings(path: str, flag: str) -> dict:
+    """The settings of a JSON file, or of a YAML file (.yaml, .yml), each checked by check_setting.
+
+    JSON is read as JSON: PyYAML (YAML 1.1) would read JSON's 1e-05 as a string.
+    """
+    import yaml  # transformers' own dependency
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{flag}: {path} not found")
+    try:
+        text = file.read_text(encoding="utf-8")
+        settings = yaml.safe_load(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise InputError(f"{flag}: {path}: not a readable run config ({str(error).splitlines()[0]})") from None
+    if not isinstance(settings, dict):
+        raise InputError(f"{flag}: {path}: not a readable run config (not a mapping of settings)")
+    settings = {str(name).replace("-", "_"): value for name, value in settings.items()}
+    for name, value in settings.items():
+        settings[name] = checked_setting(name, value, f"{flag} {path}")
+    return settings
+
+
+def saved_settings(config: TrainConfig) -> dict:
+    """What RUN_DIR/config.json holds: every setting of the run (not --resume and --config)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in SESSION_FLAGS}
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The run's settings: defaults < the resumed run's config.json < --config FILE < flags given on the command line.
+
+    Defaults first, so a run saved before a setting existed resumes with that setting's default. The model
+    (MODEL_FLAGS) of a resumed run cannot change, nor its folder.
+    """
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    settings = {}
+    if explicit.get("resume"):
+        saved = read_settings(str(Path(explicit["resume"]) / "config.json"), "--resume")
+        if explicit.get("out", explicit["resume"]) != explicit["resume"]:
+            raise InputError("--out: a resumed run stays in its folder; give --resume RUN_DIR alone")
+        for key in MODEL_FLAGS:
+            if key in explicit and explicit[key] != saved.get(key):
+                raise InputError(f"{flag_name(key)}: this run was trained with {flag_name(key)} {saved.get(key)}; a "
+                                 f"resumed run keeps its {', '.join(map(flag_name, MODEL_FLAGS))} (start a new run "
+                                 "to change them)")
+        settings.update(saved, out=explicit["resume"])
+    if explicit.get("config"):
+        settings.update(read_settings(explicit["config"], "--config"))
+    config = TrainConfig(**{**settings, **explicit})
+    if config.out is None:
+        config.out = f"runs/{config.algo}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    check_bounds(config, BOUNDS)
+    return config
+
+
+def write_config(run_dir: Path, config: TrainConfig) -> None:
+    """RUN_DIR/config.json: saved_settings, written whole or not at all."""
+    temp = run_dir / "config.json.tmp"
+    temp.write_text(json.dumps(saved_settings(config), indent=2))
+    temp.replace(run_dir / "config.json")

@@ -1,0 +1,164 @@
+"""The run folder's record of a run: RUN_DIR/metrics.jsonl, held-out samples, trackers, the console summary.
+
+- metrics.jsonl: one JSON line per training step and one per held-out evaluation (its "step" is the
+  number of updates done, its keys start with "eval/"). It is the source of truth; trackers mirror it.
+- samples_stepNNNNN.html: a few held-out completions at each evaluation, planning tokens highlighted
+  (also printed, coloured on a terminal).
+- Trackers (`--report-to tensorboard wandb`), optional packages, neither in requirements.txt; asking for
+  one that is not installed is a one-line error before any work.
+  - tensorboard: `torch.utils.tensorboard.SummaryWriter` writing to RUN_DIR/tensorboard (offline). Training
+    keys are logged as `train/KEY`, held-out keys keep their `eval/` prefix; the global step is the record's
+    "step". Events from step `purge_from` on are dropped when the writer opens (a resumed run's lines after
+    its checkpoint, or all of them when it restarts).
+  - wandb: `wandb.init` with the run's settings as config, files under RUN_DIR/wandb (needs a login, or
+    WANDB_MODE=offline); the project is $WANDB_PROJECT, or "hicra".
+"""
+
+import html
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+import grams as grams_lib
+from checkpoint import fault_point
+from cli import InputError, use_colour
+from metrics import is_eval_record
+
+SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
+METRICS = "metrics.jsonl"
+
+
+class RunLog:
+    """Appends the run's records to RUN_DIR/metrics.jsonl and mirrors them to the --report-to trackers."""
+
+    def __init__(self, run_dir: Path, report_to: list[str], settings: dict, purge_from: int, max_new_tokens: int):
+        self.run_dir, self.max_new_tokens, self.truncation_noted = run_dir, max_new_tokens, False
+        self.trackers = open_trackers(report_to, run_dir, settings, purge_from)
+
+    def log(self, record: dict) -> None:
+        """One line to metrics.jsonl, then to the trackers. Test hooks (checkpoint.fault_point) around the write:
+        "step:logging"/"eval:logging" before it, "step:logged"/"eval:logged" after it, at the record's step."""
+        kind = "eval" if is_eval_record(record) else "step"
+        fault_point(f"{kind}:logging", record["step"])
+        with open(self.run_dir / METRICS, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+        fault_point(f"{kind}:logged", record["step"])
+        if record.get("truncation_rate") == 1.0 and not self.truncation_noted:  # scored as written, but worth a word
+            tqdm.write(f"note: every completion of step {record['step']} hit --max-new-tokens {self.max_new_tokens} "
+                       "before an end-of-sequence token; answers may be cut off")
+            self.truncation_noted = True
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def format_eval(record: dict) -> str:
+    return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in record.items() if k.startswith("eval/") and "pass" in k)
+
+
+def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]) -> None:
+    """Print a few held-out completions with planning tokens coloured, and write them as HTML."""
+    shown = [(r["problem"], r["completions"][0], r["correct"][0]) for r in records[:SAMPLES_SHOWN]]
+    blocks = []
+    for problem, completion, correct in shown:
+        spans = grams_lib.find_gram_spans(completion, grams)
+        style = "ansi" if use_colour(sys.stdout) else "plain"
+        tqdm.write(f"--- {'correct' if correct else 'wrong'}: {problem}\n{grams_lib.highlight_planning(completion, spans, style)}")
+        blocks.append(
+            f"<h3>{'correct' if correct else 'wrong'}</h3><p><b>{html.escape(problem)}</b></p>"
+            f"<pre>{grams_lib.highlight_planning(completion, spans, 'html')}</pre>"
+        )
+    page = (
+        f"<html><head><meta charset='utf-8'><title>step {step}</title><style>mark{{background:#ffd54f}}</style>"
+        f"</head><body><h2>Held-out samples at step {step} (planning tokens highlighted)</h2>{''.join(blocks)}</body></html>"
+    )
+    (run_dir / f"samples_step{step:05d}.html").write_text(page, encoding="utf-8")
+
+
+def print_summary(run_dir: Path) -> None:
+    """One screen: first vs last training figures and held-out accuracy."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    evals = [r for r in records if is_eval_record(r)]
+    steps = [r for r in records if not is_eval_record(r)]
+    print(f"\nrun: {run_dir}  ({len(steps)} steps)")
+    for key in ("reward", "accuracy", "length_mean", "planning_ratio", "semantic_entropy", "step_seconds"):
+        if steps and key in steps[0]:
+            print(f"  {key:<18} first {steps[0][key]:8.3f}   last {steps[-1][key]:8.3f}")
+    for record in evals:
+        print(f"  held-out after {record['step']:>4} steps: {format_eval(record)}")
+    print(f"  metrics: {path}\n  checkpoint: {run_dir / 'checkpoint'}")
+
+
+# ---------------------------------------------------------------- trackers
+
+
+TRACKERS = ("tensorboard", "wandb")  # --report-to names, each also the package it needs
+
+
+def check_installed(names: list[str]) -> None:
+    """InputError naming the flag for a requested tracker whose package is missing (checked before any work)."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise InputError(f"--report-to {name}: the {name} package is not installed (pip install {name})")
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The numeric values of a metrics record under their dashboard names (see the module docstring)."""
+    return {
+        key if key.startswith("eval/") else f"train/{key}": float(value)
+        for key, value in record.items()
+        if key != "step" and isinstance(value, (int, float))
+    }
+
+
+class TensorBoardTracker:
+    """One SummaryWriter in RUN_DIR/tensorboard: add_scalar per key and record."""
+
+    def __init__(self, run_dir: Path, purge_from: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_from)
+
+    def log(self, record: dict) -> None:
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, global_step=record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """One wandb run named after the run directory; wandb.log per record at the record's step."""
+
+    def __init__(self, run_dir: Path, config: dict):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "hicra"), name=run_dir.name, dir=str(run_dir), config=config)
+
+    def log(self, record: dict) -> None:
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_trackers(names: list[str], run_dir: Path, config: dict, purge_from: int) -> list:
+    """The trackers of --report-to (each name once), opened on the run directory; TensorBoard drops its
+    events from step `purge_from` on."""
+    trackers = []
+    for name in dict.fromkeys(names):
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker(run_dir, purge_from))
+        elif name == "wandb":
+            trackers.append(WandbTracker(run_dir, config))
+    return trackers

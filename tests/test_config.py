@@ -1,0 +1,105 @@
+"""The declarative configuration (config.py): one declaration per flag, from which the parser, the bounds,
+config.json, --config files and the resume merge are derived."""
+
+import dataclasses
+import json
+
+import pytest
+
+import config
+import train
+from cli import InputError, flag_name
+
+
+def parser_flags(parser) -> dict[str, object]:
+    """Each long flag of a parser and its default."""
+    return {option: action.default for action in parser._actions for option in action.option_strings
+            if option.startswith("--") and option != "--help"}
+
+
+def test_every_setting_is_one_flag_with_its_declared_default_and_help():
+    flags = parser_flags(config.build_parser())
+    specs = dataclasses.fields(config.TrainConfig)
+    assert sorted(flags) == sorted(flag_name(spec.name) for spec in specs)
+    defaults = dataclasses.asdict(config.TrainConfig())
+    assert all(flags[flag_name(name)] == value for name, value in defaults.items())
+    assert all(spec.metadata["help"] for spec in specs)
+
+
+def test_the_bounds_come_from_the_declarations():
+    alpha = next(spec for spec in dataclasses.fields(config.TrainConfig) if spec.name == "alpha")
+    assert config.BOUNDS["alpha"] is alpha.metadata["bound"]
+    with pytest.raises(InputError, match=r"^--alpha: must be in \[0, 1\], got 1.5"):
+        train.parse_args(["--alpha", "1.5"])
+
+
+def test_a_config_file_sets_what_the_command_line_does_not(tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("lr: 1e-4\nalgo: grpo\ngroup-size: 4\nreport_to: []\n")
+    parsed = train.parse_args(["--config", str(settings), "--group-size", "6"])
+    assert (parsed.lr, parsed.algo, parsed.group_size) == (1e-4, "grpo", 6)  # the flag given overrides the file
+    assert parsed.seed == 0  # neither: the default
+
+
+def test_a_runs_own_config_json_loads_as_a_config_file(tmp_path):
+    saved = config.saved_settings(train.parse_args(["--lr", "3e-05", "--algo", "placebo", "--out", "x"]))
+    (tmp_path / "config.json").write_text(json.dumps(saved, indent=2))
+    parsed = train.parse_args(["--config", str(tmp_path / "config.json"), "--out", "y"])
+    assert config.saved_settings(parsed) == {**saved, "out": "y"}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"lr": "fast"}', "--lr: expected float, got 'fast'"),
+    ('{"steps": 2.5}', "--steps: expected int, got 2.5"),
+    ('{"steps": true}', "--steps: expected int, got True"),
+    ('{"algo": "ppo"}', "--algo: 'ppo' is not one of grpo, hicra"),
+    ('{"algo": null}', "--algo: expected str, got None"),
+    ('{"report_to": "tensorboard"}', "--report-to: expected a list of names, got 'tensorboard'"),
+    ('{"report_to": ["tensorbored"]}', "--report-to: 'tensorbored' is not one of tensorboard, wandb"),
+    ('{"bogus": 1}', "unknown setting 'bogus'"),
+    ('{"resume": "elsewhere"}', "unknown setting 'resume'"),
+    ('[1, 2]', "not a readable run config (not a mapping of settings)"),
+    ('{"lr": ', "not a readable run config"),
+])
+def test_a_bad_config_file_is_a_one_line_error_naming_the_setting(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(InputError) as error:
+        train.parse_args(["--config", str(path)])
+    assert str(error.value).startswith("--config") and str(path) in str(error.value)  # names the flag and the file
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_hand_edited_run_config_is_checked_on_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = config.saved_settings(train.parse_args(["--out", str(run)]))
+    (run / "config.json").write_text(json.dumps({**saved, "algo": "ppo"}))
+    with pytest.raises(InputError, match=r"--resume .*config.json: --algo: 'ppo' is not one of"):
+        train.parse_args(["--resume", str(run)])
+    (run / "config.json").write_text(json.dumps({**saved, "lr": -1.0}))
+    with pytest.raises(InputError, match=r"^--lr: must be > 0, got -1.0"):
+        train.parse_args(["--resume", str(run)])
+
+
+def test_resume_takes_the_saved_settings_then_the_flags_given(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = config.saved_settings(train.parse_args(["--out", str(run), "--seed", "7", "--steps", "3"]))
+    (run / "config.json").write_text(json.dumps(saved))
+    resumed = train.parse_args(["--resume", str(run), "--steps", "5"])
+    assert (resumed.seed, resumed.steps, resumed.out) == (7, 5, str(run))
+    with pytest.raises(InputError, match="^--lora-rank: this run was trained with --lora-rank 0"):
+        train.parse_args(["--resume", str(run), "--lora-rank", "4"])
+
+
+def test_the_trl_launcher_declares_no_flag_of_train_py_again():
+    pytest.importorskip("trl")
+    from scale_out import train_trl
+
+    shared = {flag_name(name) for name in train_trl.SHARED_FLAGS}
+    own = {flag_name(spec.name) for spec in dataclasses.fields(train_trl.TrlFlags)}
+    trl_flags = parser_flags(train_trl.build_parser())
+    assert set(trl_flags) == shared | own
+    train_flags = parser_flags(config.build_parser())
+    assert all(trl_flags[flag] == train_flags[flag] for flag in shared)  # same defaults: declared once
