@@ -186,6 +186,29 @@ def _states_before_tokens_shared_prompts(model, prompt_ids, prompt_mask, complet
     return torch.cat([prompt_hidden[prompt_of_row, -1:], completion_hidden[:, :-1]], dim=1)  # [B, C, H]
 
 
+def reference_completion_logprobs(
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain definition of `completion_logprobs`: one full forward, the whole vocabulary at every position.
+
+    log pi(y_t | x, y_<t) = log_softmax(z_t / T)[y_t] and H_t = -sum_v p_v log p_v, p = softmax(z_t / T), z_t
+    the logits at the position before completion token y_t. Same arguments and outputs as
+    `completion_logprobs` (logp, entropy [B, C], zero where completion_mask is 0; greedy scored at T = 1),
+    which is the fast path, pinned to this one by a test.
+    """
+    temperature = temperature if temperature > 0 else 1.0  # greedy decoding is scored at T = 1
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+C]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P+C], left padding shifts no position
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+C]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits  # [B, P+C, V]
+    logits = logits[:, prompt_ids.shape[1] - 1 : -1]  # [B, C, V], the logits before each completion token
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, C, V]
+    logp = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, C]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [B, C]
+    real = completion_mask.bool()  # [B, C]
+    return torch.where(real, logp, 0.0), torch.where(real, entropy, 0.0)
+
+
 def completion_logprobs(
     model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float, chunk_size: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +217,7 @@ def completion_logprobs(
     prompt_ids/prompt_mask [B, P], completion_ids/completion_mask [B, C] -> (logp [B, C], entropy [B, C]),
     both zero where completion_mask is 0. Differentiable when grad is enabled. The head and log-softmax see
     `chunk_size` real completion tokens at a time. Assumes the usual `logits = lm_head(last_hidden_state)`
-    of Llama/Qwen/Mistral-style causal LMs.
+    of Llama/Qwen/Mistral-style causal LMs. The plain definition: `reference_completion_logprobs`.
     """
     temperature = temperature if temperature > 0 else 1.0  # greedy decoding is scored at T = 1
     full_width = completion_ids.shape[1]

@@ -16,7 +16,10 @@ from grams import (
 )
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import high_entropy_mask, hicra_advantages, validate_alpha
-from rollout import completion_logprobs, completion_mask_from_eos, format_prompt, generate_rollouts, sample_next_token
+from rollout import (
+    completion_logprobs, completion_mask_from_eos, encode_prompts, format_prompt, generate_rollouts,
+    reference_completion_logprobs, sample_next_token,
+)
 
 # ---------------------------------------------------------------- group advantages (Sec. 3)
 
@@ -223,6 +226,56 @@ def test_prompt_shared_by_a_group_is_encoded_once_with_the_same_logprobs_and_gra
     assert torch.allclose(plain, shared, atol=1e-5)
     assert len(plain_grads) == len(shared_grads) > 0
     assert all((a - b).norm() <= 1e-4 * a.norm() + 1e-7 for a, b in zip(plain_grads, shared_grads))
+
+
+def ragged_batch(tokenizer, group_size=2):
+    """A batch that sets every speed-up of completion_logprobs to work: prompts of three lengths, left-padded,
+    plus one padding column in every row (trimmed); G rows share each prompt (one cached prompt per group);
+    completions of 1 to 7 tokens right-padded to 9 (trimmed to 7)."""
+    questions = ["What is 2 + 2?", "Add 12 and 30, then check the sum twice.", "Sum 3 and 4."]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [format_prompt(tokenizer, q) for q in questions], "cpu")  # [N, P]
+    prompt_ids = torch.nn.functional.pad(prompt_ids, (1, 0), value=tokenizer.pad_token_id)  # [N, P+1]
+    prompt_mask = torch.nn.functional.pad(prompt_mask, (1, 0))  # [N, P+1]
+    lengths = torch.tensor([5, 2, 7, 1, 3, 6])  # [B]
+    completion_mask = (torch.arange(9)[None, :] < lengths[:, None]).float()  # [B, 9]
+    sampled = torch.randint(4, len(tokenizer), completion_mask.shape, generator=torch.Generator().manual_seed(0))
+    completion_ids = sampled.masked_fill(completion_mask == 0, tokenizer.pad_token_id)  # [B, 9]
+    return (prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0),
+            completion_ids, completion_mask)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_completion_logprobs_equal_the_plain_definition(tokenizer, model, temperature):
+    args = ragged_batch(tokenizer)
+    with torch.no_grad():
+        fast = completion_logprobs(model, *args, temperature, chunk_size=3)
+        plain = reference_completion_logprobs(model, *args, temperature)
+    for a, b in zip(fast, plain):  # logp, entropy
+        assert a.shape == b.shape == args[3].shape
+        assert torch.allclose(a, b, rtol=0, atol=1e-5) and (a[args[3] == 0] == 0).all()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_completion_logprobs_gradients_equal_those_of_the_plain_definition(tokenizer, model, checkpointing):
+    """The same loss backpropagated through the fast path (shared prompt cache, or one forward per row when
+    layers recompute their activations) and through the plain definition gives the same parameter gradients."""
+    if checkpointing:
+        model.activation_checkpointing_enable()
+        model.train()  # HF layers recompute only in training mode
+    assert rollout_lib.activation_checkpointing(model) == checkpointing  # which branch the fast path takes
+    args = ragged_batch(tokenizer)
+    weights = torch.randn(2, *args[3].shape, generator=torch.Generator().manual_seed(1))  # [2, B, C]
+    results = []
+    for scores in (lambda: completion_logprobs(model, *args, 0.7, chunk_size=3),
+                   lambda: reference_completion_logprobs(model, *args, 0.7)):
+        model.zero_grad()
+        logp, entropy = scores()  # [B, C] each
+        ((logp * weights[0] + entropy * weights[1]) * args[3]).sum().backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fast_logp, fast_entropy, fast_grads), (logp, entropy, grads) = results
+    assert torch.allclose(fast_logp, logp, rtol=0, atol=1e-5) and torch.allclose(fast_entropy, entropy, rtol=0, atol=1e-5)
+    assert all(g.abs().max() > 0 for g in grads)  # every parameter is reached
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5 * b.abs().max()) for a, b in zip(fast_grads, grads))
 
 
 def test_rollout_logprobs_are_those_generate_sampled_from(tokenizer, model):
