@@ -77,6 +77,17 @@ def test_high_entropy_mask_selects_top_fraction_of_valid_tokens_only():
     assert mask.tolist() == [[False, True, False, False], [False, True, False, False]]
 
 
+@pytest.mark.parametrize(
+    "top_q, n, count",
+    [(0.28, 25, 7), (0.07, 100, 7), (0.14, 50, 7), (0.56, 25, 14), (0.3, 10, 3), (0.5, 3, 2), (1.0, 13, 13)],
+)
+def test_high_entropy_mask_selects_the_exact_ceiling_of_the_decimal_q_times_n(top_q, n, count):
+    """0.28 * 25 is 7.000000000000001 in floating point; the mask must still select ceil(7) = 7 tokens."""
+    entropy = torch.arange(n, dtype=torch.float).unsqueeze(0)  # [1, N]
+    mask = high_entropy_mask(entropy, torch.ones(1, n), top_q)
+    assert int(mask.sum()) == count
+
+
 # ---------------------------------------------------------------- clipped surrogate and aggregation
 
 
