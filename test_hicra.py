@@ -287,6 +287,22 @@ def test_gram_spans_respect_word_boundaries_and_merge_overlaps():
     assert gram_occurrences(text, grams) == ["but wait", "let me check", "so"]
 
 
+@pytest.mark.parametrize("text_apostrophe", ["'", "\u2019", "\u2018", "\u02bc"])
+@pytest.mark.parametrize("gram_apostrophe", ["'", "\u2019"])
+def test_gram_apostrophes_match_typographic_ones_in_both_directions(text_apostrophe, gram_apostrophe):
+    """A model writes "let’s" (U+2019) as often as "let's"; both are the gram, and the span indexes the original text."""
+    text = f"Hmm. Let{text_apostrophe}s try again"
+    assert find_gram_spans(text, [f"let{gram_apostrophe}s try"]) == [(5, 14)]
+    assert gram_occurrences(text, [f"let{gram_apostrophe}s try", "try"]) == ["let's try"]
+
+
+def test_planning_mask_marks_a_gram_written_with_a_typographic_apostrophe(tokenizer):
+    text = "we get 5. Let\u2019s try again."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    mask = planning_token_mask(tokenizer, ids, ["let's try"])
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]).strip() == "Let\u2019s try"
+
+
 @pytest.mark.parametrize(
     "text", ["we get 5. Let me check: 5 + 0 = 5.", "we get 5.let me check, 5 + 0 = 5.", "we get 5. LET ME CHECK. 5 + 0 = 5."]
 )
