@@ -116,15 +116,32 @@ def token_char_spans(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tup
     """Decoded text of `token_ids` and the character span of each token in it.
 
     Fast path: re-encode the text with the tokenizer's offset mapping; valid when it gives back the same
-    ids (the usual case). Otherwise (a sampled tokenisation that is not the canonical one) fall back to
-    incremental decoding (`incremental_char_spans`). Both are linear in the number of tokens.
+    ids (the usual case); a bare prepended "▁" token gets an empty span (`without_prepended_markers`).
+    Otherwise (a sampled tokenisation that is not the canonical one) fall back to incremental decoding
+    (`incremental_char_spans`). Both are linear in the number of tokens.
     """
     ids = [int(i) for i in token_ids]
     text = tokenizer.decode(ids, skip_special_tokens=False)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if encoding["input_ids"] == ids:
-        return text, [tuple(span) for span in encoding["offset_mapping"]]
+        return text, without_prepended_markers(tokenizer, ids, [tuple(span) for span in encoding["offset_mapping"]])
     return text, incremental_char_spans(tokenizer, ids)
+
+
+def without_prepended_markers(tokenizer, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Offsets with an empty span for each token that is only a word-boundary marker the tokenizer added.
+
+    A SentencePiece tokenizer (Llama, Mistral) prepends "▁" to the text and decoding strips it. When that
+    "▁" is a token on its own, the offset mapping aligns it with the next token's first character ((0, 1)
+    under "so" at (0, 2)), which would make it a planning token; it is no character of the text, so its span
+    is empty, as incremental_char_spans gives it. Only a token overlapping the next one is decoded to check
+    (the bytes of a split character overlap too, but decode to U+FFFD and keep their offsets).
+    """
+    return [
+        (start, start) if i + 1 < len(spans) and spans[i + 1][0] < end
+        and tokenizer.decode(ids[i : i + 1], skip_special_tokens=False) == "" else (start, end)
+        for i, (start, end) in enumerate(spans)
+    ]
 
 
 def incremental_char_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:

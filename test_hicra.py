@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM
 
 import rollout as rollout_lib
 import train
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_sentencepiece_tokenizer, build_tokenizer
 from grams import (
-    batch_planning_mask, find_gram_spans, gram_occurrences, incremental_char_spans, planning_token_mask, semantic_entropy,
+    batch_planning_mask, find_gram_spans, gram_occurrences, incremental_char_spans, overlapping_tokens, planning_token_mask,
+    semantic_entropy,
 )
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import high_entropy_mask, hicra_advantages, validate_alpha
@@ -323,6 +324,16 @@ def test_planning_mask_handles_a_non_canonical_tokenisation(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)[0]) for p in pieces]
     mask = planning_token_mask(tokenizer, ids, ["let me check"])
     assert mask.tolist() == [False, False, True, True, True, True, False]
+
+
+def test_a_bare_leading_space_marker_is_execution_on_both_mask_paths():
+    """SentencePiece prepends "▁" to the text; alone as a token it adds no character, so it is not part of "so"."""
+    tokenizer = build_sentencepiece_tokenizer()
+    text = "so wait, we stop."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[:3] == ["▁", "so", "▁wait"] and tokenizer.decode(ids) == text
+    incremental = overlapping_tokens(incremental_char_spans(tokenizer, ids), find_gram_spans(text, ["so"]))
+    assert planning_token_mask(tokenizer, ids, ["so"]).tolist() == incremental == [False, True] + [False] * (len(ids) - 2)
 
 
 def prefix_decoding_spans(tokenizer, ids):
