@@ -1,4 +1,4 @@
-"""Shared test fixtures: a real byte-level BPE tokenizer and tiny random causal LMs, built offline."""
+"""Shared test fixtures: real tokenizers (byte-level BPE, SentencePiece-style) and tiny random causal LMs, built offline."""
 
 import os
 
@@ -42,6 +42,18 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+def build_sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama/Mistral-style BPE tokenizer: "▁" marks a word boundary, one is prepended to the text and
+    decoding strips it. Its vocabulary has "so" but not "▁so", so "so wait" encodes as "▁", "so", "▁wait"."""
+    pieces = ["<unk>", *"▁abcdefghijklmnopqrstuvwxyz.,"]
+    merges = [("s", "o"), ("w", "a"), ("wa", "i"), ("wai", "t"), ("▁", "wait"), ("▁", "w"), ("▁w", "e")]
+    vocab = {piece: i for i, piece in enumerate(pieces + [a + b for a, b in merges])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
 
 
 def build_model(tokenizer, architecture: str = "llama", seed: int = 0):

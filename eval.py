@@ -21,6 +21,7 @@ Choices, and where they come from:
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from rollout import PromptFormat, format_prompt, generate_rollouts
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
 PAPER_TEMPERATURE = 0.6
+CHECKPOINT_FOLDER = re.compile(r"checkpoint(-\d+)?")  # train.py's and TRL's checkpoint folder names
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--batch-size", type=int, default=16, help="completions generated per call")
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed")
     output = parser.add_argument_group("output")
-    output.add_argument("--out", default=None, help="output folder (None: runs/eval-BENCHMARK-MODEL)")
+    output.add_argument("--out", default=None,
+                        help="output folder (None: runs/eval-BENCHMARK-MODEL; MODEL is RUN-checkpoint for RUN/checkpoint)")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -198,9 +201,17 @@ def check_args(args: argparse.Namespace) -> list[int]:
 
 
 def default_out(args: argparse.Namespace) -> Path:
-    """runs/eval-BENCHMARK-MODEL, from the names' last path components."""
-    model = Path(args.gguf_file or args.model.rstrip("/")).stem
-    return Path("runs") / f"eval-{Path(args.benchmark).stem}-{model}"
+    """runs/eval-BENCHMARK-MODEL, from the names' last path components (a ".gguf" suffix dropped).
+
+    A checkpoint folder (RUN/checkpoint, RUN/checkpoint-N) is named RUN-checkpoint(-N), so evaluating a
+    second run does not overwrite the first's results; a hub id keeps its dots (Qwen2.5-0.5B-Instruct).
+    """
+    path = Path(args.model.rstrip("/")).expanduser()
+    path = path.resolve() if path.exists() else path  # "--model checkpoint" inside a run folder names the run
+    model = Path(args.gguf_file).name if args.gguf_file else path.name
+    if CHECKPOINT_FOLDER.fullmatch(model) and path.parent.name:
+        model = f"{path.parent.name}-{model}"
+    return Path("runs") / f"eval-{Path(args.benchmark).stem}-{model.removesuffix('.gguf')}"
 
 
 def print_table(summary: dict) -> None:

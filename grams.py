@@ -6,7 +6,8 @@ rules unsaid, so here they are, chosen to be predictable:
 
 - matching is done on the decoded text, case-insensitively, on word boundaries (a gram never matches
   inside a longer word: "so" does not match in "also"); runs of whitespace inside a gram match any
-  whitespace;
+  whitespace; an apostrophe matches any apostrophe (' and the typographic ’ ‘ ʼ), so the gram
+  "let's" matches "let’s" and the reverse;
 - overlapping occurrences are merged into one character span ("but wait" and "wait" overlap);
 - characters map to tokens through the tokenizer's offset mapping: a token is a planning token iff its
   character span overlaps a matched span, so a leading space or trailing punctuation glued to a token
@@ -43,6 +44,8 @@ PRESET_NAMES = ("paper", "world")
 ANSI_PLANNING = "\033[1;33m"  # bold yellow
 ANSI_RESET = "\033[0m"
 HIGHLIGHT_TAGS = {"ansi": (ANSI_PLANNING, ANSI_RESET), "plain": ("[[", "]]"), "html": ("<mark>", "</mark>")}
+APOSTROPHES = "'\u2019\u2018\u02bc"  # ASCII, right and left single quotation marks, modifier letter apostrophe
+TO_ASCII_APOSTROPHE = str.maketrans(dict.fromkeys(APOSTROPHES, "'"))
 
 
 def load_grams(preset_or_path: str) -> list[str]:
@@ -68,10 +71,16 @@ def load_grams(preset_or_path: str) -> list[str]:
 def _gram_pattern(grams: tuple[str, ...]) -> re.Pattern:
     """One regex that finds, at every start position, the longest gram that matches there.
 
-    The zero-width lookahead lets matches overlap; alternatives are tried longest first.
+    The zero-width lookahead lets matches overlap; alternatives are tried longest first. Any apostrophe in a
+    gram matches any of APOSTROPHES; the text itself is never rewritten, so spans index the original text.
     """
-    alternatives = sorted({r"\s+".join(map(re.escape, g.split())) for g in grams if g.split()}, key=len, reverse=True)
+    alternatives = sorted({r"\s+".join(map(_word_pattern, g.split())) for g in grams if g.split()}, key=len, reverse=True)
     return re.compile(r"(?<!\w)(?=((?:" + "|".join(alternatives) + r"))(?!\w))", re.IGNORECASE)
+
+
+def _word_pattern(word: str) -> str:
+    """Regex of one gram word: the word escaped, each apostrophe widened to the class of all APOSTROPHES."""
+    return "".join(f"[{APOSTROPHES}]" if char in APOSTROPHES else re.escape(char) for char in word)
 
 
 def _raw_matches(text: str, grams: Sequence[str]) -> list[tuple[int, int]]:
@@ -91,7 +100,7 @@ def find_gram_spans(text: str, grams: Sequence[str]) -> list[tuple[int, int]]:
 
 
 def gram_occurrences(text: str, grams: Sequence[str]) -> list[str]:
-    """The gram (lower-case, single-spaced) of each occurrence, skipping those nested in a longer one.
+    """The gram (lower-case, single-spaced, ASCII apostrophes) of each occurrence, skipping those nested in a longer one.
 
     "but wait" counts once as "but wait", not also as "but" and "wait"; used for semantic entropy.
     """
@@ -99,7 +108,7 @@ def gram_occurrences(text: str, grams: Sequence[str]) -> list[str]:
     for start, end in _raw_matches(text, grams):
         if end <= covered_until:
             continue
-        occurrences.append(" ".join(text[start:end].lower().split()))
+        occurrences.append(" ".join(text[start:end].lower().translate(TO_ASCII_APOSTROPHE).split()))
         covered_until = end
     return occurrences
 
@@ -108,15 +117,32 @@ def token_char_spans(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[tup
     """Decoded text of `token_ids` and the character span of each token in it.
 
     Fast path: re-encode the text with the tokenizer's offset mapping; valid when it gives back the same
-    ids (the usual case). Otherwise (a sampled tokenisation that is not the canonical one) fall back to
-    incremental decoding (`incremental_char_spans`). Both are linear in the number of tokens.
+    ids (the usual case); a bare prepended "▁" token gets an empty span (`without_prepended_markers`).
+    Otherwise (a sampled tokenisation that is not the canonical one) fall back to incremental decoding
+    (`incremental_char_spans`). Both are linear in the number of tokens.
     """
     ids = [int(i) for i in token_ids]
     text = tokenizer.decode(ids, skip_special_tokens=False)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if encoding["input_ids"] == ids:
-        return text, [tuple(span) for span in encoding["offset_mapping"]]
+        return text, without_prepended_markers(tokenizer, ids, [tuple(span) for span in encoding["offset_mapping"]])
     return text, incremental_char_spans(tokenizer, ids)
+
+
+def without_prepended_markers(tokenizer, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Offsets with an empty span for each token that is only a word-boundary marker the tokenizer added.
+
+    A SentencePiece tokenizer (Llama, Mistral) prepends "▁" to the text and decoding strips it. When that
+    "▁" is a token on its own, the offset mapping aligns it with the next token's first character ((0, 1)
+    under "so" at (0, 2)), which would make it a planning token; it is no character of the text, so its span
+    is empty, as incremental_char_spans gives it. Only a token overlapping the next one is decoded to check
+    (the bytes of a split character overlap too, but decode to U+FFFD and keep their offsets).
+    """
+    return [
+        (start, start) if i + 1 < len(spans) and spans[i + 1][0] < end
+        and tokenizer.decode(ids[i : i + 1], skip_special_tokens=False) == "" else (start, end)
+        for i, (start, end) in enumerate(spans)
+    ]
 
 
 def incremental_char_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -236,7 +262,7 @@ class GramCluster:
 def word_ngrams(text: str, n_min: int = 3, n_max: int = 5) -> set[str]:
     """The distinct lower-case word n-grams of `text`, n in [n_min, n_max] (Sec. 2.1 step 1)."""
     ngrams = set()
-    for segment in NON_WORD.split(text.lower().replace("\u2019", "'")):  # curly apostrophe -> straight
+    for segment in NON_WORD.split(text.lower().translate(TO_ASCII_APOSTROPHE)):  # typographic apostrophes -> '
         words = segment.split()
         for n in range(n_min, n_max + 1):
             ngrams.update(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))

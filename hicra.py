@@ -14,6 +14,7 @@ the top-q fraction of tokens by entropy instead of the planning tokens.
 """
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -42,11 +43,13 @@ def high_entropy_mask(entropy: torch.Tensor, completion_mask: torch.Tensor, top_
 
     entropy, completion_mask [B, T] -> bool [B, T]; padding is never selected, ties are broken arbitrarily.
     Used by the high-entropy ablation (Sec. 5) and by the Fig. 10 overlap metric (q = 0.3).
+    q is read as the decimal it prints as (str(0.28) = "0.28", the value the user typed), so the count is
+    exact: float arithmetic would give ceil(0.28 * 25) = ceil(7.000000000000001) = 8, one token too many.
     """
     if not 0.0 < top_q <= 1.0:
         raise ValueError(f"--entropy-top-q must be in (0, 1], got {top_q}")
     valid = completion_mask.bool().flatten()  # [B*T]
-    count = math.ceil(top_q * int(valid.sum()))
+    count = math.ceil(Fraction(str(top_q)) * int(valid.sum()))
     scores = entropy.flatten().masked_fill(~valid, -math.inf)  # [B*T]
     top = torch.zeros_like(valid)
     top[scores.topk(count).indices] = True

@@ -10,9 +10,10 @@ from transformers import AutoModelForCausalLM
 import checkpoint
 import rollout as rollout_lib
 import train
-from conftest import build_model, build_tokenizer
+from conftest import build_model, build_sentencepiece_tokenizer, build_tokenizer
 from grams import (
-    batch_planning_mask, find_gram_spans, gram_occurrences, incremental_char_spans, planning_token_mask, semantic_entropy,
+    batch_planning_mask, find_gram_spans, gram_occurrences, incremental_char_spans, overlapping_tokens, planning_token_mask,
+    semantic_entropy,
 )
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import high_entropy_mask, hicra_advantages, validate_alpha
@@ -79,6 +80,17 @@ def test_high_entropy_mask_selects_top_fraction_of_valid_tokens_only():
     valid = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # the 5.0 is padding
     mask = high_entropy_mask(entropy, valid, top_q=2 / 7)
     assert mask.tolist() == [[False, True, False, False], [False, True, False, False]]
+
+
+@pytest.mark.parametrize(
+    "top_q, n, count",
+    [(0.28, 25, 7), (0.07, 100, 7), (0.14, 50, 7), (0.56, 25, 14), (0.3, 10, 3), (0.5, 3, 2), (1.0, 13, 13)],
+)
+def test_high_entropy_mask_selects_the_exact_ceiling_of_the_decimal_q_times_n(top_q, n, count):
+    """0.28 * 25 is 7.000000000000001 in floating point; the mask must still select ceil(7) = 7 tokens."""
+    entropy = torch.arange(n, dtype=torch.float).unsqueeze(0)  # [1, N]
+    mask = high_entropy_mask(entropy, torch.ones(1, n), top_q)
+    assert int(mask.sum()) == count
 
 
 # ---------------------------------------------------------------- clipped surrogate and aggregation
@@ -330,6 +342,22 @@ def test_gram_spans_respect_word_boundaries_and_merge_overlaps():
     assert gram_occurrences(text, grams) == ["but wait", "let me check", "so"]
 
 
+@pytest.mark.parametrize("text_apostrophe", ["'", "\u2019", "\u2018", "\u02bc"])
+@pytest.mark.parametrize("gram_apostrophe", ["'", "\u2019"])
+def test_gram_apostrophes_match_typographic_ones_in_both_directions(text_apostrophe, gram_apostrophe):
+    """A model writes "let’s" (U+2019) as often as "let's"; both are the gram, and the span indexes the original text."""
+    text = f"Hmm. Let{text_apostrophe}s try again"
+    assert find_gram_spans(text, [f"let{gram_apostrophe}s try"]) == [(5, 14)]
+    assert gram_occurrences(text, [f"let{gram_apostrophe}s try", "try"]) == ["let's try"]
+
+
+def test_planning_mask_marks_a_gram_written_with_a_typographic_apostrophe(tokenizer):
+    text = "we get 5. Let\u2019s try again."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    mask = planning_token_mask(tokenizer, ids, ["let's try"])
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]).strip() == "Let\u2019s try"
+
+
 @pytest.mark.parametrize(
     "text", ["we get 5. Let me check: 5 + 0 = 5.", "we get 5.let me check, 5 + 0 = 5.", "we get 5. LET ME CHECK. 5 + 0 = 5."]
 )
@@ -350,6 +378,16 @@ def test_planning_mask_handles_a_non_canonical_tokenisation(tokenizer):
     ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p)[0]) for p in pieces]
     mask = planning_token_mask(tokenizer, ids, ["let me check"])
     assert mask.tolist() == [False, False, True, True, True, True, False]
+
+
+def test_a_bare_leading_space_marker_is_execution_on_both_mask_paths():
+    """SentencePiece prepends "▁" to the text; alone as a token it adds no character, so it is not part of "so"."""
+    tokenizer = build_sentencepiece_tokenizer()
+    text = "so wait, we stop."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids)[:3] == ["▁", "so", "▁wait"] and tokenizer.decode(ids) == text
+    incremental = overlapping_tokens(incremental_char_spans(tokenizer, ids), find_gram_spans(text, ["so"]))
+    assert planning_token_mask(tokenizer, ids, ["so"]).tolist() == incremental == [False, True] + [False] * (len(ids) - 2)
 
 
 def prefix_decoding_spans(tokenizer, ids):

@@ -1,8 +1,10 @@
 """Tests for reward.py, data.py and eval.py: the grader's hard cases, pass@k, one-line input errors,
 and an end-to-end run of the CLI on a tiny random model (fixtures in conftest.py, no network)."""
 
+import argparse
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -172,6 +174,31 @@ def test_cli_writes_results_and_summary_for_a_checkpoint_folder(model_dir, tmp_p
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 6  # 3 problems x (sampled + greedy)
     assert {"prompt", "completions", "extracted", "correct"} <= rows[0].keys()
+
+
+@pytest.mark.parametrize(
+    "model, gguf_file, folder",
+    [
+        ("runs/first/checkpoint", None, "eval-aime24-first-checkpoint"),
+        ("runs/second/checkpoint/", None, "eval-aime24-second-checkpoint"),
+        ("runs/trl/checkpoint-40", None, "eval-aime24-trl-checkpoint-40"),
+        ("Qwen/Qwen2.5-0.5B-Instruct", None, "eval-aime24-Qwen2.5-0.5B-Instruct"),
+        ("models/tiny-world", None, "eval-aime24-tiny-world"),
+        ("models/smol.Q8_0.gguf", None, "eval-aime24-smol.Q8_0"),
+        ("models/smol", "smol-q4_k_m.gguf", "eval-aime24-smol-q4_k_m"),
+    ],
+)
+def test_default_out_names_the_run_of_a_checkpoint_and_keeps_model_names_whole(model, gguf_file, folder):
+    """Two runs' checkpoints must not share runs/eval-BENCH-checkpoint; a dot in a hub id is not a file suffix."""
+    args = argparse.Namespace(model=model, gguf_file=gguf_file, benchmark="aime24")
+    assert evaluation.default_out(args) == Path("runs") / folder
+
+
+def test_default_out_names_the_run_of_a_relative_checkpoint_path(tmp_path, monkeypatch):
+    (tmp_path / "my-run" / "checkpoint").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "my-run")
+    args = argparse.Namespace(model="checkpoint", gguf_file=None, benchmark="data/bench.jsonl")
+    assert evaluation.default_out(args) == Path("runs") / "eval-bench-my-run-checkpoint"
 
 
 @pytest.mark.parametrize(
