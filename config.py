@@ -9,6 +9,11 @@
 - `--config FILE` (YAML or JSON, e.g. a run's own config.json): settings read from a file, which the flags
   given on the command line override, as TRL's scripts do.
 scale_out/train_trl.py takes the fields it shares with train.py from here (`add_flags(..., only=...)`).
+
+Why not transformers' HfArgumentParser, which reads dataclasses too: it spells each flag twice
+(`--lora_rank` and `--lora-rank`), makes one help group per dataclass, turns booleans into `--x [BOOL]` plus
+`--no_x`, and reports a bad value with argparse's usage block; the bounds and the one-line errors would be
+ours to add anyway. The derivation here is the part of it this project needs, in ~40 lines.
 """
 
 import argparse
