@@ -1,7 +1,7 @@
 """Checkpoints and resume: a run survives a kill at any instant and resumes bit for bit.
 
 RUN_DIR/checkpoint/ is the newest checkpoint: a Hugging Face folder (from_pretrained and eval.py load it)
-plus the trainer state (optimizer, scheduler, RNG states, the metric baseline, the non-finite streak) as
+plus the trainer state (optimizer, RNG states, the metric baseline, the non-finite streak) as
 safetensors and JSON, never pickle, so resuming a downloaded run folder cannot run code.
 
 Writing one (`save`): checkpoint.tmp/ is written, every file fsync'ed, then complete.json is written last
@@ -73,7 +73,7 @@ def checkpoint_step(folder: Path) -> int | None:
         return None
 
 
-def write_trainer_state(folder: Path, optimizer, scheduler, step: int, relative: RelativeToFirst, nonfinite_streak: int) -> None:
+def write_trainer_state(folder: Path, optimizer, step: int, relative: RelativeToFirst, nonfinite_streak: int) -> None:
     """Optimizer tensors and torch RNG states to trainer_state.safetensors, the rest to trainer_state.json."""
     optimizer_state = optimizer.state_dict()
     tensors = {"rng/torch": torch.get_rng_state()}
@@ -87,7 +87,6 @@ def write_trainer_state(folder: Path, optimizer, scheduler, step: int, relative:
         "nonfinite_streak": nonfinite_streak,
         "relative_baseline": relative.first,
         "optimizer_param_groups": optimizer_state["param_groups"],
-        "scheduler": scheduler.state_dict(),
         "rng_python": [python_rng[0], list(python_rng[1]), python_rng[2]],
         "rng_numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
     }
@@ -108,7 +107,7 @@ def write_complete_marker(folder: Path, step: int) -> None:
     fsync_path(folder)
 
 
-def save(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, relative: RelativeToFirst,
+def save(run_dir: Path, model, tokenizer, optimizer, step: int, relative: RelativeToFirst,
                     nonfinite_streak: int, keep: int) -> None:
     """Write checkpoint.tmp/ (complete.json last), make it checkpoint/, keep the newest `keep` checkpoints."""
     temp = run_dir / f"{CHECKPOINT}.tmp"
@@ -118,7 +117,7 @@ def save(run_dir: Path, model, tokenizer, optimizer, scheduler, step: int, relat
     fault_point("save:model", step)
     tokenizer.save_pretrained(temp)
     fault_point("save:tokenizer", step)
-    write_trainer_state(temp, optimizer, scheduler, step, relative, nonfinite_streak)
+    write_trainer_state(temp, optimizer, step, relative, nonfinite_streak)
     fault_point("save:state", step)
     write_complete_marker(temp, step)
     fault_point("save:marker", step)
@@ -190,8 +189,8 @@ def settle_checkpoints(run_dir: Path) -> Path | None:
     return run_dir / CHECKPOINT
 
 
-def restore_checkpoint(folder: Path, optimizer, scheduler) -> tuple[int, RelativeToFirst, int]:
-    """Restore optimizer, scheduler and RNG state (no pickle: safetensors and JSON only).
+def restore_checkpoint(folder: Path, optimizer) -> tuple[int, RelativeToFirst, int]:
+    """Restore optimizer and RNG state (no pickle: safetensors and JSON only).
 
     Returns the last finished step, the metric baseline and the count of non-finite steps in a row.
     """
@@ -212,7 +211,6 @@ def restore_checkpoint(folder: Path, optimizer, scheduler) -> tuple[int, Relativ
                 per_parameter.setdefault(int(index), {})[name] = tensor
         groups = [{**group, "betas": tuple(group["betas"])} for group in state["optimizer_param_groups"]]  # JSON lists
         optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
-        scheduler.load_state_dict(state["scheduler"])
         version, internal, gauss = state["rng_python"]
         random.setstate((version, tuple(internal), gauss))
         name, keys, *rest = state["rng_numpy"]
@@ -241,7 +239,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         temp.replace(path)
 
 
-def resume(run_dir: Path, checkpoint: Path | None, optimizer, scheduler) -> tuple[int, RelativeToFirst, int]:
+def resume(run_dir: Path, checkpoint: Path | None, optimizer) -> tuple[int, RelativeToFirst, int]:
     """Restore the run's state from `checkpoint` (None: a run starting at step 0) and cut metrics.jsonl to it.
 
     Returns the first step to run, the metric baseline and the count of non-finite steps in a row.
@@ -249,7 +247,7 @@ def resume(run_dir: Path, checkpoint: Path | None, optimizer, scheduler) -> tupl
     if checkpoint is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run restarted from step 0 logs every line again
         return 0, RelativeToFirst(), 0
-    last_step, relative, nonfinite_streak = restore_checkpoint(checkpoint, optimizer, scheduler)
+    last_step, relative, nonfinite_streak = restore_checkpoint(checkpoint, optimizer)
     truncate_metrics(run_dir / "metrics.jsonl", last_step)
     return last_step + 1, relative, nonfinite_streak
 

@@ -111,7 +111,9 @@ class TrainConfig(PromptFlags, ModelFlags):
     weight_decay: float = flag(0.0, "AdamW weight decay", "optimisation", NON_NEGATIVE)
     grad_clip: float = flag(1.0, "max global grad norm; 0 = off", "optimisation", NON_NEGATIVE)
     warmup_steps: int = flag(0, "linear learning-rate warm-up steps", "optimisation", NON_NEGATIVE)
-    ppo_epochs: int = flag(1, "optimizer steps (passes) per rollout batch", "optimisation", AT_LEAST_ONE)
+    ppo_epochs: int = flag(1, "optimizer steps (passes) per rollout batch. With 1 the ratio pi/pi_old is 1 (the sampler's "
+                              "log-probs are the policy's) and the clip never acts; from the 2nd pass on it does",
+                           "optimisation", AT_LEAST_ONE)
     micro_batch_size: int = flag(32, "completions per forward/backward", "optimisation", AT_LEAST_ONE)
     micro_batch_tokens: int = flag(0, "also cap the tokens a micro-batch's forward processes (each distinct prompt "
                                       "once + rows x longest completion; rows kept with their group); 0 = no cap. "

@@ -123,12 +123,23 @@ def running_length(records: list[dict]) -> float:
     return sum(lengths) / max(len(lengths), 1)
 
 
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of `values`: sample standard deviation / sqrt(n); 0 for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def summarize(records: list[dict], samples: int, temperature: float, ks: list[int]) -> dict:
-    """pass@k (mean over problems of the unbiased estimate), length and failure counts."""
+    """pass@k (mean over problems of the unbiased estimate), the standard error of pass@1 over problems,
+    length and failure counts."""
     counts = [sum(r["correct"]) for r in records]  # correct completions per problem
     summary = {"problems": len(records), "samples": samples, "temperature": temperature}
     for k in ks:
         summary[f"pass@{k}"] = sum(pass_at_k(samples, c, k) for c in counts) / len(records)
+    summary["pass@1_se"] = standard_error([c / samples for c in counts])
     lengths = [n for r in records for n in r["lengths"]]
     summary["mean_length"] = sum(lengths) / len(lengths)
     summary["no_box"] = sum(e is None for r in records for e in r["extracted"])

@@ -174,14 +174,14 @@ def _states_before_tokens_shared_prompts(model, prompt_ids, prompt_mask, complet
     cache = DynamicCache(config=model.config)
     prompt_hidden = decoder(
         input_ids=unique_ids, attention_mask=unique_mask, position_ids=(unique_mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache, use_cache=True,
+        cache=cache, use_cache=True,
     ).last_hidden_state  # [U, P, H]
     cache.reorder_cache(prompt_of_row)  # [B, ...] per layer
     attention_mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)  # [B, P+C]
     positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(completion_ids.shape[1], device=prompt_ids.device)  # [B, C]
     completion_hidden = decoder(
         input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
-        past_key_values=cache, use_cache=True,
+        cache=cache, use_cache=True,
     ).last_hidden_state  # [B, C, H]
     return torch.cat([prompt_hidden[prompt_of_row, -1:], completion_hidden[:, :-1]], dim=1)  # [B, C, H]
 
@@ -342,7 +342,7 @@ def sample_completions(
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
     hidden = decoder(
         input_ids=prompt_ids, attention_mask=prefill_mask[:, None], position_ids=positions,
-        past_key_values=cache, use_cache=True,
+        cache=cache, use_cache=True,
     ).last_hidden_state[:, -1]  # [N, H]
 
     # Every prompt's cache, state and mask now serve its G completions.
@@ -375,7 +375,7 @@ def sample_completions(
         hidden = decoder(
             input_ids=token[:, None], attention_mask=key_mask[:, None, None, : prompt_len + step + 1],
             position_ids=next_position[:, None],
-            past_key_values=cache, use_cache=True,
+            cache=cache, use_cache=True,
         ).last_hidden_state[:, -1]  # [b, H]
         next_position += 1
     return completion_ids[:, : step + 1], logp[:, : step + 1], entropy[:, : step + 1]

@@ -17,6 +17,7 @@
 import html
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -60,7 +61,11 @@ class RunLog:
 
 
 def format_eval(record: dict) -> str:
-    return ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in record.items() if k.startswith("eval/") and "pass" in k)
+    """Held-out pass@1 with its standard error over problems, then pass@k for the other k."""
+    others = [f"{k.removeprefix('eval/')} {v:.3f}" for k, v in record.items()
+              if k.startswith("eval/pass@") and k not in ("eval/pass@1", "eval/pass@1_se")]
+    se = record.get("eval/pass@1_se")
+    return ", ".join([f"pass@1 {record['eval/pass@1']:.3f}" + (f" ± {se:.3f} (s.e.)" if se is not None else ""), *others])
 
 
 def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]) -> None:
@@ -82,18 +87,43 @@ def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]
     (run_dir / f"samples_step{step:05d}.html").write_text(page, encoding="utf-8")
 
 
+SUMMARY_WINDOW = 10  # steps averaged at each end of the run in the summary: one step's figures are noisy
+SUMMARY_KEYS = ("reward", "loss", "grad_norm", "length_mean", "planning_ratio", "semantic_entropy", "step_seconds")
+PROGRESS_LEGEND = ("progress bar: reward = mean reward of the step's completions; loss = the clipped-surrogate loss; "
+                   "gnorm = gradient norm before clipping; plan = share of completion tokens that are planning tokens; "
+                   "len = mean completion length in tokens")
+
+
+def progress_figures(record: dict) -> dict[str, str]:
+    """The figures of a step's record shown on the progress bar (PROGRESS_LEGEND says what they are)."""
+    return dict(reward=f"{record['reward']:.2f}", loss=f"{record['loss']:+.4f}", gnorm=f"{record['grad_norm']:.3f}",
+                plan=f"{record.get('planning_ratio', 0):.3f}", len=f"{record.get('length_mean', 0):.0f}")
+
+
+def mean_and_error(values: list[float]) -> str:
+    """'mean ± standard error' of a few values (the error left out for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:8.3f}        "
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return f"{mean:8.3f} ± {se:5.3f}"
+
+
 def print_summary(run_dir: Path) -> None:
-    """One screen: first vs last training figures and held-out accuracy."""
+    """One screen: the mean of the first and of the last SUMMARY_WINDOW steps (± standard error), and every
+    held-out evaluation."""
     path = run_dir / METRICS
     if not path.exists():
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line]
     evals = [r for r in records if is_eval_record(r)]
     steps = [r for r in records if not is_eval_record(r)]
-    print(f"\nrun: {run_dir}  ({len(steps)} steps)")
-    for key in ("reward", "accuracy", "length_mean", "planning_ratio", "semantic_entropy", "step_seconds"):
-        if steps and key in steps[0]:
-            print(f"  {key:<18} first {steps[0][key]:8.3f}   last {steps[-1][key]:8.3f}")
+    window = min(SUMMARY_WINDOW, len(steps))
+    print(f"\nrun: {run_dir}  ({len(steps)} steps; mean ± standard error of the first and last {window} steps)")
+    for key in SUMMARY_KEYS:
+        if steps and all(key in r for r in steps):
+            first, last = [r[key] for r in steps[:window]], [r[key] for r in steps[-window:]]
+            print(f"  {key:<18} first {mean_and_error(first)}   last {mean_and_error(last)}")
     for record in evals:
         print(f"  held-out after {record['step']:>4} steps: {format_eval(record)}")
     print(f"  metrics: {path}\n  checkpoint: {run_dir / 'checkpoint'}")

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from tqdm import tqdm
 
 import checkpoint
@@ -58,7 +59,7 @@ from metrics import step_metrics
 from model_loading import check_model_flags, load_policy
 from reward import load_reward, score_completions
 from rollout import PromptFormat, RolloutBatch, activation_checkpointing, completion_logprobs, format_prompt, generate_rollouts, micro_batches
-from runlog import RunLog, check_installed, format_eval, print_summary, show_samples
+from runlog import PROGRESS_LEGEND, RunLog, check_installed, format_eval, print_summary, progress_figures, show_samples
 
 
 class TrainingError(RuntimeError):
@@ -187,6 +188,15 @@ def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch) -> di
     return totals
 
 
+def set_learning_rate(optimizer, config: TrainConfig, step: int) -> float:
+    """--lr, ramped up linearly over --warmup-steps: lr * min(1, (step + 1) / warmup). A function of the step and
+    the flags alone, so a resumed run with another --lr or --weight-decay uses it from its first step on."""
+    lr = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+    for group in optimizer.param_groups:
+        group.update(lr=lr, weight_decay=config.weight_decay)
+    return lr
+
+
 def optimizer_step(config: TrainConfig, optimizer, batch: StepBatch) -> None:
     """optimizer.step(), with a step size the weights' dtype cannot hold (e.g. --lr 1e39 in float32) as a TrainingError."""
     try:
@@ -228,6 +238,8 @@ def count_nonfinite(config: TrainConfig, streak: int, update: dict, step: int, r
 def held_out_evaluation(config: TrainConfig, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path,
                         step: int, reward_fn, prompt_format) -> dict:
     """Step 6: held-out pass@k after `step` updates (eval.evaluate); returns its record ("step", "eval/..." keys)."""
+    tqdm.write(f"evaluation after {step} steps: {len(problems)} held-out problems x {config.eval_samples} "
+               f"sample(s) at temperature {config.eval_temperature:g}; a few of them, planning tokens highlighted:")
     summary, records = evaluate(model, tokenizer, problems, samples=config.eval_samples,
                                 temperature=config.eval_temperature, max_new_tokens=config.max_new_tokens,
                                 batch_size=config.prompts_per_step * config.group_size, reward_fn=reward_fn,
@@ -270,9 +282,7 @@ def train(config: TrainConfig) -> Path:
         model, tokenizer, ref_model = load_policy(config, latest)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    warmup = max(config.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer, scheduler)
+    start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer)
     log = RunLog(run_dir, config.report_to, saved_settings(config), purge_from=start_step + (latest is not None),
                  max_new_tokens=config.max_new_tokens)
     if start_step >= config.steps:
@@ -280,6 +290,7 @@ def train(config: TrainConfig) -> Path:
                    "raise --steps to continue")
     world = config.data.startswith("world")
 
+    tqdm.write(PROGRESS_LEGEND)
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=config.algo, dynamic_ncols=True)
     for step in bar:
         if config.eval_every and step == 0:
@@ -290,13 +301,13 @@ def train(config: TrainConfig) -> Path:
         batch = rollout_step(config, model, ref_model, tokenizer, problems, grams, reward_fn, prompt_format, placebo)
         rollout_seconds = time.time() - started
         # Step 5: the clipped surrogate, one optimizer step per PPO epoch.
+        lr = set_learning_rate(optimizer, config, step)
         update = policy_update(config, model, optimizer, batch)
-        scheduler.step()
         check_weights_finite(config, model, step, batch.rewards)
         # Step 6: log, evaluate, save.
         group_problems = [p for p in problems for _ in range(config.group_size)]
         record = {"step": step, **step_metrics(batch, group_problems, grams, world, relative), **update,
-                  "lr": scheduler.get_last_lr()[0], "rollout_seconds": rollout_seconds,
+                  "lr": lr, "rollout_seconds": rollout_seconds,
                   "step_seconds": time.time() - started}
         log.log(record)
         nonfinite_streak = count_nonfinite(config, nonfinite_streak, update, step, batch.rewards)
@@ -304,10 +315,9 @@ def train(config: TrainConfig) -> Path:
         if config.eval_every and (last_step or (step + 1) % config.eval_every == 0):
             log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn,
                                         prompt_format))
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record.get('accuracy', 0):.2f}",
-                        len=f"{record.get('length_mean', 0):.0f}", plan=f"{record.get('planning_ratio', 0):.3f}")
+        bar.set_postfix(progress_figures(record))
         if last_step or (config.save_every and (step + 1) % config.save_every == 0):
-            checkpoint.save(run_dir, model, tokenizer, optimizer, scheduler, step, relative, nonfinite_streak,
+            checkpoint.save(run_dir, model, tokenizer, optimizer, step, relative, nonfinite_streak,
                             config.keep_checkpoints)
     log.close()
     print_summary(run_dir)
@@ -355,4 +365,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards": not this run's news
     main()

@@ -105,7 +105,7 @@ def test_killed_anywhere_and_resumed_a_run_logs_exactly_what_an_uninterrupted_ru
             assert weights[0].keys() == weights[1].keys()
             assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), (name, file)
         states = [json.loads((run / name / "trainer_state.json").read_text()) for run in (straight, killed)]
-        assert states[0] == states[1]  # scheduler, Python and NumPy RNG states, the non-finite streak
+        assert states[0] == states[1]  # optimizer settings, Python and NumPy RNG states, the non-finite streak
     AutoModelForCausalLM.from_pretrained(killed / "checkpoint")  # still a plain HF folder
 
 

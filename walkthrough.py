@@ -1,0 +1,187 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # One HICRA training step, on real tensors
+#
+# This walk-through follows one step of `train.py` on the built-in world's tiny model (CPU, under a
+# minute): a few problems and their G completions, the rewards, the group advantages (Sec. 3), the
+# planning tokens, HICRA's advantages beside GRPO's token by token, the ratio and the clip, the loss and
+# its gradient on planning vs execution tokens. Every cell calls the project's own functions; none is
+# re-implemented here.
+#
+# Run it as a script (`python walkthrough.py`) or open it as a notebook (jupytext reads this "percent"
+# format). The knobs below can also be set from the environment (`WALKTHROUGH_ALPHA=0 python walkthrough.py`),
+# which is how the exercises at the end are checked.
+
+# %%
+import os
+
+import torch
+import transformers
+
+from config import TrainConfig
+from data import load_problems
+from grams import batch_planning_mask, load_grams
+from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages
+from model_loading import load_model
+from reward import boxed_reward, score_completions
+from rollout import completion_logprobs, format_prompt, generate_rollouts
+from train import policy_update, prompts_for_step, shape_advantages
+
+ALPHA = float(os.environ.get("WALKTHROUGH_ALPHA", 0.2))  # HICRA's amplification (the paper's 0.2)
+PROMPTS = int(os.environ.get("WALKTHROUGH_PROMPTS", 2))  # problems in this step (train.py: --prompts-per-step 16)
+G = 8  # completions per problem (train.py: --group-size 8)
+SEED = int(os.environ.get("WALKTHROUGH_SEED", 1))
+torch.manual_seed(SEED)
+torch.set_num_threads(1)
+transformers.utils.logging.disable_progress_bar()
+config = TrainConfig(prompts_per_step=PROMPTS, group_size=G, alpha=ALPHA, algo="hicra")
+model, tokenizer = load_model(config.model, dtype="float32", device="cpu")
+grams = load_grams(config.grams)  # the world's strategic grams, e.g. "let's break it into parts"
+train_problems = load_problems(config.data)
+problems = [train_problems[i] for i in prompts_for_step(len(train_problems), step=0, per_step=PROMPTS, seed=SEED)]
+
+# %% [markdown]
+# ## 1. Sample G completions per problem (`rollout.generate_rollouts`)
+# The sampler also records each token's log-probability under the policy that drew it, `old_logp`
+# (log pi_old), and the entropy of that distribution: no second forward pass is needed.
+
+# %%
+prompts = [format_prompt(tokenizer, p.problem) for p in problems]
+rollout = generate_rollouts(model, tokenizer, prompts, G, config.max_new_tokens, config.temperature, config.top_p)
+print("completion_ids:", list(rollout.completion_ids.shape), " [B = problems x G, C = longest completion]")
+for i, text in enumerate(rollout.texts):
+    if i % G == 0:
+        print(f"\nproblem {i // G}: {problems[i // G].problem}  (answer {problems[i // G].answer})")
+    print(f"  [{i}] {text}")
+
+# %% [markdown]
+# ## 2. Reward each completion with the verifier (`reward.boxed_reward`)
+# 1 if the last `\boxed{}` holds the right answer, else 0.
+
+# %%
+answers = [p.answer for p in problems for _ in range(G)]
+rewards, _ = score_completions(boxed_reward, rollout.texts, answers)
+rewards = torch.tensor(rewards)  # [B]
+print("rewards:", rewards.tolist())
+
+# %% [markdown]
+# ## 3. Group-relative advantages (`grpo.group_advantages`, Sec. 3)
+# A_i = R(q, o_i) - (1/G) sum_j R(q, o_j): each completion is judged against the others of its group.
+# A group whose completions all score the same (a zero-variance group) has A = 0 everywhere: it teaches
+# nothing, and HICRA changes nothing there either.
+
+# %%
+advantages = group_advantages(rewards, G, "center")  # [B]
+for group in range(PROMPTS):
+    rows = slice(group * G, (group + 1) * G)
+    zero_variance = "  (zero-variance group: nothing to learn)" if rewards[rows].std() == 0 else ""
+    print(f"group {group}: mean reward {rewards[rows].mean():.3f} -> A = r - mean = "
+          f"{[round(a, 3) for a in advantages[rows].tolist()]}{zero_variance}")
+print("advantages:", [round(a, 6) for a in advantages.tolist()])
+
+# %% [markdown]
+# ## 4. Planning tokens (`grams.batch_planning_mask`, Sec. 2.1)
+# A token is a planning token iff its characters overlap a strategic gram; the rest are execution tokens.
+# Below, one completion's tokens with the planning ones in [[ ]].
+
+# %%
+planning = batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, grams)  # [B, C] bool
+completion = rollout.completion_mask.bool()  # [B, C]
+row = int(advantages.abs().argmax())  # a completion whose advantage is not zero
+tokens = tokenizer.convert_ids_to_tokens(rollout.completion_ids[row][completion[row]].tolist())
+print(" ".join(f"[[{t}]]" if p else t for t, p in zip(tokens, planning[row][completion[row]].tolist())))
+print(f"planning ratio of the batch: {(planning & completion).sum() / completion.sum():.3f}")
+
+# %% [markdown]
+# ## 5. HICRA's advantages beside GRPO's (`train.shape_advantages`, `hicra.hicra_advantages`, Sec. 3)
+# A^H_{i,t} = A_i + alpha * |A_i| on planning tokens, A_i elsewhere. A correct completion's planning
+# tokens get (1 + alpha) x its credit; a failed one's get (1 - alpha) x its blame.
+
+# %%
+hicra_tokens, amplified, _ = shape_advantages(config, advantages, rollout, planning, tokenizer, placebo=None)  # [B, C]
+grpo_tokens, _, _ = shape_advantages(TrainConfig(algo="grpo"), advantages, rollout, planning, tokenizer, placebo=None)
+print(f"completion [{row}], A = {advantages[row]:+.3f}, alpha = {ALPHA}")
+print(f"  {'token':<14}{'planning':>9}{'A (GRPO)':>10}{'A^H (HICRA)':>13}")
+for t, (token, is_plan) in enumerate(zip(tokens, planning[row][completion[row]].tolist())):
+    if t < 12 or is_plan:
+        print(f"  {token:<14}{'yes' if is_plan else '':>9}{grpo_tokens[row, t]:>+10.3f}{hicra_tokens[row, t]:>+13.3f}")
+same = torch.equal(hicra_tokens[completion], grpo_tokens[completion])
+print(f"HICRA advantages equal GRPO's on every token: {same}")
+
+# %% [markdown]
+# ## 6. The ratio and the clipped surrogate (`grpo.clipped_policy_loss`, `grpo.clip_fractions`)
+# ratio = pi_theta / pi_old = exp(logp - old_logp); the loss per token is
+# -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A). Before any update the policy *is* pi_old,
+# so the ratio is 1 (to float rounding) and the clip cannot act: with `--ppo-epochs 1`, train.py's default,
+# this is every step. The loss is then a plain policy gradient with the shaped advantages.
+
+# %%
+logp, _ = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                              rollout.completion_mask, config.temperature)  # [B, C], with gradients
+logp.retain_grad()
+ratio = torch.exp(logp - rollout.old_logp)  # [B, C]
+print(f"first pass: largest |ratio - 1| = {(ratio - 1)[completion].abs().max():.2e}")
+clipped = clip_fractions(logp, rollout.old_logp, hicra_tokens, rollout.completion_mask, config.eps_low, config.eps_high)
+print(f"first pass: clipped below {clipped.low:.3f}, above {clipped.high:.3f}")
+batch_tokens = rollout.completion_mask.sum()
+per_token = clipped_policy_loss(logp, rollout.old_logp, hicra_tokens, config.eps_low, config.eps_high)  # [B, C]
+loss = aggregate_loss(per_token, rollout.completion_mask, config.loss_agg, batch_tokens, len(rollout.texts),
+                      config.max_new_tokens)
+print(f"loss (token-mean over {int(batch_tokens)} tokens): {loss.item():+.5f}")
+
+# %% [markdown]
+# ## 7. Where the gradient goes: planning vs execution tokens
+# d loss / d logp_t = -A^H_t / N at ratio 1: HICRA scales the push on a planning token by (1 + alpha)
+# for a correct completion and (1 - alpha) for a failed one, and leaves execution tokens as GRPO does.
+
+# %%
+loss.backward()
+grad = logp.grad  # [B, C]
+for name, mask in (("planning", planning & completion), ("execution", completion & ~planning)):
+    for sign, rows in (("A > 0", advantages > 0), ("A < 0", advantages < 0)):
+        chosen = mask & rows[:, None]
+        if chosen.any():
+            ratio_to_grpo = (grad[chosen] / (-grpo_tokens[chosen] / batch_tokens)).mean()
+            print(f"{name:>9} tokens, {sign}: mean |d loss/d logp| = {grad[chosen].abs().mean():.2e}, "
+                  f"{ratio_to_grpo:.3f} x GRPO's")
+model.zero_grad(set_to_none=True)
+
+# %% [markdown]
+# ## 8. The update, and a second pass over the same batch: now the clip acts
+# `train.policy_update` takes one AdamW step per PPO epoch. After the first, the policy has moved:
+# on a second pass over the same rollouts the ratio departs from 1 and the clip bounds it
+# (`--ppo-epochs 2` in train.py), on about one token in a hundred at train.py's learning rate.
+
+# %%
+from train import StepBatch  # noqa: E402  (the batch train.py's update takes)
+
+batch = StepBatch(rollout, rewards, 0, hicra_tokens, planning, amplified, 0.0, None)
+optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+update = policy_update(config, model, optimizer, batch)  # one epoch: ratio 1, no clipping
+print(f"update: loss {update['loss']:+.5f}, grad norm {update['grad_norm']:.3f}, "
+      f"clipped below {update['clip_low']:.3f} above {update['clip_high']:.3f}")
+with torch.no_grad():
+    logp, _ = completion_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                  rollout.completion_mask, config.temperature)
+ratio = torch.exp(logp - rollout.old_logp)[completion]
+clipped = clip_fractions(logp, rollout.old_logp, hicra_tokens, rollout.completion_mask, config.eps_low, config.eps_high)
+print(f"second pass: ratio in [{ratio.min():.3f}, {ratio.max():.3f}], "
+      f"clipped below {clipped.low:.3f}, above {clipped.high:.3f}")
+
+# %% [markdown]
+# ## Exercises (each answer is checked by running)
+# 1. Set alpha to 0 (`WALKTHROUGH_ALPHA=0 python walkthrough.py`): step 5 prints "HICRA advantages equal
+#    GRPO's on every token: True", and step 7's ratios to GRPO are all 1.000.
+# 2. Find a zero-variance group: take more problems (`WALKTHROUGH_PROMPTS=8 python walkthrough.py`) until
+#    step 3 marks a group whose rewards are all equal. Its advantages are all 0, so neither GRPO nor HICRA
+#    learns from it (step 5: its A^H is 0 on every token).
+# 3. With alpha = 1, what do the planning tokens of a failed completion receive? Predict from the formula
+#    (A + |A| = 0 for A < 0), then check in step 5's table with `WALKTHROUGH_ALPHA=1`.
