@@ -4,9 +4,9 @@ RUN_DIR/checkpoint/ is the newest checkpoint: a Hugging Face folder (from_pretra
 plus the trainer state (optimizer, RNG states, the metric baseline, the non-finite streak) as
 safetensors and JSON, never pickle, so resuming a downloaded run folder cannot run code.
 
-Writing one (`save`): checkpoint.tmp/ is written, every file fsync'ed, then complete.json is written last
+Writing one (`save`): a fresh checkpoint.tmp-XXXX/ is written, every file fsync'ed, then complete.json is written last
 (the step and every file's size): a folder without it is incomplete. The previous checkpoint is renamed to
-checkpoint-N/ (N = updates done) and checkpoint.tmp/ to checkpoint/; all but the newest --keep-checkpoints
+checkpoint-N/ (N = updates done) and checkpoint.tmp-XXXX/ to checkpoint/; all but the newest --keep-checkpoints
 are then deleted.
 
 Resuming (`settle_checkpoints`, `resume`): the newest complete folder among these is taken, an interrupted
@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from cli import InputError
 from metrics import RelativeToFirst, is_eval_record
+from run_folder import write_atomically
 
 CHECKPOINT = "checkpoint"  # RUN_DIR/checkpoint: the newest complete checkpoint
 COMPLETE_MARKER = "complete.json"  # written last into a checkpoint folder: {"step": ..., "files": {name: bytes}}
@@ -57,11 +59,13 @@ def fsync_path(path: Path) -> None:
 
 
 def checkpoint_folders(run_dir: Path) -> list[Path]:
-    """checkpoint/, checkpoint-N/ and leftovers (checkpoint.tmp/, checkpoint.old/ of earlier versions)."""
+    """checkpoint/, checkpoint-N/ and leftovers (checkpoint.tmp-XXXX/ being written, and checkpoint.tmp/,
+    checkpoint.old/ of earlier versions). Symbolic links are never among them (run_folder.refuse_links)."""
     names = (CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old")
     return sorted(
         p for p in run_dir.glob(f"{CHECKPOINT}*")
-        if p.is_dir() and (p.name in names or p.name.removeprefix(f"{CHECKPOINT}-").isdigit())
+        if p.is_dir() and not p.is_symlink() and (p.name in names or p.name.startswith(f"{CHECKPOINT}.tmp-")
+                                                  or p.name.removeprefix(f"{CHECKPOINT}-").isdigit())
     )
 
 
@@ -109,9 +113,9 @@ def write_complete_marker(folder: Path, step: int) -> None:
 
 def save(run_dir: Path, model, tokenizer, optimizer, step: int, relative: RelativeToFirst,
                     nonfinite_streak: int, keep: int) -> None:
-    """Write checkpoint.tmp/ (complete.json last), make it checkpoint/, keep the newest `keep` checkpoints."""
-    temp = run_dir / f"{CHECKPOINT}.tmp"
-    shutil.rmtree(temp, ignore_errors=True)
+    """Write a fresh checkpoint.tmp-XXXX/ (complete.json last), make it checkpoint/, keep the newest `keep`."""
+    temp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f"{CHECKPOINT}.tmp-"))  # new and ours: no planted link inside
+    temp.chmod(0o755)
     fault_point("save:start", step)
     model.save_pretrained(temp)
     fault_point("save:model", step)
@@ -234,9 +238,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         lines = path.read_text().split("\n")[:-1]  # complete lines only: each ends with "\n"
         records = [json.loads(line) for line in lines if line]
         kept = [r for r in records if r["step"] <= last_step + is_eval_record(r)]
-        temp = path.with_name(path.name + ".tmp")
-        temp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        temp.replace(path)
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def resume(run_dir: Path, checkpoint: Path | None, optimizer) -> tuple[int, RelativeToFirst, int]:
@@ -250,18 +252,3 @@ def resume(run_dir: Path, checkpoint: Path | None, optimizer) -> tuple[int, Rela
     last_step, relative, nonfinite_streak = restore_checkpoint(checkpoint, optimizer)
     truncate_metrics(run_dir / "metrics.jsonl", last_step)
     return last_step + 1, relative, nonfinite_streak
-
-
-def check_run_folder(run_dir: Path, resuming: bool) -> None:
-    """Refuse an --out that is a file, or that already holds a run when starting a new one."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"--out: {run_dir} is a file, not a folder")
-    if not resuming and ((run_dir / "metrics.jsonl").exists() or (run_dir / CHECKPOINT).exists()):
-        raise InputError(f"--out: {run_dir} already holds a run; pass --resume {run_dir} or another --out")
-
-
-def create_run_folder(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"--out: cannot create {run_dir}: {error.strerror}") from None

@@ -32,6 +32,7 @@ from grpo import ADVANTAGE_MODES, AGGREGATIONS
 from hicra import PAPER_ALPHA
 from reward import REWARD_HELP
 from rollout import DEFAULT_INSTRUCTION
+from run_folder import write_atomically
 from runlog import TRACKERS
 from world.tasks import DEFAULT_MODEL_DIR
 
@@ -280,7 +281,5 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def write_config(run_dir: Path, config: TrainConfig) -> None:
-    """RUN_DIR/config.json: saved_settings, written whole or not at all."""
-    temp = run_dir / "config.json.tmp"
-    temp.write_text(json.dumps(saved_settings(config), indent=2))
-    temp.replace(run_dir / "config.json")
+    """RUN_DIR/config.json: saved_settings, written whole or not at all (run_folder.write_atomically)."""
+    write_atomically(run_dir / "config.json", json.dumps(saved_settings(config), indent=2))

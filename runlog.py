@@ -28,6 +28,7 @@ import grams as grams_lib
 from checkpoint import fault_point
 from cli import InputError, use_colour
 from metrics import is_eval_record
+from run_folder import append_line, write_atomically
 
 SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
 METRICS = "metrics.jsonl"
@@ -45,8 +46,7 @@ class RunLog:
         "step:logging"/"eval:logging" before it, "step:logged"/"eval:logged" after it, at the record's step."""
         kind = "eval" if is_eval_record(record) else "step"
         fault_point(f"{kind}:logging", record["step"])
-        with open(self.run_dir / METRICS, "a") as log:
-            log.write(json.dumps(record) + "\n")
+        append_line(self.run_dir / METRICS, json.dumps(record))
         for tracker in self.trackers:
             tracker.log(record)
         fault_point(f"{kind}:logged", record["step"])
@@ -84,7 +84,7 @@ def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]
         f"<html><head><meta charset='utf-8'><title>step {step}</title><style>mark{{background:#ffd54f}}</style>"
         f"</head><body><h2>Held-out samples at step {step} (planning tokens highlighted)</h2>{''.join(blocks)}</body></html>"
     )
-    (run_dir / f"samples_step{step:05d}.html").write_text(page, encoding="utf-8")
+    write_atomically(run_dir / f"samples_step{step:05d}.html", page)
 
 
 SUMMARY_WINDOW = 10  # steps averaged at each end of the run in the summary: one step's figures are noisy

@@ -33,10 +33,12 @@ that cannot go on (non-finite training) exits with one line and exit code 1; Ctr
 """
 
 import importlib.util
+import json
 import math
 import os
 import random
-import shutil
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -49,8 +51,9 @@ from tqdm import tqdm
 
 import checkpoint
 import grams as grams_lib
-from cli import InputError, report
-from config import TrainConfig, parse_config, saved_settings, write_config
+import run_folder
+from cli import InputError, flag_name, report
+from config import TrainConfig, parse_config, read_settings, saved_settings, write_config
 from data import Problem, load_problems
 from eval import evaluate, prompt_format_from_args
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
@@ -58,7 +61,9 @@ from hicra import hicra_advantages, high_entropy_mask
 from metrics import step_metrics
 from model_loading import check_model_flags, load_policy
 from reward import load_reward, score_completions
-from rollout import PromptFormat, RolloutBatch, activation_checkpointing, completion_logprobs, format_prompt, generate_rollouts, micro_batches
+from run_folder import append_line, write_atomically
+from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, completion_logprobs, format_prompt,
+                     generate_rollouts, micro_batches)
 from runlog import PROGRESS_LEGEND, RunLog, check_installed, format_eval, print_summary, progress_figures, show_samples
 
 
@@ -254,7 +259,7 @@ def held_out_evaluation(config: TrainConfig, model, tokenizer, problems: list[Pr
 def train(config: TrainConfig) -> Path:
     """Set up, then run the paper's step --steps times; returns the run directory."""
     run_dir, resuming = Path(config.out), bool(config.resume)
-    checkpoint.check_run_folder(run_dir, resuming)
+    run_folder.check_out(run_dir, resuming)
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
@@ -263,65 +268,85 @@ def train(config: TrainConfig) -> Path:
     if len(train_problems) < config.prompts_per_step:
         tqdm.write(f"note: --data has {len(train_problems)} problems, fewer than --prompts-per-step "
                    f"{config.prompts_per_step}: each step holds some of them more than once")
-    eval_problems = load_problems(config.eval_data, limit=config.eval_limit, flag="--eval-data") if config.eval_every else []
+    eval_problems = load_problems(config.eval_data, limit=config.eval_limit, flag="--eval-data") if config.eval_every \
+        else []
     grams = grams_lib.load_grams(config.grams)
-    placebo = grams_lib.placebo_grams_for(config.data, train_problems, grams, config.seed) if config.algo == "placebo" else None
+    placebo = None
+    if config.algo == "placebo":
+        placebo = grams_lib.placebo_grams_for(config.data, train_problems, grams, config.seed)
     reward_fn, prompt_format = load_reward(config.reward), prompt_format_from_args(config)
     check_installed(config.report_to)
     if not resuming:
         model, tokenizer, ref_model = load_policy(config, checkpoint=None)
-    checkpoint.create_run_folder(run_dir)
-    if not resuming:
-        write_config(run_dir, config)
-    if placebo is not None:
-        (run_dir / "placebo_grams.txt").write_text("".join(f"{g}\n" for g in placebo), encoding="utf-8")
-    latest = checkpoint.settle_checkpoints(run_dir) if resuming else None
-    if resuming:
-        if latest is None:
-            print(f"--resume: {run_dir} has no complete checkpoint yet; starting it again from step 0", file=sys.stderr)
-        model, tokenizer, ref_model = load_policy(config, latest)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer)
-    log = RunLog(run_dir, config.report_to, saved_settings(config), purge_from=start_step + (latest is not None),
-                 max_new_tokens=config.max_new_tokens)
-    if start_step >= config.steps:
-        tqdm.write(f"{run_dir} has already trained {start_step} steps (--steps {config.steps}): nothing to do; "
-                   "raise --steps to continue")
-    world = config.data.startswith("world")
+    with run_folder.claim(run_dir, resuming):  # one writer; a failed start leaves no folder behind
+        if not resuming:
+            write_config(run_dir, config)
+        if placebo is not None:
+            write_atomically(run_dir / "placebo_grams.txt", "".join(f"{g}\n" for g in placebo))
+        latest = checkpoint.settle_checkpoints(run_dir) if resuming else None
+        if resuming:
+            if latest is None:
+                print(f"--resume: {run_dir} has no complete checkpoint yet; starting it again from step 0", file=sys.stderr)
+            model, tokenizer, ref_model = load_policy(config, latest)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                      weight_decay=config.weight_decay)
+        start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer)
+        if resuming:
+            record_changed_settings(run_dir, config, start_step)
+        log = RunLog(run_dir, config.report_to, saved_settings(config), purge_from=start_step + (latest is not None),
+                     max_new_tokens=config.max_new_tokens)
+        if start_step >= config.steps:
+            tqdm.write(f"{run_dir} has already trained {start_step} steps (--steps {config.steps}): nothing to do; "
+                       "raise --steps to continue")
+        world = config.data.startswith("world")
 
-    tqdm.write(PROGRESS_LEGEND)
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=config.algo, dynamic_ncols=True)
-    for step in bar:
-        if config.eval_every and step == 0:
-            log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, 0, reward_fn, prompt_format))
-        started = time.time()
-        # Steps 1-4: G completions per problem, their rewards, group advantages, per-token shaping by --algo.
-        problems = [train_problems[i] for i in prompts_for_step(len(train_problems), step, config.prompts_per_step, config.seed)]
-        batch = rollout_step(config, model, ref_model, tokenizer, problems, grams, reward_fn, prompt_format, placebo)
-        rollout_seconds = time.time() - started
-        # Step 5: the clipped surrogate, one optimizer step per PPO epoch.
-        lr = set_learning_rate(optimizer, config, step)
-        update = policy_update(config, model, optimizer, batch)
-        check_weights_finite(config, model, step, batch.rewards)
-        # Step 6: log, evaluate, save.
-        group_problems = [p for p in problems for _ in range(config.group_size)]
-        record = {"step": step, **step_metrics(batch, group_problems, grams, world, relative), **update,
-                  "lr": lr, "rollout_seconds": rollout_seconds,
-                  "step_seconds": time.time() - started}
-        log.log(record)
-        nonfinite_streak = count_nonfinite(config, nonfinite_streak, update, step, batch.rewards)
-        last_step = step == config.steps - 1
-        if config.eval_every and (last_step or (step + 1) % config.eval_every == 0):
-            log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn,
-                                        prompt_format))
-        bar.set_postfix(progress_figures(record))
-        if last_step or (config.save_every and (step + 1) % config.save_every == 0):
-            checkpoint.save(run_dir, model, tokenizer, optimizer, step, relative, nonfinite_streak,
-                            config.keep_checkpoints)
-    log.close()
+        tqdm.write(PROGRESS_LEGEND)
+        bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=config.algo,
+                   dynamic_ncols=True)
+        for step in bar:
+            if config.eval_every and step == 0:
+                log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, 0, reward_fn,
+                                            prompt_format))
+            started = time.time()
+            # Steps 1-4: G completions per problem, their rewards, group advantages, per-token shaping by --algo.
+            indices = prompts_for_step(len(train_problems), step, config.prompts_per_step, config.seed)
+            problems = [train_problems[i] for i in indices]
+            batch = rollout_step(config, model, ref_model, tokenizer, problems, grams, reward_fn, prompt_format, placebo)
+            rollout_seconds = time.time() - started
+            # Step 5: the clipped surrogate, one optimizer step per PPO epoch.
+            lr = set_learning_rate(optimizer, config, step)
+            update = policy_update(config, model, optimizer, batch)
+            check_weights_finite(config, model, step, batch.rewards)
+            # Step 6: log, evaluate, save.
+            group_problems = [p for p in problems for _ in range(config.group_size)]
+            record = {"step": step, **step_metrics(batch, group_problems, grams, world, relative), **update, "lr": lr,
+                      "rollout_seconds": rollout_seconds, "step_seconds": time.time() - started}
+            log.log(record)
+            nonfinite_streak = count_nonfinite(config, nonfinite_streak, update, step, batch.rewards)
+            last_step = step == config.steps - 1
+            if config.eval_every and (last_step or (step + 1) % config.eval_every == 0):
+                log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn,
+                                            prompt_format))
+            bar.set_postfix(progress_figures(record))
+            if last_step or (config.save_every and (step + 1) % config.save_every == 0):
+                checkpoint.save(run_dir, model, tokenizer, optimizer, step, relative, nonfinite_streak,
+                                config.keep_checkpoints)
+        log.close()
     print_summary(run_dir)
     return run_dir
+
+
+def record_changed_settings(run_dir: Path, config: TrainConfig, step: int) -> None:
+    """A resumed run's settings that differ from its config.json (flags given with --resume, applied from
+    `step` on): config.json takes them, so a later resume keeps them, and RUN_DIR/resumes.jsonl records
+    which changed, from what, and at which step."""
+    saved = read_settings(str(run_dir / "config.json"), "--resume")
+    changed = {k: [saved.get(k), v] for k, v in saved_settings(config).items() if k != "out" and saved.get(k) != v}
+    if changed:
+        write_config(run_dir, config)
+        append_line(run_dir / "resumes.jsonl", json.dumps({"step": step, "changed": changed}))
+        now = ", ".join(f"{flag_name(k)} {new} (was {old})" for k, (old, new) in changed.items())
+        tqdm.write(f"--resume: from step {step} on, {now}; recorded in {run_dir / 'resumes.jsonl'}")
 
 
 def validate(config: TrainConfig) -> None:
@@ -338,29 +363,36 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return config
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill` stopping the run): handled as Ctrl-C is."""
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse, check and train. Bad input: one `error: ...` line on stderr, exit code 2 (cli.report); a run that
-    cannot go on (TrainingError): one line, exit code 1; Ctrl-C: how to resume, exit code 130."""
+    cannot go on (TrainingError): one line, exit code 1; Ctrl-C or SIGTERM: how to resume, exit code 130 or 143."""
     try:
         config = parse_args(argv)
     except InputError as error:
         sys.exit(report(error))
     run_dir = Path(config.out)
-    made_here = not run_dir.exists()
+    previous_handler = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         train(config)
-    except BaseException as error:
-        if made_here and not (run_dir / "metrics.jsonl").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves no empty run folder behind
-        elif isinstance(error, KeyboardInterrupt):
-            print(f"\ninterrupted: continue with  python train.py --resume {run_dir}", file=sys.stderr)
-            sys.exit(130)
-        if isinstance(error, InputError):
-            sys.exit(report(error))
-        if isinstance(error, TrainingError):
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
-        raise
+    except KeyboardInterrupt as error:
+        if (run_dir / "metrics.jsonl").exists():
+            print(f"\ninterrupted: continue with  python train.py --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+        sys.exit(143 if isinstance(error, Terminated) else 130)
+    except InputError as error:
+        sys.exit(report(error))
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":
