@@ -13,7 +13,7 @@ Resuming (`settle_checkpoints`, `resume`): the newest complete folder among thes
 rename finished, incomplete leftovers deleted, and the metrics lines logged after that checkpoint dropped;
 with no complete checkpoint the run starts again from step 0.
 
-Test hook: HICRA_FAULT=POINT:STEP makes the process SIGKILL itself at a named point (`fault_point`: the
+Test hook: HICRA_FAULT=POINT:STEP[:term] makes the process SIGKILL (or SIGTERM) itself at a named point (`fault_point`: the
 save:* points here, step:/eval: logging/logged in runlog.py); tests/test_faults.py kills a run at each and
 checks that the resumed run logs exactly what an uninterrupted one does.
 """
@@ -41,10 +41,14 @@ FAULT_ENV = "HICRA_FAULT"  # test hook (tests/test_faults.py): "POINT:STEP" make
 
 
 def fault_point(point: str, step: int) -> None:
-    """Kill this process (SIGKILL, as a crash or an out-of-memory kill would) at `point` of `step` when
-    HICRA_FAULT=point:step; does nothing when HICRA_FAULT is unset. test_faults.py resumes after each."""
-    if os.environ.get(FAULT_ENV) == f"{point}:{step}":
+    """Test hook: at `point` of `step`, kill this process with SIGKILL (as a crash or an out-of-memory kill
+    would) when HICRA_FAULT=point:step, or send it SIGTERM (as a scheduler stopping it would) when
+    HICRA_FAULT=point:step:term; nothing when HICRA_FAULT is unset. tests/test_faults.py resumes after each."""
+    fault = os.environ.get(FAULT_ENV)
+    if fault == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if fault == f"{point}:{step}:term":
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def fsync_path(path: Path) -> None:
@@ -116,15 +120,20 @@ def save(run_dir: Path, model, tokenizer, optimizer, step: int, relative: Relati
     """Write a fresh checkpoint.tmp-XXXX/ (complete.json last), make it checkpoint/, keep the newest `keep`."""
     temp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f"{CHECKPOINT}.tmp-"))  # new and ours: no planted link inside
     temp.chmod(0o755)
-    fault_point("save:start", step)
-    model.save_pretrained(temp)
-    fault_point("save:model", step)
-    tokenizer.save_pretrained(temp)
-    fault_point("save:tokenizer", step)
-    write_trainer_state(temp, optimizer, step, relative, nonfinite_streak)
-    fault_point("save:state", step)
-    write_complete_marker(temp, step)
-    fault_point("save:marker", step)
+    try:
+        fault_point("save:start", step)
+        model.save_pretrained(temp)
+        fault_point("save:model", step)
+        tokenizer.save_pretrained(temp)
+        fault_point("save:tokenizer", step)
+        write_trainer_state(temp, optimizer, step, relative, nonfinite_streak)
+        fault_point("save:state", step)
+        write_complete_marker(temp, step)
+        fault_point("save:marker", step)
+    except (OSError, SafetensorError) as error:  # disk full, no permission: the older checkpoints stand
+        shutil.rmtree(temp, ignore_errors=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise OSError(f"{run_dir}: the checkpoint of step {step} could not be written ({reason})") from None
     promote_checkpoint(run_dir, temp, step)
     prune_checkpoints(run_dir, keep)
     fault_point("save:pruned", step)
@@ -228,6 +237,18 @@ def restore_checkpoint(folder: Path, optimizer) -> tuple[int, RelativeToFirst, i
         raise InputError(f"{folder}: trainer state does not fit this run ({str(error).splitlines()[0]})") from None
 
 
+def metrics_record(line: str, where: str) -> dict:
+    """One line of metrics.jsonl; a line that is not a record of this run is an InputError naming file and line."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise InputError(f"{where}: not a metrics record (edited by hand?); remove the line, or the file to log "
+                         "from the checkpoint on")
+    return record
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after the checkpoint of step `last_step` (a run stopped between a log and a save).
 
@@ -235,8 +256,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     without its newline (torn by a crash mid-write) is dropped; the file is replaced whole, never half-written.
     """
     if path.exists():
-        lines = path.read_text().split("\n")[:-1]  # complete lines only: each ends with "\n"
-        records = [json.loads(line) for line in lines if line]
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # complete lines only: each ends with "\n"
+        records = [metrics_record(line, f"{path}:{number}") for number, line in enumerate(lines, 1) if line]
         kept = [r for r in records if r["step"] <= last_step + is_eval_record(r)]
         write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 

@@ -78,6 +78,17 @@ def use_colour(stream) -> bool:
     return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
 
 
+# C0 and C1 control characters (ESC, CSI, ...) but newline and tab, each shown as one visible character.
+CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421} | {
+    c: 0xFFFD for c in range(0x80, 0xA0)}
+
+
+def visible(text: str) -> str:
+    """`text` with its control characters shown as symbols (ESC -> U+241B), one character for one, so text
+    from a data file or a model cannot drive the terminal, and character offsets into it still hold."""
+    return text.translate(CONTROL_PICTURES)
+
+
 def report(error: InputError) -> int:
     """Print a bad-input error as its one line on stderr; returns the exit code."""
     print(f"error: {error}", file=sys.stderr)

@@ -30,8 +30,9 @@ from cli import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTE
                  check_bounds, flag_name)
 from grpo import ADVANTAGE_MODES, AGGREGATIONS
 from hicra import PAPER_ALPHA
-from reward import REWARD_HELP
+from reward import REWARD_HELP, REWARD_TIMEOUT_S
 from rollout import DEFAULT_INSTRUCTION
+import run_folder
 from run_folder import write_atomically
 from runlog import TRACKERS
 from world.tasks import DEFAULT_MODEL_DIR
@@ -86,6 +87,8 @@ class TrainConfig(PromptFlags, ModelFlags):
     eval_data: str = flag("world", "held-out problems: benchmark name or JSONL file", "data")
     eval_limit: int = flag(500, "held-out problems per evaluation (the first N)", "data", AT_LEAST_ONE)
     reward: str = flag("boxed", REWARD_HELP, "data")
+    reward_timeout: float = flag(REWARD_TIMEOUT_S, "seconds a grading may run (custom rewards too); one still running "
+                                                   "then scores 0, counted as a reward error", "data", POSITIVE)
 
     prompts_per_step: int = flag(16, "problems sampled per step", "sampling", AT_LEAST_ONE)
     group_size: int = flag(8, "completions per problem (G >= 2)", "sampling",
@@ -262,6 +265,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
     settings = {}
     if explicit.get("resume"):
+        run_folder.check_out(Path(explicit["resume"]), resuming=True)  # a model folder's config.json is not a run's
         saved = read_settings(str(Path(explicit["resume"]) / "config.json"), "--resume")
         if explicit.get("out", explicit["resume"]) != explicit["resume"]:
             raise InputError("--out: a resumed run stays in its folder; give --resume RUN_DIR alone")

@@ -66,7 +66,7 @@ def build_model(tokenizer, architecture: str = "llama", seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,  # a GSM8K prompt with few-shot examples fits
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

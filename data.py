@@ -100,6 +100,10 @@ def parse_problem(line: str, where: str) -> Problem:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: malformed JSON ({e.msg})") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise InputError(f"{where}: unreadable JSON ({str(e).splitlines()[0][:80]})") from None
+    except RecursionError:
+        raise InputError(f"{where}: unreadable JSON (nested too deeply)") from None
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object with 'problem' and 'answer'")
     for key in ("problem", "answer"):

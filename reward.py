@@ -20,7 +20,9 @@ Choices, and where they come from:
   step about one timeout, not one per completion. A custom reward function must
   therefore be safe to call from several threads at once (pure functions are).
 - A reward function that raises, times out, or returns NaN, an infinity or a
-  non-number scores 0 and is counted (`grade`, train.py's `reward_errors`).
+  non-number scores 0 and is counted (`grade`, train.py's `reward_errors`). Every
+  grading, a custom function's too, has a deadline (`grade_batch`, --reward-timeout,
+  REWARD_TIMEOUT_S by default): one still running then scores 0 as a timeout.
 - `gsm8k_reward` is the lenient GSM8K grader: the boxed answer if there is one,
   else the last number of the text, compared as a number.
 - Model output is only parsed, never executed.
@@ -31,9 +33,11 @@ import importlib.util
 import logging
 import math
 import multiprocessing
+import queue
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -43,6 +47,7 @@ from cli import InputError
 
 DEFAULT_TIMEOUT_S = 5.0
 GRADING_WORKERS = 8  # gradings of a batch in flight at once (each mostly waits on its child process)
+REWARD_TIMEOUT_S = 10.0  # a grading running longer scores 0 (--reward-timeout); above math-verify's DEFAULT_TIMEOUT_S
 # "fork" keeps a comparison cheap (~20 ms): the child inherits math-verify's parsers.
 FORK = multiprocessing.get_context("fork")
 # A number as written in an answer: thousands commas only in groups of three.
@@ -194,11 +199,17 @@ def load_reward(spec: str):
     module_name, _, attribute = spec.rpartition(":")
     if not module_name or not attribute:
         raise InputError(f"--reward: unknown reward {spec!r}; built-in: {', '.join(sorted(REWARDS))}, or module:function")
+    argv, sys.argv = sys.argv, [module_name]  # a module that parses the command line at import sees none of ours
     try:
         module = _import_reward_module(module_name)
+    except SystemExit as stop:  # e.g. argparse's exit from that module
+        raise InputError(f"--reward: importing {module_name!r} exited ({stop.code}); a reward module must not parse "
+                         "the command line or exit when imported") from None
     except Exception as error:  # the user's module may fail in any way while importing
         message = str(error).splitlines()[0] if str(error) else ""
         raise InputError(f"--reward: cannot import {module_name!r}: {type(error).__name__}: {message}") from None
+    finally:
+        sys.argv = argv
     if not hasattr(module, attribute):
         raise InputError(f"--reward: module {module_name!r} has no attribute {attribute!r}")
     fn = getattr(module, attribute)
@@ -240,18 +251,72 @@ def grade(fn, completion: str, answer: str) -> tuple[float, str | None]:
     return (reward, None) if math.isfinite(reward) else (0.0, "invalid")
 
 
-def grade_batch(fn, completions: list[str], answers: list[str], workers: int = GRADING_WORKERS) -> list[tuple[float, str | None]]:
-    """`grade` of each (completion, answer) pair, in order, with up to `workers` gradings in flight at once."""
+def grade_batch(fn, completions: list[str], answers: list[str], workers: int = GRADING_WORKERS,
+                timeout_s: float = REWARD_TIMEOUT_S) -> list[tuple[float, str | None]]:
+    """`grade` of each (completion, answer) pair, in order, with up to `workers` gradings in flight at once.
+
+    A grading still running `timeout_s` seconds after it started scores 0 as a "timeout" (`--reward-timeout`):
+    its thread, a daemon, is left to finish or hang on its own and a fresh one takes its place, so a reward
+    that hangs costs a batch about one timeout and never holds up Ctrl-C or the end of the process.
+    """
     pairs = list(zip(completions, answers, strict=True))
-    if workers <= 1 or len(pairs) <= 1:
-        return [grade(fn, c, a) for c, a in pairs]
-    with ThreadPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
-        return list(pool.map(lambda pair: grade(fn, *pair), pairs))
+    results: list[tuple[float, str | None] | None] = [None] * len(pairs)
+    started: dict[int, float] = {}  # index -> when its grading began
+    todo, lock = queue.SimpleQueue(), threading.Lock()
+    for index in range(len(pairs)):
+        todo.put(index)
+
+    def work() -> None:
+        while True:
+            try:
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            with lock:
+                started[index] = time.monotonic()
+            graded = grade(fn, *pairs[index])
+            with lock:
+                if results[index] is None:  # not already given up on as a timeout
+                    results[index] = graded
+
+    def start_worker() -> None:
+        threading.Thread(target=work, daemon=True).start()
+
+    for _ in range(min(max(workers, 1), len(pairs))):
+        start_worker()
+    while True:
+        with lock:
+            now = time.monotonic()
+            for index, began in started.items():
+                if results[index] is None and now - began > timeout_s:
+                    results[index] = (0.0, "timeout")
+                    start_worker()  # the stuck thread keeps its slot busy: replace it
+            if all(result is not None for result in results):
+                return results
+        time.sleep(0.002)
 
 
-def score_completions(fn, completions: list[str], answers: list[str]) -> tuple[list[float], int]:
+def describe_failure(fn, completion: str, answer: str, timeout_s: float = REWARD_TIMEOUT_S) -> str:
+    """What `fn` does on one pair, in a few words, for an error message: "raised ValueError: ...",
+    "returned 'abc'", "ran over N s". Runs `fn` once more, in a daemon thread, under the same deadline."""
+    outcome: list[str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(f"returned {fn(completion, answer)!r:.80}")
+        except Exception as error:  # the user's function may fail in any way
+            outcome.append(f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:120])
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"ran over --reward-timeout {timeout_s:g} s"
+
+
+def score_completions(fn, completions: list[str], answers: list[str],
+                      timeout_s: float = REWARD_TIMEOUT_S) -> tuple[list[float], int]:
     """Rewards of `fn` for each (completion, answer) pair, and how many gradings failed (scored 0)."""
-    graded = grade_batch(fn, completions, answers)
+    graded = grade_batch(fn, completions, answers, timeout_s=timeout_s)
     return [reward for reward, _ in graded], sum(failure is not None for _, failure in graded)
 
 

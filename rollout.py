@@ -31,6 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import StaticLayer
 
+from cli import InputError
+
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {content}\nAnswer:"
 COMPACT_AT = 0.75  # the sampler drops finished rows once at most this share of its batch is still running
@@ -382,6 +384,26 @@ def sample_completions(
 
 
 @torch.no_grad()
+def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """InputError when the longest prompt plus the completion would run past the model's positions: the
+    sampler's cache is allocated for prompt + max_new_tokens (a huge --max-new-tokens would ask for terabytes)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and prompt_tokens + max_new_tokens > positions:
+        raise InputError(f"--max-new-tokens: a prompt of {prompt_tokens} tokens plus {max_new_tokens} new tokens "
+                         f"exceeds the model's {positions} positions; lower --max-new-tokens or shorten the problems")
+
+
+def check_prompts_fit(model, tokenizer, problems: list[str], prompt_format: PromptFormat, max_new_tokens: int,
+                      longest: int = 16) -> None:
+    """check_context for the `longest` problems (by characters) of a data set, before any sampling: cheap,
+    and it catches a problem far too long for the model or a huge --max-new-tokens. (generate_rollouts
+    checks every batch exactly.)"""
+    candidates = sorted(problems, key=len, reverse=True)[:longest]
+    prompts = [format_prompt(tokenizer, problem, prompt_format) for problem in candidates]
+    tokens = max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]), default=0)
+    check_context(model, tokens, max_new_tokens)
+
+
 def generate_rollouts(
     model,
     tokenizer,
@@ -399,6 +421,7 @@ def generate_rollouts(
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)  # [N, P]
+    check_context(model, prompt_ids.shape[1], max_new_tokens)
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()

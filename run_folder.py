@@ -48,12 +48,34 @@ def holds_a_run(run_dir: Path) -> bool:
     return (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoint").exists()
 
 
-def check_out(run_dir: Path, resuming: bool) -> None:
-    """Before anything loads: refuse an --out that is a file, that holds a run (new run) or that is not a
-    run (--resume), and a non-empty folder that is not a run."""
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds the run folder's lock ("process PID on HOST (since ...)"), or None when nobody does."""
+    try:
+        descriptor = os.open(run_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        return os.pread(descriptor, 512, 0).decode("utf-8", "replace").strip() or "another process"
+    finally:
+        os.close(descriptor)  # also drops the probe's shared lock
+
+
+def in_use(run_dir: Path, flag: str, holder: str) -> InputError:
+    return InputError(f"{flag}: {run_dir} is in use by {holder}; one process writes a run folder at a time")
+
+
+def check_out(run_dir: Path, resuming: bool, locked_here: bool = False) -> None:
+    """Before anything loads: refuse an --out that is a file, that another process is writing, that holds a
+    run (new run) or that is not a run (--resume), and a non-empty folder that is not a run."""
     flag = "--resume" if resuming else "--out"
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise InputError(f"{flag}: {run_dir} is a {'symbolic link' if run_dir.is_symlink() else 'file'}, not a folder")
+    holder = lock_holder(run_dir) if run_dir.is_dir() and not locked_here else None
+    if holder:
+        raise in_use(run_dir, flag, holder)
     if resuming:
         if not is_run(run_dir):
             raise InputError(f"--resume: {run_dir} is not a train.py run folder (no {MARKER}, no run config)")
@@ -109,11 +131,10 @@ def claim(run_dir: Path, resuming: bool) -> RunFolder:
         os.close(lock_fd)
         if error.errno not in (errno.EAGAIN, errno.EACCES):
             raise
-        raise InputError(f"{'--resume' if resuming else '--out'}: {run_dir} is in use by {holder}; one process "
-                         "writes a run folder at a time") from None
+        raise in_use(run_dir, "--resume" if resuming else "--out", holder) from None
     folder = RunFolder(run_dir, created, lock_fd)
     try:
-        check_out(run_dir, resuming)  # again: another process may have started a run here before we locked
+        check_out(run_dir, resuming, locked_here=True)  # again: another run may have started here before we locked
         refuse_links(run_dir)
         os.ftruncate(lock_fd, 0)
         os.pwrite(lock_fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.ctime()})\n".encode(), 0)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import grams as grams_lib
 from checkpoint import fault_point
-from cli import InputError, use_colour
+from cli import InputError, use_colour, visible
 from metrics import is_eval_record
 from run_folder import append_line, write_atomically
 
@@ -70,7 +70,7 @@ def format_eval(record: dict) -> str:
 
 def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]) -> None:
     """Print a few held-out completions with planning tokens coloured, and write them as HTML."""
-    shown = [(r["problem"], r["completions"][0], r["correct"][0]) for r in records[:SAMPLES_SHOWN]]
+    shown = [(visible(r["problem"]), visible(r["completions"][0]), r["correct"][0]) for r in records[:SAMPLES_SHOWN]]
     blocks = []
     for problem, completion, correct in shown:
         spans = grams_lib.find_gram_spans(completion, grams)

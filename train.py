@@ -60,11 +60,14 @@ from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_adva
 from hicra import hicra_advantages, high_entropy_mask
 from metrics import step_metrics
 from model_loading import check_model_flags, load_policy
-from reward import load_reward, score_completions
+from reward import describe_failure, load_reward, score_completions
 from run_folder import append_line, write_atomically
-from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, completion_logprobs, format_prompt,
-                     generate_rollouts, micro_batches)
+from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,
+                     format_prompt, generate_rollouts, micro_batches)
 from runlog import PROGRESS_LEGEND, RunLog, check_installed, format_eval, print_summary, progress_figures, show_samples
+
+
+FAILED_REWARD_STEPS = 3  # steps in a row on which every grading failed: the reward is broken, not the model
 
 
 class TrainingError(RuntimeError):
@@ -131,7 +134,7 @@ def rollout_step(config: TrainConfig, model, ref_model, tokenizer, problems: lis
     rollout = generate_rollouts(model, tokenizer, prompts, config.group_size, config.max_new_tokens,
                                 config.temperature, config.top_p, config.logprob_chunk)
     answers = [p.answer for p in problems for _ in range(config.group_size)]
-    rewards, reward_errors = score_completions(reward_fn, rollout.texts, answers)
+    rewards, reward_errors = score_completions(reward_fn, rollout.texts, answers, config.reward_timeout)
     rewards = torch.tensor(rewards, dtype=torch.float32, device=rollout.completion_mask.device)  # [B]
     advantages = group_advantages(rewards, config.group_size, config.advantage)  # [B]
     planning_mask = grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, grams)
@@ -224,6 +227,18 @@ def nonfinite_causes(config: TrainConfig, rewards: torch.Tensor) -> str:
     return "; ".join(causes)
 
 
+def count_failed_rewards(config: TrainConfig, streak: int, step: int, batch: StepBatch, reward_fn,
+                         problems: list[Problem]) -> int:
+    """The count of steps in a row on which every grading failed (raised, timed out, returned no number);
+    FAILED_REWARD_STEPS of them stop the run, naming the reward and what it did on the first completion."""
+    streak = streak + 1 if batch.reward_errors == len(batch.rewards) else 0
+    if streak >= FAILED_REWARD_STEPS:
+        what = describe_failure(reward_fn, batch.rollout.texts[0], problems[0].answer, config.reward_timeout)
+        raise TrainingError(f"--reward {config.reward}: every grading failed on {streak} steps in a row (to step "
+                            f"{step}); on the first completion it {what}")
+    return streak
+
+
 def check_weights_finite(config: TrainConfig, model, step: int, rewards: torch.Tensor) -> None:
     """A run never saves non-finite weights: an update that leaves one inf or NaN stops it (TrainingError)."""
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
@@ -278,6 +293,8 @@ def train(config: TrainConfig) -> Path:
     check_installed(config.report_to)
     if not resuming:
         model, tokenizer, ref_model = load_policy(config, checkpoint=None)
+        check_prompts_fit(model, tokenizer, [p.problem for p in train_problems + eval_problems], prompt_format,
+                          config.max_new_tokens)
     with run_folder.claim(run_dir, resuming):  # one writer; a failed start leaves no folder behind
         if not resuming:
             write_config(run_dir, config)
@@ -288,6 +305,8 @@ def train(config: TrainConfig) -> Path:
             if latest is None:
                 print(f"--resume: {run_dir} has no complete checkpoint yet; starting it again from step 0", file=sys.stderr)
             model, tokenizer, ref_model = load_policy(config, latest)
+            check_prompts_fit(model, tokenizer, [p.problem for p in train_problems + eval_problems], prompt_format,
+                              config.max_new_tokens)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=config.weight_decay)
         start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer)
@@ -298,7 +317,7 @@ def train(config: TrainConfig) -> Path:
         if start_step >= config.steps:
             tqdm.write(f"{run_dir} has already trained {start_step} steps (--steps {config.steps}): nothing to do; "
                        "raise --steps to continue")
-        world = config.data.startswith("world")
+        world, failed_rewards = config.data.startswith("world"), 0
 
         tqdm.write(PROGRESS_LEGEND)
         bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=config.algo,
@@ -323,6 +342,7 @@ def train(config: TrainConfig) -> Path:
                       "rollout_seconds": rollout_seconds, "step_seconds": time.time() - started}
             log.log(record)
             nonfinite_streak = count_nonfinite(config, nonfinite_streak, update, step, batch.rewards)
+            failed_rewards = count_failed_rewards(config, failed_rewards, step, batch, reward_fn, group_problems)
             last_step = step == config.steps - 1
             if config.eval_every and (last_step or (step + 1) % config.eval_every == 0):
                 log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn,
@@ -374,6 +394,9 @@ def stop_on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse, check and train. Bad input: one `error: ...` line on stderr, exit code 2 (cli.report); a run that
     cannot go on (TrainingError): one line, exit code 1; Ctrl-C or SIGTERM: how to resume, exit code 130 or 143."""
+    for stream in (sys.stdout, sys.stderr):  # a problem's non-ASCII text on an ASCII terminal: escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         config = parse_args(argv)
     except InputError as error:
@@ -390,6 +413,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(report(error))
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # `python train.py | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except OSError as error:  # disk full, a folder made read-only mid-run: the last complete checkpoint stands
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}; the run keeps its last complete checkpoint (continue with  "
+              f"python train.py --resume {shlex.quote(str(run_dir))})", file=sys.stderr)
         sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)

@@ -5,7 +5,7 @@
     python -m analysis.sweep --algos grpo hicra --seeds 0 1 2 --out runs/sweep --report-only     # tables and figures only
 
 Everything after `--` goes to every `train.py` run. Each run is one process with one thread
-(`--threads 1`), in RUN_DIR = OUT/ALGO[-FLAGVALUE...]-seedS, its output in RUN_DIR/train.log. A run is
+(`--threads 1`), in RUN_DIR = OUT/ALGO[-FLAGVALUE...]-seedS, its output in RUN_DIR.log beside it. A run is
 finished when its metrics.jsonl holds the last training step and, with evaluation on, the evaluation
 after it; runs start seed by seed (all arms of the first seed first, so a sweep stopped early holds whole
 seeds); finished runs are skipped, an unfinished one continues from its checkpoint (`train.py --resume`)
@@ -43,6 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli import InputError, OneLineParser, flag_name
+from cli import report as report_error
+from config import saved_settings
 from metrics import mean_confidence_interval, phase_summary
 
 EVAL_KEY = "eval/pass@1"
@@ -66,6 +69,10 @@ class Job:
     def run_dir(self, out: Path) -> Path:
         return out / f"{self.arm}-seed{self.seed}"
 
+    def log(self, out: Path) -> Path:
+        """The run's console output, beside its run folder (which holds only what train.py writes)."""
+        return out / f"{self.arm}-seed{self.seed}.log"
+
     def flags(self) -> list[str]:
         return ["--algo", self.algo, "--seed", str(self.seed),
                 *(item for name, value in self.settings for item in (f"--{name.replace('_', '-')}", value))]
@@ -85,7 +92,7 @@ def parse_settings(items: list[str]) -> list[tuple[tuple[str, str], ...]]:
     for item in items:
         name, _, values = item.partition("=")
         if not name or not values:
-            raise SystemExit(f"error: --set {item!r}: expected FLAG=V1,V2,... (e.g. lr=1e-4,2e-4)")
+            raise InputError(f"--set {item!r}: expected FLAG=V1,V2,... (e.g. lr=1e-4,2e-4)")
         axes.append([(name.lstrip("-"), v) for v in values.split(",") if v])
     return [tuple(combo) for combo in itertools.product(*axes)]
 
@@ -114,6 +121,30 @@ def run_finished(run_dir: Path) -> bool:
     return trained and evaluated
 
 
+def job_flags(job: Job, train_flags: list[str]) -> list[str]:
+    """The train.py flags of a job's run: the sweep's, the job's own, one thread."""
+    return [*train_flags, *job.flags(), "--threads", "1"]
+
+
+def check_jobs(jobs: list[Job], out: Path, train_flags: list[str]) -> None:
+    """Before any run starts: every job's flags pass train.py's checks, and a run folder already there was made
+    with the flags this sweep asks for (else the report would quote flags its runs did not use)."""
+    import train  # the same checks train.py makes, one line each
+
+    for job in jobs:
+        wanted = train.parse_args([*job_flags(job, train_flags), "--out", str(job.run_dir(out))])
+        config_path = job.run_dir(out) / "config.json"
+        if not config_path.is_file():
+            continue
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        differ = [key for key, value in saved_settings(wanted).items() if key in saved and saved[key] != value
+                  and key not in ("out", "threads")]
+        if differ:
+            key = differ[0]
+            raise InputError(f"--out: {job.run_dir(out)} was made with {flag_name(key)} {saved[key]}, this sweep asks "
+                             f"for {getattr(wanted, key)}; use another --out or remove that run")
+
+
 def launch(job: Job, out: Path, train_flags: list[str]) -> tuple[Job, int, float]:
     """Run (or continue) one job in its own process with one thread; returns (job, exit code, seconds)."""
     run_dir = job.run_dir(out)
@@ -121,11 +152,10 @@ def launch(job: Job, out: Path, train_flags: list[str]) -> tuple[Job, int, float
         command = [sys.executable, str(TRAIN_SCRIPT), "--resume", str(run_dir)]
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
-        command = [sys.executable, str(TRAIN_SCRIPT), *train_flags, *job.flags(), "--threads", "1", "--out", str(run_dir)]
-    run_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, str(TRAIN_SCRIPT), *job_flags(job, train_flags), "--out", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     started = time.time()
-    with open(run_dir / "train.log", "a", encoding="utf-8") as log:
+    with open(job.log(out), "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -141,7 +171,7 @@ def run_grid(jobs: list[Job], out: Path, train_flags: list[str], workers: int) -
         for job, code, seconds in pool.map(lambda j: launch(j, out, train_flags), todo):
             ok = code == 0 and run_finished(job.run_dir(out))
             print(f"  {'done  ' if ok else 'FAILED'} {job.run_dir(out).name}  {seconds:.0f} s"
-                  + ("" if ok else f"  (exit {code}; see {job.run_dir(out) / 'train.log'})"), flush=True)
+                  + ("" if ok else f"  (exit {code}; see {job.log(out)})"), flush=True)
             if not ok:
                 failed.append(job)
     return failed
@@ -323,8 +353,8 @@ def report(jobs: list[Job], out: Path, target: float, baseline: str, header: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Run a grid of train.py runs in parallel and aggregate them.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description="Run a grid of train.py runs in parallel and aggregate them.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--algos", nargs="+", default=["grpo", "hicra"], help="train.py --algo values")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="train.py --seed values")
     parser.add_argument("--set", action="append", default=[], metavar="FLAG=V1,V2",
@@ -340,19 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> str:
+    """Check every job, run the unfinished ones, report. Bad input: one `error: ...` line, exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     train_flags = args.train_flags[1:] if args.train_flags[:1] == ["--"] else args.train_flags
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    # seed-major order: a sweep stopped early still holds whole seeds of every arm
-    jobs = [Job(algo, seed, settings) for seed in args.seeds for settings in parse_settings(args.set)
-            for algo in args.algos]
-    import train  # checks every run's flags before starting any (one-line argparse errors)
-
-    for job in {Job(j.algo, 0, j.settings) for j in jobs}:
-        train.parse_args([*train_flags, *job.flags()])
     out = Path(args.out)
+    try:
+        # seed-major order: a sweep stopped early still holds whole seeds of every arm
+        jobs = [Job(algo, seed, settings) for seed in args.seeds for settings in parse_settings(args.set)
+                for algo in args.algos]
+        check_jobs(jobs, out, train_flags)
+    except InputError as error:
+        sys.exit(report_error(error))
     out.mkdir(parents=True, exist_ok=True)
     started, load_before = time.time(), os.getloadavg()[0]
     failed = [] if args.report_only else run_grid(jobs, out, train_flags, args.workers)

@@ -34,6 +34,7 @@ import eval as evaluation
 import grams
 import model_loading
 import reward
+import run_folder
 import runlog
 import train
 from conftest import build_model, build_tokenizer
@@ -60,6 +61,8 @@ class Case:
     needs_no: str = ""  # "cuda" / "mps": skipped on a machine that has that device
     bare: bool = False  # the flags are the whole command line (no tiny defaults before them)
     damaged_config: bool = False  # {run}/config.json is cut short before the command runs
+    config_edit: str = ""  # JSON settings written over {run}/config.json's before the command runs (a hand edit)
+    metrics_line: str = ""  # a line put first in {run}/metrics.jsonl before the command runs
 
 
 TRAIN = "train.py"
@@ -113,9 +116,28 @@ CASES = [
     Case("grams-unknown", TRAIN, "--grams nope", ("--grams", "'nope'")),
     # resuming: bad flags and a bad config must leave the finished run as it was
     Case("resume-lr-nan", TRAIN, "--resume {run} --lr nan", ("--lr", "nan"), bare=True),
-    Case("resume-no-run", TRAIN, "--resume {dir}/no_run", ("--resume", "no_run", "config.json"), bare=True),
+    Case("resume-no-run", TRAIN, "--resume {dir}/no_run", ("--resume", "no_run", "not a train.py run folder"), bare=True),
     Case("resume-with-another-out", TRAIN, "--resume {run} --out {out}/elsewhere", ("--out", "--resume"), bare=True),
     Case("resume-bad-config", TRAIN, "--resume {run}", ("--resume", "config.json"), bare=True, damaged_config=True),
+    Case("resume-config-wrong-type", TRAIN, "--resume {run}", ("config.json", "--lr: expected float, got 'fast'"),
+         bare=True, config_edit='{"lr": "fast"}'),
+    Case("resume-config-unknown-algo", TRAIN, "--resume {run}", ("config.json", "--algo: 'ppo' is not one of"),
+         bare=True, config_edit='{"algo": "ppo"}'),
+    Case("resume-config-null", TRAIN, "--resume {run}", ("config.json", "--algo: expected str, got None"),
+         bare=True, config_edit='{"algo": null}'),
+    Case("resume-config-tracker-string", TRAIN, "--resume {run}", ("--report-to: expected a list of names",),
+         bare=True, config_edit='{"report_to": "tensorboard"}'),
+    Case("resume-corrupt-metrics-line", TRAIN, "--resume {run}", ("metrics.jsonl:1:", "not a metrics record"),
+         bare=True, metrics_line='{"step": "zero"'),
+    Case("resume-not-a-run", TRAIN, "--resume {dir}/model", ("--resume", "not a train.py run folder"), bare=True),
+    # run folders: never clobbered
+    Case("out-not-a-run", TRAIN, "--out {out}", ("--out", "not empty and not a train.py run folder")),
+    Case("out-holds-a-run", TRAIN, "--out {run}", ("--out", "already holds a run", "--resume")),
+    # sizes the model cannot take
+    Case("max-new-tokens-huge", TRAIN, "--max-new-tokens 100000000", ("--max-new-tokens", "1024 positions")),
+    Case("data-problem-too-long", TRAIN, "--data {dir}/long_problem.jsonl", ("--max-new-tokens", "1024 positions")),
+    Case("data-huge-number", TRAIN, "--data {dir}/huge_number.jsonl", ("--data", "huge_number.jsonl:1:", "unreadable")),
+    Case("data-deeply-nested", TRAIN, "--data {dir}/deep.jsonl", ("--data", "deep.jsonl:1:", "nested too deeply")),
     # eval.py shares the checks of the flags it shares
     Case("eval-missing-benchmark", EVAL, "--model {dir}/model --out {out}", ("required", "--benchmark"), bare=True),
     Case("eval-limit-zero-eval", EVAL, "--limit 0", ("error: --limit:", ">= 1")),
@@ -160,6 +182,9 @@ def inputs(tmp_path_factory) -> Path:
         "empty.jsonl": "",
         "blank_grams.txt": "\n  \n",
         "cut_run/metrics.jsonl": '{"step": 0, "reward": 1.0}\n{"step": 1, "rew',
+        "long_problem.jsonl": json.dumps({"problem": "what is " + " plus ".join(["2"] * 400) + "?", "answer": "800"}) + "\n",
+        "huge_number.jsonl": '{"problem": "1 + 1?", "answer": ' + "9" * 5000 + "}\n",
+        "deep.jsonl": '{"problem": "1 + 1?", "answer": "2", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
     }
     (folder / "cut_run").mkdir()
     for name, text in files.items():
@@ -201,12 +226,13 @@ def case_argv(case: Case, inputs: Path, out: Path, run: Path) -> list[str]:
         defaults = ["--model", str(inputs / "model"), "--benchmark", str(inputs / "train.jsonl"), "--samples", "1",
                     "--max-new-tokens", "4", "--no-greedy", "--quiet", "--threads", "1", "--out", str(out)]
         return defaults + flags
-    return [*tiny_train_flags(inputs), "--out", str(out), *flags]
+    return [*tiny_train_flags(inputs), "--out", str(out / "new_run"), *flags]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under `folder` with its bytes (a run folder's lock file aside: it names its latest holder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != run_folder.LOCK}
 
 
 def prepare_case(case: Case, inputs: Path, finished: Path, root: Path) -> tuple[list[str], Path]:
@@ -218,6 +244,11 @@ def prepare_case(case: Case, inputs: Path, finished: Path, root: Path) -> tuple[
     shutil.copytree(finished, run)
     if case.damaged_config:
         (run / "config.json").write_text('{"algo": "hicra",')
+    if case.config_edit:
+        settings = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**settings, **json.loads(case.config_edit)}))
+    if case.metrics_line:
+        (run / "metrics.jsonl").write_text(case.metrics_line + "\n" + (run / "metrics.jsonl").read_text())
     script = str(HERE / case.script) if case.script.endswith(".py") else ["-m", case.script]  # a file, or a module
     return [sys.executable, *([script] if isinstance(script, str) else script), *case_argv(case, inputs, out, run)], out
 

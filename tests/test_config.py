@@ -7,6 +7,7 @@ import json
 import pytest
 
 import config
+import run_folder
 import train
 from cli import InputError, flag_name
 
@@ -70,9 +71,16 @@ def test_a_bad_config_file_is_a_one_line_error_naming_the_setting(tmp_path, cont
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_hand_edited_run_config_is_checked_on_resume(tmp_path):
+def a_run_folder(tmp_path):
+    """An empty run folder with the marker train.py writes."""
     run = tmp_path / "run"
     run.mkdir()
+    (run / run_folder.MARKER).write_text("{}")
+    return run
+
+
+def test_a_hand_edited_run_config_is_checked_on_resume(tmp_path):
+    run = a_run_folder(tmp_path)
     saved = config.saved_settings(train.parse_args(["--out", str(run)]))
     (run / "config.json").write_text(json.dumps({**saved, "algo": "ppo"}))
     with pytest.raises(InputError, match=r"--resume .*config.json: --algo: 'ppo' is not one of"):
@@ -83,8 +91,7 @@ def test_a_hand_edited_run_config_is_checked_on_resume(tmp_path):
 
 
 def test_resume_takes_the_saved_settings_then_the_flags_given(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
+    run = a_run_folder(tmp_path)
     saved = config.saved_settings(train.parse_args(["--out", str(run), "--seed", "7", "--steps", "3"]))
     (run / "config.json").write_text(json.dumps(saved))
     resumed = train.parse_args(["--resume", str(run), "--steps", "5"])

@@ -30,7 +30,8 @@ FLAGS = [
     "--data", "world_train", "--eval-data", "world", "--eval-limit", "2", "--eval-every", "4",
     "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "64", "--threads", "1", "--seed", "2",
 ]  # long enough for the tiny world model to finish most answers: rewards vary, so the updates move the weights
-KILLS = [  # (point, step): each run of the chain is killed at the next one, in the order the runs reach them
+KILLS = [  # (point, step[, "term"]): each run of the chain is killed at the next one (SIGKILL, or SIGTERM with "term"),
+    # in the order the runs reach them
     ("step:logged", 0),  # after the first metrics line, before any checkpoint: the resume starts at step 0 again
     ("save:start", 0),
     ("save:marker", 0),  # checkpoint.tmp/ is complete, checkpoint/ does not exist yet
@@ -43,7 +44,9 @@ KILLS = [  # (point, step): each run of the chain is killed at the next one, in 
     ("save:renamed", 4),  # the resume finishing that rename is itself killed
     ("save:renamed", 5),
     ("save:pruned", 6),
+    ("step:logging", 7, "term"),  # a scheduler's SIGTERM mid-step: stops as Ctrl-C does, resumes exactly
     ("step:logged", 7),
+    ("save:tokenizer", 8, "term"),  # SIGTERM inside a checkpoint write: the half-written folder is dropped
     ("save:marker", 8),
 ]
 TIMING_KEYS = {"rollout_seconds", "step_seconds", "eval/wall_s", "eval/s_per_problem"}
@@ -90,9 +93,10 @@ def test_killed_anywhere_and_resumed_a_run_logs_exactly_what_an_uninterrupted_ru
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_in_child([*flags, "--out", str(straight)]) == 0
     argv = [*flags, "--out", str(killed)]
-    for point, step in KILLS:
-        code = run_in_child(argv, f"{point}:{step}")
-        assert code == -signal.SIGKILL, f"the run was not killed at {point}:{step} (exit code {code})"
+    for point, step, *term in KILLS:
+        code = run_in_child(argv, ":".join([point, str(step), *term]))
+        expected = 143 if term else -signal.SIGKILL  # SIGTERM: train.main's exit code for it
+        assert code == expected, f"the run was not stopped at {point}:{step} {term} (exit code {code})"
         argv = ["--resume", str(killed)]
     assert run_in_child(argv) == 0
     assert records(killed) == records(straight)  # every step once, in order, with the same figures

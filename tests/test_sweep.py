@@ -134,6 +134,36 @@ def test_two_run_three_step_sweep_end_to_end_and_resumable(tmp_path):
     assert "| hicra - grpo |" in text
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {"results.md", "results.json", "fig6_sweep.png",
                                                                  "phases_grpo.png", "phases_hicra.png"}
-    log_before = (out / "hicra-seed0" / "train.log").read_text()
+    log_before = (out / "hicra-seed0.log").read_text()
     sweep.main(argv)  # everything finished: nothing runs again
-    assert (out / "hicra-seed0" / "train.log").read_text() == log_before
+    assert (out / "hicra-seed0.log").read_text() == log_before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "-1"], "--seed: must be in [0, "),
+    (["--set", "lr"], "--set 'lr': expected FLAG=V1,V2"),
+    (["--set", "lr=abc"], "argument --lr: invalid float value: 'abc'"),
+])
+def test_a_bad_grid_is_one_line_and_exit_2_before_any_run_starts(tmp_path, capsys, argv, message):
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as stop:
+        sweep.main([*argv, "--out", str(out)])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error
+    assert not out.exists()
+
+
+def test_a_finished_run_made_with_other_flags_is_not_reused(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    run = out / "hicra-seed0"
+    run.mkdir(parents=True)
+    import train
+    from config import saved_settings
+
+    made = saved_settings(train.parse_args(["--algo", "hicra", "--seed", "0", "--lr", "1e-4", "--out", str(run)]))
+    (run / "config.json").write_text(json.dumps(made))
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--algos", "hicra", "--seeds", "0", "--out", str(out), "--report-only", "--", "--lr", "2e-4"])
+    assert stop.value.code == 2
+    assert f"{run} was made with --lr 0.0001, this sweep asks for 0.0002" in capsys.readouterr().err
