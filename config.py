@@ -61,8 +61,8 @@ class ModelFlags:
     dtype: str = flag("auto", "weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise",
                       "model", choices=DTYPE_NAMES)
     device: str = flag("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...", "model")
-    threads: int = flag(0, "CPU threads for torch; 0 = torch's choice (1 is fastest on a busy machine)", "model",
-                        NON_NEGATIVE)
+    threads: int = flag(0, "CPU threads for torch; 0 = one per core not kept busy by other programs (chosen at "
+                           "start, printed, and kept by a resume)", "model", NON_NEGATIVE)
 
 
 @dataclass

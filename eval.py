@@ -32,7 +32,7 @@ from tqdm import tqdm
 from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, report
 from config import ModelFlags, PromptFlags, add_flags
 from data import Problem, load_problems, read_examples
-from model_loading import check_model_flags, load_model
+from model_loading import check_model_flags, choose_threads, load_model
 from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
 from rollout import PromptFormat, format_prompt, generate_rollouts
 
@@ -245,8 +245,9 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out) if args.out else default_out(args)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {out} is a file, not a folder")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads, why = choose_threads(args.threads)
+    torch.set_num_threads(threads)
+    print(f"threads: {threads} ({why})")
     problems = load_problems(args.benchmark, args.limit, args.seed, flag="--benchmark")
     reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.gguf_file)

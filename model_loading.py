@@ -12,6 +12,8 @@
 """
 
 import copy
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -129,6 +131,43 @@ def check_model_flags(args, training: bool) -> None:
     """The shared model flags (add_model_flags), checked before anything loads; raises InputError."""
     check_bounds(args, MODEL_BOUNDS)
     resolve_device_and_dtype(args.device, args.dtype, training)
+
+
+BUSY_SAMPLE_S = 0.2  # how long choose_threads watches the machine
+
+
+def cpus_busy_elsewhere(seconds: float = BUSY_SAMPLE_S) -> float | None:
+    """How many CPUs other programs keep busy right now: (1 - idle share) x CPUs over `seconds`, read from
+    /proc/stat while this process sleeps; None where there is no /proc/stat (not Linux)."""
+    def times() -> list[int]:
+        with open("/proc/stat") as stat:
+            return [int(field) for field in stat.readline().split()[1:]]  # the "cpu" line: all CPUs together
+
+    try:
+        before = times()
+        time.sleep(seconds)
+        after = times()
+    except OSError:
+        return None
+    spent = [b - a for a, b in zip(before, after)]
+    idle = spent[3] + (spent[4] if len(spent) > 4 else 0)  # idle + iowait
+    return (os.cpu_count() or 1) * (1 - idle / max(sum(spent), 1))
+
+
+def choose_threads(requested: int) -> tuple[int, str]:
+    """The CPU threads for torch and why: `requested` when set (--threads N); else torch's own choice (one per
+    core) minus the CPUs other programs keep busy, at least 1. On a busy machine more threads than free cores
+    is a collapse, not a speed-up: with two busy loops on two cores, 2 threads took 1.7x as long per step as 1
+    (benchmarks/bench_threads.py). Results differ in the last digits between thread counts, so train.py
+    records the count it chose in config.json and a resumed run keeps it."""
+    if requested:
+        return requested, "--threads"
+    cores = torch.get_num_threads()
+    busy = cpus_busy_elsewhere()
+    if busy is None:
+        return cores, f"torch's choice for {cores} cores"
+    threads = max(1, min(cores, round(cores - busy)))
+    return threads, f"{cores} cores, {busy:.1f} busy with other programs; --threads N to choose"
 
 
 def load_policy(config, checkpoint: Path | None):

@@ -59,7 +59,7 @@ from eval import evaluate, prompt_format_from_args
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import hicra_advantages, high_entropy_mask
 from metrics import step_metrics
-from model_loading import check_model_flags, load_policy
+from model_loading import check_model_flags, choose_threads, load_policy
 from reward import describe_failure, load_reward, score_completions
 from run_folder import append_line, write_atomically
 from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,
@@ -275,8 +275,9 @@ def train(config: TrainConfig) -> Path:
     """Set up, then run the paper's step --steps times; returns the run directory."""
     run_dir, resuming = Path(config.out), bool(config.resume)
     run_folder.check_out(run_dir, resuming)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    config.threads, why = choose_threads(config.threads)  # recorded in config.json: a resume keeps the count
+    torch.set_num_threads(config.threads)
+    tqdm.write(f"threads: {config.threads} ({why})")
     seed_everything(config.seed)
     # Inputs first (data, grams, and the model of a new run): one that does not load changes nothing on disk.
     train_problems = load_problems(config.data, flag="--data")
