@@ -37,7 +37,7 @@ from run_folder import write_atomically
 from runlog import TRACKERS
 from world.tasks import DEFAULT_MODEL_DIR
 
-ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo")
+ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo", "random_spans")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 GROUPS = ("model", "data", "prompt", "sampling", "algorithm", "optimisation", "logging", "run")
 MODEL_FLAGS = ("model", "gguf_file", "lora_rank", "lora_alpha")  # what is trained: fixed for the life of a run

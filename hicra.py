@@ -10,7 +10,8 @@ worse-than-average completion get (1 - alpha) x its blame; groups whose rewards 
 are untouched. The paper uses alpha = 0.2. A^H then replaces A inside the clipped surrogate (grpo.py).
 
 The "high-entropy advantage" ablation (later version of the paper) applies the same amplification to
-the top-q fraction of tokens by entropy instead of the planning tokens.
+the top-q fraction of tokens by entropy instead of the planning tokens; `matched_random_mask` applies it to
+random spans matched in count and length to the planning tokens (a dose-matched control).
 """
 
 import math
@@ -54,3 +55,26 @@ def high_entropy_mask(entropy: torch.Tensor, completion_mask: torch.Tensor, top_
     top = torch.zeros_like(valid)
     top[scores.topk(count).indices] = True
     return top.view(entropy.shape)  # [B, T]
+
+
+def matched_random_mask(planning_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """A dose-matched control for HICRA: per completion, as many spans as it has runs of planning tokens,
+    each as long as its run, placed uniformly at random among the completion's tokens (torch's RNG).
+
+    planning_mask, completion_mask [B, T] -> bool [B, T]. It amplifies about as many tokens as the strategic
+    grams do (spans that land on each other cover fewer), chosen without regard to what they say: if
+    HICRA works through *which* tokens it amplifies, it beats this control at the same alpha.
+    """
+    mask = torch.zeros_like(planning_mask, dtype=torch.bool)  # [B, T]
+    lengths = completion_mask.sum(-1).long().tolist()  # [B]
+    for row, (planning, length) in enumerate(zip(planning_mask.bool().tolist(), lengths)):
+        run = 0
+        for t in range(length + 1):  # one past the end closes a run that reaches it
+            if t < length and planning[t]:
+                run += 1
+                continue
+            if run:
+                start = int(torch.randint(0, length - run + 1, ()))
+                mask[row, start:start + run] = True
+                run = 0
+    return mask

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import checkpoint
@@ -16,7 +17,7 @@ from grams import (
     semantic_entropy,
 )
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
-from hicra import high_entropy_mask, hicra_advantages, validate_alpha
+from hicra import high_entropy_mask, hicra_advantages, matched_random_mask, validate_alpha
 from rollout import (
     completion_logprobs, completion_mask_from_eos, encode_prompts, format_prompt, generate_rollouts,
     reference_completion_logprobs, sample_next_token,
@@ -588,3 +589,33 @@ def test_token_capped_micro_batches_keep_a_group_together_and_count_its_prompt_o
     assert unshared == [[3, 2], [0, 1], [6, 7], [5], [4]]  # every row pays its own prompt: 2 x (50 + 6) = 112
 
 
+
+
+def test_hicra_with_alpha_zero_trains_exactly_as_grpo(tmp_path):
+    """alpha = 0 is GRPO by construction: same rollouts, losses and weights, bit for bit (on the world, where
+    planning tokens exist; only HICRA's amplified_ratio bookkeeping differs)."""
+    flags = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "48",
+             "--eval-every", "0", "--threads", "1", "--seed", "3"]
+    train.main([*flags, "--algo", "grpo", "--out", str(tmp_path / "grpo")])
+    train.main([*flags, "--algo", "hicra", "--alpha", "0", "--out", str(tmp_path / "alpha0")])
+    timing = {"rollout_seconds", "step_seconds", "amplified_ratio"}
+    grpo, alpha0 = ([{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / name)]
+                    for name in ("grpo", "alpha0"))
+    assert grpo == alpha0 and any(r["grad_norm"] > 0 for r in grpo)  # and the updates did move the weights
+    weights = [load_file(tmp_path / name / "checkpoint" / "model.safetensors") for name in ("grpo", "alpha0")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_matched_random_spans_have_the_planning_spans_count_and_lengths():
+    planning = torch.tensor([[1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    completion = torch.tensor([[1.0] * 12, [1.0] * 9 + [0.0] * 3])
+    torch.manual_seed(0)
+    draws = [matched_random_mask(planning, completion) for _ in range(200)]
+    for mask in draws:
+        assert not (mask & ~completion.bool()).any()  # inside each completion
+        assert mask[1].sum() == 3 and mask[1].int().diff().abs().sum() <= 2  # one span of 3 in row 1
+        assert 2 <= mask[0].sum() <= 3  # spans of 2 and 1 in row 0 (fewer tokens when they land on each other)
+    starts = {int(mask[1].int().argmax()) for mask in draws}
+    assert starts == set(range(7))  # every start that fits, no preference for where the grams were
+    torch.manual_seed(0)
+    assert torch.equal(matched_random_mask(planning, completion), draws[0])  # seeded by torch's RNG

@@ -17,6 +17,8 @@ One step (the loop in `train`):
        placebo       the HICRA amplification on placebo n-grams instead of the strategic grams: as many
                      n-grams as --grams holds, with the same lengths, drawn (seeded by --seed) from the
                      non-strategic text of a corpus (grams.placebo_grams_for), written to RUN_DIR/placebo_grams.txt;
+       random_spans  the HICRA amplification on random spans matched in count and length to each completion's
+                     planning tokens (hicra.matched_random_mask): the same dose, placed without regard to meaning;
   5. the clipped surrogate over micro-batches, one optimizer step per --ppo-epochs pass (`policy_update`);
   6. log the step, evaluate on held-out problems every --eval-every steps, checkpoint every --save-every.
 
@@ -57,7 +59,7 @@ from config import TrainConfig, parse_config, read_settings, saved_settings, wri
 from data import Problem, load_problems
 from eval import evaluate, prompt_format_from_args
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
-from hicra import hicra_advantages, high_entropy_mask
+from hicra import hicra_advantages, high_entropy_mask, matched_random_mask
 from metrics import step_metrics
 from model_loading import check_model_flags, choose_threads, load_policy
 from reward import describe_failure, load_reward, score_completions
@@ -118,6 +120,7 @@ def shape_advantages(config: TrainConfig, advantages: torch.Tensor, rollout: Rol
         "hicra": lambda: planning_mask,
         "high_entropy": lambda: high_entropy_mask(rollout.entropy, rollout.completion_mask, config.entropy_top_q),
         "placebo": lambda: grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, placebo),
+        "random_spans": lambda: matched_random_mask(planning_mask, rollout.completion_mask),
     }.get(config.algo, lambda: None)()  # [B, C] bool, or None for grpo and entropy_reg
     if amplified is None:
         token_advantages = advantages[:, None].expand_as(rollout.completion_mask)  # [B, C]: A_i on every token
