@@ -167,3 +167,29 @@ def test_a_finished_run_made_with_other_flags_is_not_reused(tmp_path, capsys):
         sweep.main(["--algos", "hicra", "--seeds", "0", "--out", str(out), "--report-only", "--", "--lr", "2e-4"])
     assert stop.value.code == 2
     assert f"{run} was made with --lr 0.0001, this sweep asks for 0.0002" in capsys.readouterr().err
+
+
+def test_dose_response_finds_a_per_seed_slope_and_the_paired_control_difference(tmp_path):
+    from analysis import dose_response
+
+    out = tmp_path / "sweep"
+    for seed, noise in enumerate([0.0, 0.01, -0.01]):
+        for algo, alpha, final in [("grpo", None, 0.50), ("hicra", 0.2, 0.52), ("hicra", 1.0, 0.60),
+                                   ("random_spans", 0.2, 0.49)]:
+            settings = (("alpha", str(alpha)),) if alpha is not None and algo == "hicra" and alpha != 0.2 else ()
+            write_run(out, algo, seed, {0: 0.3, 2: 0.4, STEPS: final + noise}, settings=settings)
+            config = json.loads((sweep.Job(algo, seed, settings).run_dir(out) / "config.json").read_text())
+            config["alpha"] = alpha if alpha is not None else 0.2
+            (sweep.Job(algo, seed, settings).run_dir(out) / "config.json").write_text(json.dumps(config))
+    result = dose_response.analyse(dose_response.read_runs([out], target=0.55))
+    assert sorted(result["per_alpha"]) == [0.0, 0.2, 1.0]
+    assert result["per_alpha"][1.0]["final"]["mean"] == pytest.approx(0.60)
+    assert result["slopes"]["final"]["mean"] == pytest.approx(slope_of([(0, 0.5), (0.2, 0.52), (1.0, 0.6)]))
+    assert result["slopes"]["final"]["n"] == 3 and result["slopes"]["final"]["low"] > 0  # the same slope in every seed
+    assert result["hicra_minus_random_spans"]["final"]["mean"] == pytest.approx(0.03)
+
+
+def slope_of(points):
+    xs, ys = zip(*points)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
