@@ -12,6 +12,7 @@ line, with exit code 2 (USAGE_ERROR), and no traceback:
 import argparse
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,3 +94,55 @@ def report(error: InputError) -> int:
     """Print a bad-input error as its one line on stderr; returns the exit code."""
     print(f"error: {error}", file=sys.stderr)
     return USAGE_ERROR
+
+
+# ---------------------------------------------------------------- a run's end: one line and an exit code
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite training, a reward that always fails); the message is one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill` stopping the run): handled as Ctrl-C is."""
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+def escape_unprintable_output() -> None:
+    """Text stdout or stderr cannot encode (a problem's non-ASCII text on an ASCII terminal) is escaped, not a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def run_to_exit_code(work: Callable[[], object], resume_hint: Callable[[], str | None]) -> None:
+    """Run `work`, ending every failure in one line on stderr and an exit code (docs/failures.md):
+    2 bad input (InputError), 1 a run that had to stop (TrainingError) or could not write (OSError: disk full,
+    no permission), 130 Ctrl-C, 143 SIGTERM, 141 the reader of stdout left. `resume_hint()` is the command that
+    continues the run, or None when there is nothing to continue."""
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        work()
+    except KeyboardInterrupt as error:
+        hint = resume_hint()
+        if hint:
+            print(f"\ninterrupted: continue with  {hint}", file=sys.stderr)
+        sys.exit(143 if isinstance(error, Terminated) else 130)
+    except InputError as error:
+        sys.exit(report(error))
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # `python train.py | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except OSError as error:  # the last complete checkpoint stands
+        where = f"{error.filename}: " if error.filename else ""
+        hint = resume_hint()
+        print(f"error: {where}{error.strerror or error}" + (f"; continue with  {hint}" if hint else ""), file=sys.stderr)
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -18,6 +18,7 @@ ours to add anyway. The derivation here is the part of it this project needs, in
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import secrets
 import time
@@ -30,6 +31,7 @@ from cli import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTE
                  check_bounds, flag_name)
 from grpo import ADVANTAGE_MODES, AGGREGATIONS
 from hicra import PAPER_ALPHA
+from model_loading import check_model_flags
 from reward import REWARD_HELP, REWARD_TIMEOUT_S
 from rollout import DEFAULT_INSTRUCTION
 import run_folder
@@ -257,7 +259,8 @@ def saved_settings(config: TrainConfig) -> dict:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """The run's settings: defaults < the resumed run's config.json < --config FILE < flags given on the command line.
+    """The run's settings: defaults < the resumed run's config.json < --config FILE < flags given on the command line,
+    checked before anything loads or is written (bounds, device and dtype, LoRA's package); InputError otherwise.
 
     Defaults first, so a run saved before a setting existed resumes with that setting's default. The model
     (MODEL_FLAGS) of a resumed run cannot change, nor its folder.
@@ -281,7 +284,23 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if config.out is None:
         config.out = f"runs/{config.algo}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     check_bounds(config, BOUNDS)
+    check_model_flags(config, training=True)
+    if config.lora_rank > 0 and importlib.util.find_spec("peft") is None:
+        raise InputError("--lora-rank: LoRA needs peft (pip install peft)")
     return config
+
+
+def record_changed_settings(run_dir: Path, config: TrainConfig, step: int) -> None:
+    """A resumed run's settings that differ from its config.json (flags given with --resume, applied from
+    `step` on): config.json takes them, so a later resume keeps them, and RUN_DIR/resumes.jsonl records
+    which changed, from what, and at which step."""
+    saved = read_settings(str(run_dir / "config.json"), "--resume")
+    changed = {k: [saved.get(k), v] for k, v in saved_settings(config).items() if k != "out" and saved.get(k) != v}
+    if changed:
+        write_config(run_dir, config)
+        run_folder.append_line(run_dir / "resumes.jsonl", json.dumps({"step": step, "changed": changed}))
+        now = ", ".join(f"{flag_name(k)} {new} (was {old})" for k, (old, new) in changed.items())
+        print(f"--resume: from step {step} on, {now}; recorded in {run_dir / 'resumes.jsonl'}")
 
 
 def write_config(run_dir: Path, config: TrainConfig) -> None:

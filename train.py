@@ -29,18 +29,15 @@ the sampler's own, recorded from the logits each token was drawn from (rollout.p
 ratio is 1 and the clip never acts (--ppo-epochs 2 brings it in).
 
 Plumbing lives in named files: settings and flags in config.py, model loading in model_loading.py,
-checkpoints and kill-safe resume in checkpoint.py, metrics.jsonl, samples and trackers in runlog.py.
-Bad input exits with one line `error: ...` on stderr and exit code 2, before anything is written; a run
-that cannot go on (non-finite training) exits with one line and exit code 1; Ctrl-C prints how to resume.
+checkpoints and kill-safe resume in checkpoint.py, the run folder's ownership in run_folder.py,
+metrics.jsonl, samples and trackers in runlog.py, exit codes in cli.py. Bad input exits with one line
+`error: ...` on stderr and exit code 2, before anything is written (docs/failures.md lists every case).
 """
 
-import importlib.util
-import json
 import math
 import os
 import random
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -54,26 +51,23 @@ from tqdm import tqdm
 import checkpoint
 import grams as grams_lib
 import run_folder
-from cli import InputError, flag_name, report
-from config import TrainConfig, parse_config, read_settings, saved_settings, write_config
+from cli import InputError, TrainingError, escape_unprintable_output, report, run_to_exit_code
+from config import TrainConfig, record_changed_settings, saved_settings, write_config
+from config import parse_config as parse_args
 from data import Problem, load_problems
 from eval import evaluate, prompt_format_from_args
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import hicra_advantages, high_entropy_mask, matched_random_mask
 from metrics import step_metrics
-from model_loading import check_model_flags, choose_threads, load_policy
+from model_loading import choose_threads, load_policy
 from reward import describe_failure, load_reward, score_completions
-from run_folder import append_line, write_atomically
+from run_folder import write_atomically
 from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,
                      format_prompt, generate_rollouts, micro_batches)
 from runlog import PROGRESS_LEGEND, RunLog, check_installed, format_eval, print_summary, progress_figures, show_samples
 
 
 FAILED_REWARD_STEPS = 3  # steps in a row on which every grading failed: the reward is broken, not the model
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite training); the message is one line."""
 
 
 @dataclass
@@ -360,74 +354,19 @@ def train(config: TrainConfig) -> Path:
     return run_dir
 
 
-def record_changed_settings(run_dir: Path, config: TrainConfig, step: int) -> None:
-    """A resumed run's settings that differ from its config.json (flags given with --resume, applied from
-    `step` on): config.json takes them, so a later resume keeps them, and RUN_DIR/resumes.jsonl records
-    which changed, from what, and at which step."""
-    saved = read_settings(str(run_dir / "config.json"), "--resume")
-    changed = {k: [saved.get(k), v] for k, v in saved_settings(config).items() if k != "out" and saved.get(k) != v}
-    if changed:
-        write_config(run_dir, config)
-        append_line(run_dir / "resumes.jsonl", json.dumps({"step": step, "changed": changed}))
-        now = ", ".join(f"{flag_name(k)} {new} (was {old})" for k, (old, new) in changed.items())
-        tqdm.write(f"--resume: from step {step} on, {now}; recorded in {run_dir / 'resumes.jsonl'}")
-
-
-def validate(config: TrainConfig) -> None:
-    """The checks that need more than a field's own bound; raises InputError naming the flag."""
-    check_model_flags(config, training=True)
-    if config.lora_rank > 0 and importlib.util.find_spec("peft") is None:
-        raise InputError("--lora-rank: LoRA needs peft (pip install peft)")
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The run's settings (config.parse_config), checked before anything loads or is written."""
-    config = parse_config(argv)
-    validate(config)
-    return config
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler or `kill` stopping the run): handled as Ctrl-C is."""
-
-
-def stop_on_sigterm(signum, frame) -> None:
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Parse, check and train. Bad input: one `error: ...` line on stderr, exit code 2 (cli.report); a run that
-    cannot go on (TrainingError): one line, exit code 1; Ctrl-C or SIGTERM: how to resume, exit code 130 or 143."""
-    for stream in (sys.stdout, sys.stderr):  # a problem's non-ASCII text on an ASCII terminal: escaped, not a crash
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    """Parse, check and train; every failure ends in one `error: ...` line and an exit code (cli.run_to_exit_code)."""
+    escape_unprintable_output()
     try:
         config = parse_args(argv)
     except InputError as error:
         sys.exit(report(error))
     run_dir = Path(config.out)
-    previous_handler = signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        train(config)
-    except KeyboardInterrupt as error:
-        if (run_dir / "metrics.jsonl").exists():
-            print(f"\ninterrupted: continue with  python train.py --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
-        sys.exit(143 if isinstance(error, Terminated) else 130)
-    except InputError as error:
-        sys.exit(report(error))
-    except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except BrokenPipeError:  # `python train.py | head`: the reader left; stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except OSError as error:  # disk full, a folder made read-only mid-run: the last complete checkpoint stands
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}; the run keeps its last complete checkpoint (continue with  "
-              f"python train.py --resume {shlex.quote(str(run_dir))})", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+
+    def resume_hint() -> str | None:
+        return f"python train.py --resume {shlex.quote(str(run_dir))}" if (run_dir / "metrics.jsonl").exists() else None
+
+    run_to_exit_code(lambda: train(config), resume_hint)
 
 
 if __name__ == "__main__":

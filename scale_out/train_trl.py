@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from cli import AT_LEAST_ONE, FRACTION, InputError, OneLineParser, check_bounds, report
 from config import BOUNDS, TrainConfig, add_flags, flag
 from data import load_problems
-from model_loading import DTYPES, dequantized_folder
+from model_loading import dequantized_folder
 from reward import REWARDS, score_completions
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE
 
