@@ -2,7 +2,8 @@
 
     python -m analysis.dose_response --runs runs/alpha runs/dose runs/base --report docs/experiments/dose
 
-Reads every run folder under the given sweep folders (analysis/sweep.py's layout: ALGO[-alphaA]-seedS), takes
+Reads every run folder under the given sweep folders (and, with --stored, the grpo and hicra arms of an
+earlier sweep's results.json) (analysis/sweep.py's layout: ALGO[-alphaA]-seedS), takes
 `grpo` as alpha = 0 and `hicra` at its --alpha, and reports per alpha, with 95% t intervals over seeds:
 held-out pass@1 after the last step (final) and its area under the curve (AUC, sweep.run_outcome), and the
 means of the last 10 training steps of semantic entropy, the sound-strategy share and the execution accuracy
@@ -45,9 +46,26 @@ def read_runs(folders: list[Path], target: float) -> list[dict]:
     return runs
 
 
-def interval(values: list[float]) -> dict:
-    mean, low, high = mean_confidence_interval(values)
-    return {"n": len(values), "mean": mean, "low": low, "high": high}
+def read_stored(path: Path, default_alpha: float) -> list[dict]:
+    """The grpo and hicra runs of an earlier sweep's results.json (final and AUC per seed; the dynamics
+    metrics are not stored there, so they are None)."""
+    arms = json.loads(path.read_text(encoding="utf-8"))["arms"]
+    runs = []
+    for arm in arms.values():
+        if arm["algo"] not in ("grpo", "hicra"):
+            continue
+        alpha = 0.0 if arm["algo"] == "grpo" else float(arm["settings"].get("alpha", default_alpha))
+        for seed, values in zip(arm["seeds"], arm["runs"]):
+            runs.append({"algo": arm["algo"], "alpha": alpha, "seed": seed, "final": values["final"],
+                         "auc": values["auc"], "run": str(path), **dict.fromkeys(DYNAMICS)})
+    return runs
+
+
+def interval(values: list[float | None]) -> dict:
+    """Mean and 95% t interval of the values that exist."""
+    present = [v for v in values if v is not None]
+    mean, low, high = mean_confidence_interval(present)
+    return {"n": len(present), "mean": mean, "low": low, "high": high}
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -74,7 +92,8 @@ def analyse(runs: list[dict]) -> dict:
                        None)
         if partner:
             for metric in ("final", "auc", *DYNAMICS):
-                control.setdefault(metric, []).append(partner[metric] - r[metric])
+                if partner[metric] is not None and r[metric] is not None:
+                    control.setdefault(metric, []).append(partner[metric] - r[metric])
     controls = [r for r in runs if r["algo"] == "random_spans"]
     return {"per_alpha": per_alpha, "slopes": slopes, "hicra_minus_random_spans": {m: interval(v) for m, v in control.items()},
             "random_spans": {m: interval([r[m] for r in controls]) for m in ("final", "auc", *DYNAMICS)},
@@ -82,6 +101,8 @@ def analyse(runs: list[dict]) -> dict:
 
 
 def cell(summary: dict, digits: int = 3) -> str:
+    if summary["n"] == 0:
+        return "not stored"
     if summary["n"] < 2:
         return f"{summary['mean']:.{digits}f} (n={summary['n']})"
     return f"{summary['mean']:.{digits}f} [{summary['low']:.{digits}f}, {summary['high']:.{digits}f}]"
@@ -101,8 +122,9 @@ def markdown(result: dict) -> str:
               f"final {cell(result['slopes']['final'])}, AUC {cell(result['slopes']['auc'])}."]
     if result["hicra_minus_random_spans"]:
         diff = result["hicra_minus_random_spans"]
+        share = f", sound share {cell(diff['share_sound'])}" if "share_sound" in diff else ""
         lines.append(f"HICRA (0.2) minus random spans (0.2), paired by seed: final {cell(diff['final'])}, AUC "
-                     f"{cell(diff['auc'])}, sound share {cell(diff['share_sound'])}.")
+                     f"{cell(diff['auc'])}{share}.")
     return "\n".join(lines) + "\n"
 
 
@@ -116,9 +138,10 @@ def figure(result: dict, path: Path) -> None:
     alphas = list(result["per_alpha"])
     for ax, metric, title in zip(axes, ("final", "auc", "share_sound"),
                                  ("held-out pass@1 after 200 steps", "AUC of held-out pass@1", "sound-strategy share")):
-        rows = [result["per_alpha"][a][metric] for a in alphas]
-        ax.plot(alphas, [r["mean"] for r in rows], "o-", color="C0", label="HICRA (alpha 0 = GRPO)")
-        ax.fill_between(alphas, [r["low"] for r in rows], [r["high"] for r in rows], color="C0", alpha=0.2)
+        xs = [a for a in alphas if result["per_alpha"][a][metric]["n"]]
+        rows = [result["per_alpha"][a][metric] for a in xs]
+        ax.plot(xs, [r["mean"] for r in rows], "o-", color="C0", label="HICRA (alpha 0 = GRPO)")
+        ax.fill_between(xs, [r["low"] for r in rows], [r["high"] for r in rows], color="C0", alpha=0.2)
         control = result["random_spans"][metric]
         if control["n"]:
             ax.errorbar([0.2], [control["mean"]], yerr=[[control["mean"] - control["low"]], [control["high"] - control["mean"]]],
@@ -133,10 +156,13 @@ def figure(result: dict, path: Path) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="sweep folders (analysis/sweep.py --out)")
+    parser.add_argument("--stored", nargs="*", default=[], metavar="RESULTS_JSON",
+                        help="earlier sweeps' results.json whose grpo / hicra arms join the curve (final and AUC only)")
     parser.add_argument("--target", type=float, default=0.55, help="as sweep.py --target (unused here but kept equal)")
     parser.add_argument("--report", required=True, help="folder for results.md, results.json, dose_response.png")
     args = parser.parse_args(argv)
-    result = analyse(read_runs([Path(f) for f in args.runs], args.target))
+    stored = [run for path in args.stored for run in read_stored(Path(path), default_alpha=0.2)]
+    result = analyse(read_runs([Path(f) for f in args.runs], args.target) + stored)
     report = Path(args.report)
     report.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
