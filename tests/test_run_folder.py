@@ -1,13 +1,18 @@
 """Run folders cannot be turned against their owner (run_folder.py): no writes through planted links, no
 clobbered folders, one writer at a time, resume flags applied and recorded, rewards with a deadline, SIGTERM
-as Ctrl-C. Every case runs the real command line in a fresh process and checks its exit code, its stderr
-and the bytes of what it must not touch."""
+as Ctrl-C. Every case runs the real command line in a process of its own and checks its exit code, its stderr
+and the bytes of what it must not touch. The processes are forked from a server that imported torch and
+transformers once (as tests/test_bad_input.py does), so each costs milliseconds to start, not seconds;
+the cases that need a fresh interpreter or a shell (encodings, a pipe, a file-size limit) start one."""
 
 import json
+import multiprocessing
 import os
+import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,13 +25,54 @@ TINY = ["--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "24"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def train(*argv, wait: bool = True, cwd=ROOT):
-    """`python train.py ARGV` in a fresh process: (exit code, stderr), or the running process when not `wait`."""
-    command = [sys.executable, str(ROOT / "train.py"), *map(str, argv)]
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["train", "pytest"])
+
+
+def run_train(argv: list[str], stderr_path: str) -> None:
+    """Child process body: `python train.py ARGV` as __main__ in the repository root, stderr to a file."""
+    os.environ.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    os.chdir(ROOT)
+    with open(stderr_path, "w") as stderr, open(os.devnull, "w") as stdout:
+        os.dup2(stdout.fileno(), 1)
+        os.dup2(stderr.fileno(), 2)
+    sys.argv = ["train.py", *argv]
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+
+
+class Child:
+    """A running train.py (`train(..., wait=False)`), with Popen's poll / send_signal / wait."""
+
+    def __init__(self, argv: list[str], stderr_path: Path):
+        self.stderr_path = stderr_path
+        self.process = FORKSERVER.Process(target=run_train, args=(argv, str(stderr_path)))
+        self.process.start()
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def send_signal(self, number: int) -> None:
+        os.kill(self.process.pid, number)
+
+    def wait(self, timeout: float) -> int | None:
+        self.process.join(timeout)
+        return self.process.exitcode
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def train(*argv, wait: bool = True):
+    """train.py with ARGV in a process of its own: (exit code, stderr), or the running Child when not `wait`."""
+    stderr_path = Path(tempfile.mkdtemp(prefix="train-stderr-")) / "stderr.txt"
+    child = Child([str(a) for a in argv], stderr_path)
     if not wait:
-        return subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
-    return done.returncode, done.stderr
+        return child
+    code = child.wait(timeout=600)
+    if code is None:
+        child.process.kill()
+        pytest.fail(f"train.py {' '.join(map(str, argv))} hung")
+    return code, child.stderr()
 
 
 def last_line(stderr: str) -> str:
@@ -98,14 +144,14 @@ def test_out_on_a_folder_that_is_not_a_run_is_refused_and_left_as_it_was(tmp_pat
 def test_two_processes_on_one_run_folder_one_writes_and_the_other_is_refused(tmp_path):
     run = tmp_path / "run"
     first = train(*TINY, "--steps", "5000", "--seed", "1", "--out", run, wait=False)
-    while not (run / "config.json").exists() and first.poll() is None:
+    while not (run / "metrics.jsonl").exists() and first.poll() is None:  # it has logged its first step
         time.sleep(0.05)
     code, stderr = train(*TINY, "--steps", "2", "--seed", "2", "--lr", "1e-3", "--out", run)
     assert code == 2 and "is in use by process" in last_line(stderr), stderr
     code, stderr = train("--resume", run, "--steps", "6")  # nor can a resume join it
     assert code == 2 and "is in use by process" in last_line(stderr), stderr
     first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=120) == 143, first.stderr.read()
+    assert first.wait(timeout=120) == 143, first.stderr()
     config = json.loads((run / "config.json").read_text())
     assert (config["seed"], config["lr"], config["steps"]) == (1, 2e-4, 5000)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -167,7 +213,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 143
-    stderr = process.stderr.read()
+    stderr = process.stderr()
     assert f"interrupted: continue with  python train.py --resume '{run}'" in stderr
     code, stderr = train("--resume", run, "--steps", "3")
     assert code == 0, stderr
@@ -220,7 +266,7 @@ def test_ctrl_c_during_the_first_evaluation_is_one_line_and_leaves_no_folder(tmp
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
-    assert "Traceback" not in process.stderr.read()
+    assert "Traceback" not in process.stderr()
     assert not run.exists()  # a start that logged nothing leaves no folder behind
 
 
