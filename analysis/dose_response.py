@@ -94,8 +94,14 @@ def analyse(runs: list[dict]) -> dict:
             for metric in ("final", "auc", *DYNAMICS):
                 if partner[metric] is not None and r[metric] is not None:
                     control.setdefault(metric, []).append(partner[metric] - r[metric])
+    versus_grpo = {}
+    for alpha in alphas[1:]:
+        for metric in ("final", "auc"):
+            base = {r["seed"]: r[metric] for r in curve if r["alpha"] == alphas[0]}
+            diffs = [r[metric] - base[r["seed"]] for r in curve if r["alpha"] == alpha and r["seed"] in base]
+            versus_grpo.setdefault(alpha, {})[metric] = interval(diffs)
     controls = [r for r in runs if r["algo"] == "random_spans"]
-    return {"per_alpha": per_alpha, "slopes": slopes, "hicra_minus_random_spans": {m: interval(v) for m, v in control.items()},
+    return {"per_alpha": per_alpha, "slopes": slopes, "versus_alpha_0": versus_grpo, "hicra_minus_random_spans": {m: interval(v) for m, v in control.items()},
             "random_spans": {m: interval([r[m] for r in controls]) for m in ("final", "auc", *DYNAMICS)},
             "runs": runs}
 
@@ -118,7 +124,9 @@ def markdown(result: dict) -> str:
         row = result["random_spans"]
         lines.append("| random spans (0.2) | " + f"{row['final']['n']} | "
                      + " | ".join(cell(row[m]) for m in ("final", "auc", *DYNAMICS)) + " |")
-    lines += ["", "Per-seed slope on alpha (pass@1 per unit alpha), mean [95% t interval over seeds]: "
+    lines += ["", "Paired by seed, minus alpha 0 (GRPO): " + "; ".join(
+        f"alpha {a:g}: final {cell(d['final'])}, AUC {cell(d['auc'])}" for a, d in result["versus_alpha_0"].items()) + ".",
+        "", "Per-seed slope on alpha (pass@1 per unit alpha), mean [95% t interval over seeds]: "
               f"final {cell(result['slopes']['final'])}, AUC {cell(result['slopes']['auc'])}."]
     if result["hicra_minus_random_spans"]:
         diff = result["hicra_minus_random_spans"]
@@ -167,8 +175,8 @@ def main(argv: list[str]) -> None:
     report.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     (report / "results.md").write_text(text)
-    (report / "results.json").write_text(json.dumps({**result, "per_alpha": {str(k): v for k, v in result["per_alpha"].items()}},
-                                                    indent=2))
+    keyed = {key: {str(k): v for k, v in result[key].items()} for key in ("per_alpha", "versus_alpha_0")}
+    (report / "results.json").write_text(json.dumps({**result, **keyed}, indent=2))
     figure(result, report / "dose_response.png")
     print(text)
 
