@@ -17,7 +17,7 @@ capacity, so `direct` fails more often *by itself*; no error is injected at samp
 to discover (the planning phrase of `steps` or `check`), which is what HICRA credits (paper Sec. 3); and
 its teacher was fallible (it misread operands and slipped on results now and then, `written_trace` with
 `slip_writer`), so the model's own execution is imperfect under every strategy and can be consolidated.
-The README gives the measured strategy gap and base accuracies.
+docs/world.md gives the measured strategy gap and base accuracies.
 
 Families: `sum` (four 2-digit numbers), `mul` (2-digit times 1-digit), `packs` (a*b + c*d, one-digit
 factors). Train and test problems are disjoint by their operands (a fixed hash splits the operand space),
@@ -264,7 +264,7 @@ def classify_error(problem: Problem, completion: str) -> str | None:
     return "execution" if detect_strategy(problem, completion) in ("steps", "check") else "strategy"
 
 
-# Arithmetic drill for real pretrained models (README, "a real pretrained model"): "What is 47 + 38?",
+# Arithmetic drill for real pretrained models (docs/real_model.md): "What is 47 + 38?",
 # held out by the same operand hash as the world, with a worked solution for few-shot prompts.
 DRILL_RANGE = (10, 99)  # both addends are two-digit numbers
 

@@ -1,6 +1,6 @@
 """Build the tiny base model of the built-in world (tasks.py): tokenizer, small Llama, SFT warm start.
 
-    python -m world.tiny_model --out world/models/tiny-world    # deterministic for --seed; see the README for its build time
+    python -m world.tiny_model --out world/models/tiny-world    # deterministic for --seed; docs/world.md gives its build time
 
 Deliberate choices:
 - word-level tokenizer whose digits are single tokens (" 47" -> "▁4", "7"), so arithmetic is learnable by
