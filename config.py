@@ -185,8 +185,7 @@ def add_flags(parser: argparse.ArgumentParser, config_class, only: tuple[str, ..
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """train.py's command line, derived from TrainConfig; `suppress_defaults`: only the flags given appear."""
-    parser = OneLineParser(description="GRPO / HICRA training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-)
+    parser = OneLineParser(description="GRPO / HICRA training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(parser, TrainConfig)
     if suppress_defaults:
         for action in parser._actions:
@@ -197,7 +196,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- derived: checks and files
 
 
-BOUNDS = {spec.name: spec.metadata["bound"] for spec in dataclasses.fields(TrainConfig) if spec.metadata["bound"]}
+SPECS = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}  # setting name -> its declaration
+BOUNDS = {name: spec.metadata["bound"] for name, spec in SPECS.items() if spec.metadata["bound"]}
 
 
 def checked_setting(name: str, value, where: str):
@@ -205,10 +205,9 @@ def checked_setting(name: str, value, where: str):
 
     A number written as a string ("1e-4", which YAML 1.1 reads as text) is taken as the number it spells.
     """
-    specs = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
-    if name not in specs or name in SESSION_FLAGS:
+    if name not in SPECS or name in SESSION_FLAGS:
         raise InputError(f"{where}: unknown setting {name!r}")
-    kinds, choices = value_types(specs[name].type), specs[name].metadata["choices"]
+    kinds, choices = value_types(SPECS[name].type), SPECS[name].metadata["choices"]
     if float in kinds and isinstance(value, str):
         try:
             value = float(value)

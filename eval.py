@@ -32,6 +32,7 @@ from tqdm import tqdm
 from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, report
 from config import ModelFlags, PromptFlags, add_flags
 from data import Problem, load_problems, read_examples
+from metrics import standard_error
 from model_loading import check_model_flags, choose_threads, load_model
 from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
 from rollout import PromptFormat, format_prompt, generate_rollouts
@@ -121,15 +122,6 @@ def running_length(records: list[dict]) -> float:
     """Mean length of the completions generated so far (for the progress bar)."""
     lengths = [n for r in records for n in r["lengths"]]
     return sum(lengths) / max(len(lengths), 1)
-
-
-def standard_error(values: list[float]) -> float:
-    """Standard error of the mean of `values`: sample standard deviation / sqrt(n); 0 for fewer than 2 values."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def summarize(records: list[dict], samples: int, temperature: float, ks: list[int]) -> dict:

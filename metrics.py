@@ -229,6 +229,15 @@ def strategy_metrics(strategies: Sequence[str | None], sound: Sequence[bool], co
 
 # --- Statistics over runs (sweep.py) ---
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of `values`: sample standard deviation / sqrt(n); 0 for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def mean_confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): Student-t interval mean +- t_{(1+level)/2, n-1} * s / sqrt(n) of independent runs.
 

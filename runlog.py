@@ -17,7 +17,6 @@
 import html
 import importlib.util
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from tqdm import tqdm
 import grams as grams_lib
 from checkpoint import fault_point
 from cli import InputError, use_colour, visible
-from metrics import is_eval_record
+from metrics import is_eval_record, standard_error
 from run_folder import append_line, write_atomically
 
 SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
@@ -105,8 +104,7 @@ def mean_and_error(values: list[float]) -> str:
     mean = sum(values) / len(values)
     if len(values) < 2:
         return f"{mean:8.3f}        "
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-    return f"{mean:8.3f} ± {se:5.3f}"
+    return f"{mean:8.3f} ± {standard_error(values):5.3f}"
 
 
 def print_summary(run_dir: Path) -> None:
