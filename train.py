@@ -110,12 +110,16 @@ def shape_advantages(config: TrainConfig, advantages: torch.Tensor, rollout: Rol
     Returns (token advantages, the tokens amplified or None, the entropy bonus coefficient). HICRA and its
     controls differ only in which tokens get A + alpha * |A| (Sec. 3); entropy_reg adds a bonus to the loss.
     """
-    amplified = {
-        "hicra": lambda: planning_mask,
-        "high_entropy": lambda: high_entropy_mask(rollout.entropy, rollout.completion_mask, config.entropy_top_q),
-        "placebo": lambda: grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, placebo),
-        "random_spans": lambda: matched_random_mask(planning_mask, rollout.completion_mask),
-    }.get(config.algo, lambda: None)()  # [B, C] bool, or None for grpo and entropy_reg
+    if config.algo == "hicra":
+        amplified = planning_mask  # [B, C] bool
+    elif config.algo == "high_entropy":
+        amplified = high_entropy_mask(rollout.entropy, rollout.completion_mask, config.entropy_top_q)  # [B, C]
+    elif config.algo == "placebo":
+        amplified = grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, placebo)
+    elif config.algo == "random_spans":
+        amplified = matched_random_mask(planning_mask, rollout.completion_mask)  # [B, C]
+    else:  # grpo, entropy_reg: no token amplified
+        amplified = None
     if amplified is None:
         token_advantages = advantages[:, None].expand_as(rollout.completion_mask)  # [B, C]: A_i on every token
     else:
