@@ -37,7 +37,7 @@ from rollout import DEFAULT_INSTRUCTION
 import run_folder
 from run_folder import write_atomically
 from runlog import TRACKERS
-from world.tasks import DEFAULT_MODEL_DIR
+from world.tasks import DEFAULT_MODEL_DIR, check_world_model
 
 ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo", "random_spans")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
@@ -284,6 +284,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         config.out = f"runs/{config.algo}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     check_bounds(config, BOUNDS)
     check_model_flags(config, training=True)
+    check_world_model(config.model, {"--data": config.data, "--eval-data": config.eval_data})
     if config.lora_rank > 0 and importlib.util.find_spec("peft") is None:
         raise InputError("--lora-rank: LoRA needs peft (pip install peft)")
     return config

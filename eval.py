@@ -36,6 +36,7 @@ from metrics import standard_error
 from model_loading import check_model_flags, choose_threads, load_model
 from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
 from rollout import PromptFormat, format_prompt, generate_rollouts
+from world.tasks import check_world_model
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
 PAPER_TEMPERATURE = 0.6
@@ -193,6 +194,7 @@ def check_args(args: argparse.Namespace) -> list[int]:
         args.temperature = PAPER_TEMPERATURE
     check_bounds(args, EVAL_BOUNDS)
     check_model_flags(args, training=False)
+    check_world_model(args.model, {"--benchmark": args.benchmark})
     try:
         ks = [int(k) for k in args.pass_k.split(",")] if args.pass_k is not None else list(range(1, args.samples + 1))
     except ValueError:

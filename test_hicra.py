@@ -619,3 +619,27 @@ def test_matched_random_spans_have_the_planning_spans_count_and_lengths():
     assert starts == set(range(7))  # every start that fits, no preference for where the grams were
     torch.manual_seed(0)
     assert torch.equal(matched_random_mask(planning, completion), draws[0])  # seeded by torch's RNG
+
+
+def test_alpha_zero_is_grpo_bit_for_bit(tmp_path):
+    """A^HICRA = A + 0 * |A| = A (Eq. 8 at alpha 0): `--algo hicra --alpha 0` is the `--algo grpo` run, step for
+    step and weight for weight; at alpha 0.2 the same run ends elsewhere (so the comparison can fail)."""
+    common = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "96",
+              "--eval-every", "0", "--threads", "1", "--seed", "3"]
+    runs = {name: train.train(train.parse_args([*common, *flags, "--out", str(tmp_path / name)]))
+            for name, flags in [("grpo", ["--algo", "grpo"]), ("alpha0", ["--algo", "hicra", "--alpha", "0"]),
+                                ("alpha0.2", ["--algo", "hicra", "--alpha", "0.2"])]}
+
+    def steps(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds") and k != "amplified_ratio"}
+                for line in lines]
+
+    def weights(run_dir):
+        return load_file(run_dir / "checkpoint" / "model.safetensors")
+
+    assert steps(runs["alpha0"]) == steps(runs["grpo"])
+    assert any(step["grad_norm"] > 0 for step in steps(runs["grpo"]))  # some group had a reward spread: an update
+    grpo, alpha0, alpha02 = (weights(runs[name]) for name in ("grpo", "alpha0", "alpha0.2"))
+    assert all(torch.equal(grpo[name], alpha0[name]) for name in grpo)
+    assert not all(torch.equal(grpo[name], alpha02[name]) for name in grpo)

@@ -81,6 +81,8 @@ CASES = [
     Case("grad-clip-nan", TRAIN, "--grad-clip nan", ("--grad-clip", "finite", "nan")),
     Case("temperature-zero", TRAIN, "--temperature 0", ("--temperature", "> 0")),
     Case("alpha-out-of-range", TRAIN, "--alpha 1.5", ("--alpha", "[0, 1]")),
+    Case("world-v1-data-on-v2-model", TRAIN, "--data world_v1_train --out {out}/run", ("--data world_v1_train",
+         "world v2's model", "--model world/models/tiny-world-v1"), bare=True),
     Case("group-size-one", TRAIN, "--group-size 1", ("--group-size", ">= 2")),
     Case("logprob-chunk-zero", TRAIN, "--logprob-chunk 0", ("--logprob-chunk", ">= 1")),
     Case("eval-limit-zero-train", TRAIN, "--eval-limit 0 --eval-every 1", ("error: --eval-limit:", ">= 1")),

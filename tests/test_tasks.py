@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from world import tasks
-from data import Problem
+from cli import InputError
+from data import Problem, load_problems
 from reward import boxed_reward
 from rollout import completion_mask_from_eos, encode_prompts, eos_token_ids, format_prompt, generate_rollouts
 
@@ -21,6 +22,9 @@ BASE_SAMPLE, BASE_SEED, BASE_BAND = 32, 0, (0.25, 0.50)
 # Plan-forced greedy accuracy on test problems 0..149 (43-55 per family): steps must beat direct by GAP_MIN
 # in every family (measured: sum 0.71 vs 0.08, mul 0.77 vs 0.56, packs 0.91 vs 0.36).
 GAP_SAMPLE, GAP_MIN = 150, 0.1
+# World v1's model (the reliable-execution regime): greedy accuracy on v1 test problems 0..31 of seed 0
+# (measured 16/32 = 0.50; 0.44 on 200 problems).
+V1_MODEL_DIR, V1_BAND = Path(tasks.MODEL_DIRS["v1"]), (0.35, 0.65)
 
 MUL = Problem("Ana buys 47 bags of pens. Each bag holds 6 pens. How many pens does Ana buy?", "282",
               {"family": "mul", "operands": [47, 6], "split": "test"})
@@ -176,6 +180,47 @@ def test_shipped_model_loads_offline_and_reaches_base_accuracy():
     accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
     assert BASE_BAND[0] <= accuracy <= BASE_BAND[1]
     assert not batch.truncated.any()
+
+
+def test_world_v1_has_its_families_traces_without_the_operand_copy_and_its_data_names():
+    problems = tasks.world_problems("test", 60, seed=0, world="v1")
+    assert {p.meta["family"] for p in problems} == set(tasks.WORLDS["v1"]) == {"sum", "mul", "change"}
+    change = next(p for p in problems if p.meta["family"] == "change")
+    a, b, c = change.meta["operands"]
+    assert change.answer == str(a + b - c) and "gives away" in change.problem
+    for i, p in enumerate(problems):
+        for strategy in tasks.STRATEGIES:
+            trace = tasks.reference_trace(p, strategy, slip=strategy == "check", seed=i)
+            assert tasks.classify_error(p, trace) is None and tasks.RESTATE not in trace, trace
+    assert tasks.RESTATE in tasks.reference_trace(tasks.world_problems("test", 1, seed=0)[0], "steps")  # v2 copies
+    assert load_problems("world_v1", limit=5) == problems[:5]
+    assert load_problems("world_v1_train", limit=3) == tasks.world_problems("train", 3, seed=0, world="v1")
+
+
+def test_world_v1_model_reads_its_problems_and_reaches_its_base_accuracy():
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(V1_MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(V1_MODEL_DIR).eval()
+    assert sum(f.stat().st_size for f in V1_MODEL_DIR.iterdir()) < 10 * 2**20
+    problems = tasks.world_problems("test", BASE_SAMPLE, seed=BASE_SEED, world="v1")
+    prompts = [format_prompt(tokenizer, p.problem) for p in problems]
+    assert all(tokenizer.unk_token_id not in tokenizer(text)["input_ids"] for text in prompts)
+    batch = generate_rollouts(model, tokenizer, prompts, group_size=1, max_new_tokens=96, temperature=0.0)
+    accuracy = sum(tasks.classify_error(p, t) is None for p, t in zip(problems, batch.texts)) / len(problems)
+    assert V1_BAND[0] <= accuracy <= V1_BAND[1]
+    # v2's tokenizer does not know v1's words ("gives", "away"), which is why the check below exists
+    v2_tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    assert any(v2_tokenizer.unk_token_id in v2_tokenizer(text)["input_ids"] for text in prompts)
+
+
+def test_world_problems_refuse_the_other_worlds_model():
+    with pytest.raises(InputError, match=r"^--data world_v1_train: world v1 problems, but --model .* is world v2's "
+                                         r"model; use --model world/models/tiny-world-v1$"):
+        tasks.check_world_model(str(MODEL_DIR), {"--data": "world_v1_train"})
+    with pytest.raises(InputError, match=r"^--eval-data world: .* use --model world/models/tiny-world$"):
+        tasks.check_world_model(str(V1_MODEL_DIR), {"--data": "world_v1_train", "--eval-data": "world"})
+    tasks.check_world_model(str(V1_MODEL_DIR), {"--data": "world_v1_train", "--eval-data": "gsm8k"})
+    tasks.check_world_model("some/other/model", {"--data": "world", "--eval-data": "world_v1"})
 
 
 def test_sampler_decodes_greedily_like_generate_while_rows_finish_at_different_steps():

@@ -22,6 +22,14 @@ docs/world.md gives the measured strategy gap and base accuracies.
 Families: `sum` (four 2-digit numbers), `mul` (2-digit times 1-digit), `packs` (a*b + c*d, one-digit
 factors). Train and test problems are disjoint by their operands (a fixed hash splits the operand space),
 so test arithmetic was never seen verbatim during fine-tuning.
+
+Two versions of the world are kept, one per regime the paper names (docs/world.md):
+- `v2` (the default; data names `world`, `world_train`; model models/tiny-world): execution is improvable
+  (a fallible teacher, the operand copy), so RL can consolidate execution before it explores strategy.
+- `v1` (data names `world_v1`, `world_v1_train`; model models/tiny-world-v1): execution is already reliable
+  (an exact teacher, no operand copy; third family `change`, a + b - c, with no strategy gap), the regime
+  in which the paper expects HICRA to help. Its model was built by tiny_model.py as of commit f605995
+  (`git show f605995:tiny_model.py`); today's tiny_model.py builds v2 only.
 """
 
 import json
@@ -31,12 +39,15 @@ import zlib
 from pathlib import Path
 
 from cli import InputError, OneLineParser, check_output_file
-from data import Problem
+from data import WORLD_SPLITS, Problem
 
-FAMILIES = ("sum", "mul", "packs")
+WORLDS = {"v2": ("sum", "mul", "packs"), "v1": ("sum", "mul", "change")}  # the families of each version
+FAMILIES = WORLDS["v2"]
 STRATEGIES = ("direct", "steps", "check")
 SPLITS = ("train", "test")
-DEFAULT_MODEL_DIR = str(Path(__file__).parent / "models" / "tiny-world")  # the base model tiny_model.py builds
+MODEL_DIRS = {"v2": str(Path(__file__).parent / "models" / "tiny-world"),  # the base model tiny_model.py builds
+              "v1": str(Path(__file__).parent / "models" / "tiny-world-v1")}
+DEFAULT_MODEL_DIR = MODEL_DIRS["v2"]
 TEST_PERCENT = 20  # share of each family's operand space held out for the test split
 
 # Planning phrases: the plan that opens a trace, per family and strategy (`check` opens like `direct`).
@@ -44,6 +55,7 @@ PLANS = {
     "sum": {"steps": "let's add them one at a time", "direct": "let's add them all at once"},
     "mul": {"steps": "let's break it into parts", "direct": "let's multiply in one step"},
     "packs": {"steps": "let's go step by step", "direct": "let's do it in one step"},
+    "change": {"steps": "let's go step by step", "direct": "let's do it in one step"},  # world v1
 }
 CHECK = "let me check"
 CHECK_OK = "that is right"
@@ -70,6 +82,9 @@ def family_operands(family: str, rng: random.Random) -> tuple[int, ...]:
         return (10 * tens + units, rng.randint(3, 9))
     if family == "packs":
         return tuple(rng.randint(2, 9) for _ in range(4))
+    if family == "change":
+        a, b = rng.randint(20, 99), rng.randint(20, 99)
+        return (a, b, rng.randint(10, a + b - 10))
     raise ValueError(f"unknown family '{family}' (known: {', '.join(FAMILIES)})")
 
 
@@ -79,6 +94,8 @@ def solve(family: str, ops: tuple[int, ...]) -> int:
         return sum(ops)
     if family == "mul":
         return ops[0] * ops[1]
+    if family == "change":
+        return ops[0] + ops[1] - ops[2]
     return ops[0] * ops[1] + ops[2] * ops[3]
 
 
@@ -91,6 +108,9 @@ def problem_text(family: str, ops: tuple[int, ...], name: str, item: str) -> str
     if family == "mul":
         a, b = ops
         return f"{name} buys {a} bags of {item}. Each bag holds {b} {item}. How many {item} does {name} buy?"
+    if family == "change":
+        a, b, c = ops
+        return f"{name} has {a} {item}, gets {b} more and then gives away {c}. How many {item} does {name} have now?"
     a, b, c, d = ops
     return (f"{name} buys {a} packs of {b} {item} and {c} packs of {d} {item}. "
             f"How many {item} does {name} buy?")
@@ -102,11 +122,14 @@ def split_of(family: str, ops: tuple[int, ...]) -> str:
     return "test" if zlib.crc32(key) % 100 < TEST_PERCENT else "train"
 
 
-def world_problems(split: str, n: int, seed: int) -> list[Problem]:
-    """`n` problems of `split`, deterministic for `seed`; the two splits never share operands.
+def world_problems(split: str, n: int, seed: int, world: str = "v2") -> list[Problem]:
+    """`n` problems of `split` in world version `world` (WORLDS), deterministic for `seed`; the two splits
+    never share operands.
 
-    meta: family, operands (list of ints), split.
+    meta: family, operands (list of ints), split, and world for v1 (whose traces do not copy the operands).
     """
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {', '.join(WORLDS)}, got '{world}'")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
     if n < 0:
@@ -114,15 +137,27 @@ def world_problems(split: str, n: int, seed: int) -> list[Problem]:
     rng = random.Random(f"{split}:{seed}")
     problems = []
     while len(problems) < n:
-        family = rng.choice(FAMILIES)
+        family = rng.choice(WORLDS[world])
         ops = family_operands(family, rng)
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         if split_of(family, ops) != split:
             continue
-        problems.append(Problem(problem=problem_text(family, ops, name, item),
-                                answer=str(solve(family, ops)),
-                                meta={"family": family, "operands": list(ops), "split": split}))
+        meta = {"family": family, "operands": list(ops), "split": split} | ({"world": world} if world != "v2" else {})
+        problems.append(Problem(problem=problem_text(family, ops, name, item), answer=str(solve(family, ops)),
+                                meta=meta))
     return problems
+
+
+def check_world_model(model: str, data_flags: dict[str, str]) -> None:
+    """InputError when a flag's world problems ({"--data": name, ...}) would go to the shipped model of the other
+    world version: its tokenizer lacks the other world's words, so the run would measure nothing."""
+    for flag, name in data_flags.items():
+        world = WORLD_SPLITS[name][2] if name in WORLD_SPLITS else None
+        for other, folder in MODEL_DIRS.items():
+            if world and other != world and Path(model).resolve() == Path(folder).resolve():
+                wanted = Path(MODEL_DIRS[world]).relative_to(Path(__file__).parents[1])
+                raise InputError(f"{flag} {name}: world {world} problems, but --model {model} is world {other}'s "
+                                 f"model; use --model {wanted}")
 
 
 def exact(value: int) -> int:
@@ -152,6 +187,10 @@ def step_equations(family: str, ops: tuple[int, ...], write=exact) -> list[str]:
         tens, units = a - a % 10, a % 10
         x, y = step(f"{tens} * {b}", tens * b), step(f"{units} * {b}", units * b)
         step(f"{x} + {y}", x + y)
+    elif family == "change":
+        a, b, c = ops
+        s = step(f"{a} + {b}", a + b)
+        step(f"{s} - {c}", s - c)
     else:
         a, b, c, d = ops
         x, y = step(f"{a} * {b}", a * b), step(f"{c} * {d}", c * d)
@@ -165,6 +204,8 @@ def direct_equation(family: str, ops: tuple[int, ...], result: int) -> str:
         return f"{' + '.join(map(str, ops))} = {result}"
     if family == "mul":
         return f"{ops[0]} * {ops[1]} = {result}"
+    if family == "change":
+        return f"{ops[0]} + {ops[1]} - {ops[2]} = {result}"
     return f"{ops[0]} * {ops[1]} + {ops[2]} * {ops[3]} = {result}"
 
 
@@ -212,13 +253,14 @@ def written_trace(problem: Problem, strategy: str, write=exact, first_slip: bool
         raise ValueError("slip=True needs strategy 'check' (only a check can catch a slip)")
     family = problem.meta["family"]
     ops = tuple(copy(x) for x in problem.meta["operands"])
+    copied = [restatement(ops)] if problem.meta.get("world", "v2") == "v2" else []  # v1 traces copy nothing
     if strategy == "steps":
         steps = step_equations(family, ops, write)
-        body, answer = [PLANS[family]["steps"], restatement(ops), *steps], last_result(steps[-1])
+        body, answer = [PLANS[family]["steps"], *copied, *steps], last_result(steps[-1])
     else:
         value = solve(family, ops)
         first = slipped(value, rng or random.Random(0)) if first_slip else write(value)
-        body, answer = [PLANS[family]["direct"], restatement(ops), direct_equation(family, ops, first)], first
+        body, answer = [PLANS[family]["direct"], *copied, direct_equation(family, ops, first)], first
         if strategy == "check":
             steps = step_equations(family, ops, write)
             answer = last_result(steps[-1])
