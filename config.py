@@ -121,9 +121,11 @@ class TrainConfig(PromptFlags, ModelFlags):
                               "log-probs are the policy's) and the clip never acts; from the 2nd pass on it does",
                            "optimisation", AT_LEAST_ONE)
     micro_batch_size: int = flag(32, "completions per forward/backward", "optimisation", AT_LEAST_ONE)
-    micro_batch_tokens: int = flag(0, "also cap the tokens a micro-batch's forward processes (each distinct prompt "
-                                      "once + rows x longest completion; rows kept with their group); 0 = no cap. "
-                                      "Bounds activation memory; the gradient is the same", "optimisation", NON_NEGATIVE)
+    micro_batch_tokens: int | None = flag(None, "also cap the tokens a micro-batch's forward processes (each distinct "
+                                                "prompt once + rows x longest completion; rows kept with their group); "
+                                                "0 = no cap; unset: chosen at start from the model's size and the "
+                                                "machine's memory (printed, kept in config.json). Bounds activation "
+                                                "memory; the gradient is the same", "optimisation", NON_NEGATIVE)
     steps: int = flag(200, "training steps (rollout + update)", "optimisation",
                       (">= 1 (to evaluate a model without training, use eval.py)", lambda v: v >= 1))
     max_nonfinite_steps: int = flag(5, "stop after this many steps in a row skipped for a non-finite loss or "

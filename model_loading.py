@@ -7,6 +7,8 @@
   (`dequantized_folder`), so the model can also be trained and saved.
 - `load_policy`: what train.py trains: the policy (LoRA-wrapped with peft when --lora-rank > 0, from the
   run's checkpoint when resuming), its tokenizer, and the frozen reference model when --beta > 0.
+- `choose_micro_batch_tokens`: the default cap on the tokens of one training forward, from the model's size and
+  the machine's memory.
 - device "auto" = cuda when available; dtype "auto" = bfloat16 on a GPU that supports it, float32 otherwise
   (`resolve_device_and_dtype`, checked before anything loads).
 """
@@ -192,3 +194,54 @@ def load_policy(config, checkpoint: Path | None):
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model, tokenizer, reference
+
+
+MIN_ACTIVATION_BUDGET = 256 * 2**20  # bytes: below this, capping a forward saves nothing worth its time
+
+
+def activation_bytes_per_token(model) -> int:
+    """Estimated bytes a training forward keeps for the backward per token: per layer about 8 hidden-wide vectors
+    (norm inputs, q, k, v, attention output, residuals) and 4 MLP-wide ones (gate, up, activation, their product),
+    in the weights' dtype. For SmolLM2-135M in float32 that is 30 x (8 x 576 + 4 x 1536) x 4 B = 1.29 MB, against
+    0.9-1.9 MiB per token of the cap measured (docs/speed.md, "Where the memory goes")."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = config.hidden_size
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    parameter = next(model.parameters())
+    return config.num_hidden_layers * (8 * hidden + 4 * mlp) * parameter.element_size()
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the machine can still give (MemAvailable in /proc/meminfo); None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def choose_micro_batch_tokens(requested: int | None, model, micro_batch_size: int, max_new_tokens: int) -> tuple[int, str]:
+    """The --micro-batch-tokens of a run and why: `requested` when given (0 = no cap); else no cap when a full
+    micro-batch's activations (rows x --max-new-tokens, estimated by activation_bytes_per_token) fit the budget,
+    and otherwise the tokens that fill it. The budget is the weights' bytes (at least MIN_ACTIVATION_BUDGET), and
+    at most a quarter of the memory still available: the activations then stay no larger than the model, next to
+    the weights, gradients and AdamW moments (4x the weights) that no cap can shrink. The gradient is the same
+    either way; only the summation order, and so the last digits, differ."""
+    if requested is not None:
+        return requested, "--micro-batch-tokens"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = max(weights, MIN_ACTIVATION_BUDGET)
+    available = available_memory_bytes()
+    if available is not None:
+        budget = min(budget, available // 4)
+    per_token = activation_bytes_per_token(model)
+    full = micro_batch_size * max_new_tokens * per_token
+    if full <= budget:
+        return 0, (f"a full micro-batch's activations, about {full / 2**20:,.0f} MiB, fit the {budget / 2**20:,.0f} MiB "
+                   "budget; --micro-batch-tokens N to choose")
+    cap = max(1, budget // per_token)
+    return cap, (f"{per_token / 2**20:.2f} MiB of activations per token x {cap} = the {budget / 2**20:,.0f} MiB budget "
+                 "(the weights' size, at most a quarter of the free memory); --micro-batch-tokens N to choose")

@@ -579,6 +579,34 @@ def test_micro_batches_cover_every_row_once_within_both_caps():
     assert rollout_lib.micro_batches(lengths, 2, 10, 8, 0)[0].tolist() == lengths.argsort(stable=True).tolist()
 
 
+def smollm2_shaped_model():
+    """SmolLM2-135M's shape (30 layers, 576 wide, MLP 1536, 49,152 tokens), built without memory on the meta device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    with torch.device("meta"):
+        return LlamaForCausalLM(shape)
+
+
+def test_automatic_micro_batch_token_cap_bounds_activations_by_the_weights_size(monkeypatch):
+    import model_loading
+
+    monkeypatch.setattr(model_loading, "available_memory_bytes", lambda: 24 * 2**30)
+    smol = smollm2_shaped_model()
+    per_token = model_loading.activation_bytes_per_token(smol)
+    assert per_token == 30 * (8 * 576 + 4 * 1536) * 4  # 1.29 MB; 0.9-1.9 MiB measured (docs/speed.md)
+    weights = sum(p.numel() * 4 for p in smol.parameters())
+    cap, why = model_loading.choose_micro_batch_tokens(None, smol, micro_batch_size=32, max_new_tokens=64)
+    assert cap * per_token <= weights < (cap + 1) * per_token and 400 < cap < 430, why
+    assert model_loading.choose_micro_batch_tokens(768, smol, 32, 64) == (768, "--micro-batch-tokens")
+    assert model_loading.choose_micro_batch_tokens(0, smol, 32, 64)[0] == 0  # 0 asks for no cap
+    tiny = AutoModelForCausalLM.from_pretrained(train.TrainConfig().model)  # the world's model: not capped
+    assert model_loading.choose_micro_batch_tokens(None, tiny, 32, 128)[0] == 0
+    monkeypatch.setattr(model_loading, "available_memory_bytes", lambda: 400 * 2**20)  # a quarter: 100 MiB
+    assert model_loading.choose_micro_batch_tokens(None, smol, 32, 64)[0] == 100 * 2**20 // per_token
+
+
 def test_token_capped_micro_batches_keep_a_group_together_and_count_its_prompt_once():
     lengths = torch.tensor([4, 6, 5, 3, 20, 2, 6, 6])  # four prompts of width 50, two rows each
     batches = [rows.tolist() for rows in rollout_lib.micro_batches(lengths, 2, 50, 8, 120)]

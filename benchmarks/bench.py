@@ -36,7 +36,7 @@ from cli import InputError, report
 from data import load_problems
 from eval import prompt_format_from_args
 from reward import load_reward
-from model_loading import load_policy
+from model_loading import choose_micro_batch_tokens, load_policy
 from train import parse_args, policy_update, prompts_for_step, rollout_step, seed_everything
 
 
@@ -120,6 +120,8 @@ def main(argv: list[str]) -> None:
         grams = grams_lib.load_grams(args.grams)
         reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
         model, tokenizer, ref_model = load_policy(args, checkpoint=None)
+        args.micro_batch_tokens, _ = choose_micro_batch_tokens(args.micro_batch_tokens, model, args.micro_batch_size,
+                                                               args.max_new_tokens)
     except InputError as error:
         sys.exit(report(error))
     loaded_mib = resident_mib()
@@ -134,7 +136,7 @@ def main(argv: list[str]) -> None:
     print(
         f"model {args.model} on {device} ({parameter.dtype}), threads {torch.get_num_threads()}, "
         f"{args.prompts_per_step} prompts x {args.group_size} completions, max {args.max_new_tokens} new tokens, "
-        f"micro-batch {args.micro_batch_size}, ppo epochs {args.ppo_epochs}, algo {args.algo}; "
+        f"micro-batch {args.micro_batch_size} rows, {args.micro_batch_tokens or 'no'} token cap, ppo epochs {args.ppo_epochs}, algo {args.algo}; "
         f"{params / 1e6:.2f}M matmul params; matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
     step_seconds = []

@@ -30,14 +30,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int, logprob_chunk: int) -> None:
+def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int | None, logprob_chunk: int) -> None:
     """Our train.py step (rollout_step + policy_update) with the shared configuration."""
     import torch
 
     import grams as grams_lib
     from data import load_problems
     from reward import REWARDS
-    from model_loading import load_policy
+    from model_loading import choose_micro_batch_tokens, load_policy
     from train import parse_args, policy_update, prompts_for_step, rollout_step
 
     torch.manual_seed(0)
@@ -45,11 +45,15 @@ def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int, logp
         "--model", model, "--data", "gsm8k_train", "--reward", "gsm8k", "--grams", "paper", "--algo", "grpo",
         "--prompts-per-step", str(PROMPTS), "--group-size", str(GROUP), "--max-new-tokens", str(MAX_NEW),
         "--lr", str(LR), "--micro-batch-size", str(MICRO_BATCH), "--dtype", "float32", "--threads", str(threads),
-        "--eval-every", "0", "--micro-batch-tokens", str(micro_batch_tokens), "--logprob-chunk", str(logprob_chunk),
+        "--eval-every", "0", "--logprob-chunk", str(logprob_chunk),
+        *(["--micro-batch-tokens", str(micro_batch_tokens)] if micro_batch_tokens is not None else []),
     ])
     torch.set_num_threads(threads)
     problems, grams = load_problems(args.data), grams_lib.load_grams(args.grams)
     model_, tokenizer, _ = load_policy(args, checkpoint=None)
+    args.micro_batch_tokens, why = choose_micro_batch_tokens(args.micro_batch_tokens, model_, args.micro_batch_size,
+                                                             args.max_new_tokens)
+    print(RECORD, json.dumps({"micro_batch_tokens": args.micro_batch_tokens, "why": why}), flush=True)
     optimizer = torch.optim.AdamW(model_.parameters(), lr=args.lr, weight_decay=0.0)
     for step in range(steps):
         started = time.perf_counter()
@@ -109,8 +113,8 @@ def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
     """Run one side in a fresh process; its timed step seconds (first step dropped) and peak RSS in MiB."""
     command = [
         sys.executable, "-m", "benchmarks.bench_vs_trl", "--child", kind, "--model", args.model, "--steps", str(args.steps),
-        "--threads", str(args.threads), "--micro-batch-tokens", str(args.micro_batch_tokens),
-        "--logprob-chunk", str(args.logprob_chunk),
+        "--threads", str(args.threads), "--logprob-chunk", str(args.logprob_chunk),
+        *(["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens is not None else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     if result.returncode != 0:
@@ -126,8 +130,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="TRL-then-ours rounds, each side in a fresh process")
     parser.add_argument("--steps", type=int, default=2, help="steps per child; the first is a warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
-    parser.add_argument("--micro-batch-tokens", type=int, default=0,
-                        help="our --micro-batch-tokens (activation memory cap; same gradient); 0 = rows only")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="our --micro-batch-tokens (activation memory cap; same gradient); 0 = rows only; "
+                             "unset: train.py's automatic choice")
     parser.add_argument("--logprob-chunk", type=int, default=512,
                         help="our --logprob-chunk (tokens per vocabulary log-softmax chunk; same result)")
     parser.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
