@@ -60,7 +60,8 @@ def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int | Non
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
         batch = rollout_step(args, model_, None, tokenizer, [problems[i] for i in indices], grams, REWARDS["gsm8k"])
         policy_update(args, model_, optimizer, batch)
-        print(RECORD, json.dumps({"step": step, "seconds": time.perf_counter() - started}), flush=True)
+        print(RECORD, json.dumps({"step": step, "seconds": time.perf_counter() - started,
+                                  "tokens": int(batch.rollout.lengths.sum())}), flush=True)
 
 
 def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int, logprob_chunk: int) -> None:
@@ -90,7 +91,13 @@ def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int, logpr
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            print(RECORD, json.dumps({"step": state.global_step - 1, "seconds": time.perf_counter() - self.started}), flush=True)
+            self.seconds = time.perf_counter() - self.started
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # after on_step_end, with the step's lengths
+            if logs and "completions/mean_length" in logs:
+                tokens = round(logs["completions/mean_length"] * PROMPTS * GROUP)
+                print(RECORD, json.dumps({"step": state.global_step - 1, "seconds": self.seconds, "tokens": tokens}),
+                      flush=True)
 
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(
@@ -110,7 +117,8 @@ def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int, logpr
 
 
 def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
-    """Run one side in a fresh process; its timed step seconds (first step dropped) and peak RSS in MiB."""
+    """Run one side in a fresh process; its timed step seconds and generated tokens (first step dropped each) and
+    peak RSS in MiB."""
     command = [
         sys.executable, "-m", "benchmarks.bench_vs_trl", "--child", kind, "--model", args.model, "--steps", str(args.steps),
         "--threads", str(args.threads), "--logprob-chunk", str(args.logprob_chunk),
@@ -120,8 +128,11 @@ def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
     if result.returncode != 0:
         sys.exit(f"error: the {kind} child failed:\n{result.stderr[-3000:]}")
     records = [json.loads(line.removeprefix(RECORD)) for line in result.stdout.splitlines() if line.startswith(RECORD)]
-    seconds = [r["seconds"] for r in records if "seconds" in r][1:]
-    return seconds, next(r["peak_rss_mib"] for r in records if "peak_rss_mib" in r)
+    steps = [r for r in records if "seconds" in r][1:]
+    cap = next((r["why"] for r in records if "why" in r), None)
+    if cap:
+        print(f"  our micro-batch token cap: {next(r['micro_batch_tokens'] for r in records if 'why' in r)} ({cap})")
+    return [r["seconds"] for r in steps], [r["tokens"] for r in steps], next(r["peak_rss_mib"] for r in records if "peak_rss_mib" in r)
 
 
 def main(argv: list[str]) -> None:
@@ -148,10 +159,11 @@ def main(argv: list[str]) -> None:
     peak = {"trl": 0.0, "ours": 0.0}
     for round_ in range(args.rounds):
         for kind in ("trl", "ours"):
-            steps, rss = child(kind, args)
+            steps, tokens, rss = child(kind, args)
             seconds[kind] += steps
             peak[kind] = max(peak[kind], rss)
-            print(f"round {round_} {kind:>4}: steps {', '.join(f'{s:.2f}' for s in steps)} s, peak RSS {rss:.0f} MiB", flush=True)
+            print(f"round {round_} {kind:>4}: steps {', '.join(f'{s:.2f}' for s in steps)} s, generated tokens "
+                  f"{', '.join(map(str, tokens))}, peak RSS {rss:.0f} MiB", flush=True)
     trl, ours = statistics.median(seconds["trl"]), statistics.median(seconds["ours"])
     print(f"median step: TRL {trl:.2f} s (peak RSS {peak['trl']:.0f} MiB), ours {ours:.2f} s (peak RSS {peak['ours']:.0f} MiB)")
     print(f"ratio ours / TRL: {ours / trl:.2f}")
