@@ -138,7 +138,7 @@ def check_jobs(jobs: list[Job], out: Path, train_flags: list[str]) -> None:
             continue
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         differ = [key for key, value in saved_settings(wanted).items() if key in saved and saved[key] != value
-                  and key not in ("out", "threads")]
+                  and key not in ("out", "threads") and value is not None]  # None: chosen by the run at its start
         if differ:
             key = differ[0]
             raise InputError(f"--out: {job.run_dir(out)} was made with {flag_name(key)} {saved[key]}, this sweep asks "
