@@ -31,6 +31,7 @@ optimistic for every algorithm).
 """
 
 import argparse
+import filecmp
 import itertools
 import json
 import math
@@ -126,6 +127,17 @@ def job_flags(job: Job, train_flags: list[str]) -> list[str]:
     return [*train_flags, *job.flags(), "--threads", "1"]
 
 
+def same_folder_contents(first: str, second: str) -> bool:
+    """Whether two model folders hold the same files byte for byte (the default model of two checkouts of this
+    code lives at two paths)."""
+    a, b = Path(first), Path(second)
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    return names == sorted(p.name for p in b.iterdir() if p.is_file()) and \
+        filecmp.cmpfiles(a, b, names, shallow=False)[0] == names
+
+
 def check_jobs(jobs: list[Job], out: Path, train_flags: list[str]) -> None:
     """Before any run starts: every job's flags pass train.py's checks, and a run folder already there was made
     with the flags this sweep asks for (else the report would quote flags its runs did not use)."""
@@ -138,7 +150,8 @@ def check_jobs(jobs: list[Job], out: Path, train_flags: list[str]) -> None:
             continue
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         differ = [key for key, value in saved_settings(wanted).items() if key in saved and saved[key] != value
-                  and key not in ("out", "threads") and value is not None]  # None: chosen by the run at its start
+                  and key not in ("out", "threads") and value is not None  # None: chosen by the run at its start
+                  and not (key == "model" and same_folder_contents(saved[key], value))]
         if differ:
             key = differ[0]
             raise InputError(f"--out: {job.run_dir(out)} was made with {flag_name(key)} {saved[key]}, this sweep asks "
