@@ -193,3 +193,18 @@ def slope_of(points):
     xs, ys = zip(*points)
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+
+
+def test_a_model_folder_copied_elsewhere_is_the_same_model(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights")
+    assert sweep.same_folder_contents(str(first), str(second))
+    (second / "model.safetensors").write_bytes(b"weightz")
+    assert not sweep.same_folder_contents(str(first), str(second))
+    (second / "model.safetensors").write_bytes(b"weights")
+    (second / "extra.txt").write_text("x")
+    assert not sweep.same_folder_contents(str(first), str(second))
+    assert not sweep.same_folder_contents(str(first), str(tmp_path / "missing"))
