@@ -75,17 +75,27 @@ def slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
 
 
-def analyse(runs: list[dict]) -> dict:
-    """Per-alpha intervals, the per-seed slope test, and the control's paired difference."""
+def seed_slopes(curve: list[dict], metric: str, max_alpha: float = float("inf")) -> dict:
+    """The t interval of each seed's least-squares slope of `metric` on alpha, over its alphas <= max_alpha
+    (seeds with fewer than two such alphas left out)."""
+    by_seed = {}
+    for r in curve:
+        if r["alpha"] <= max_alpha:
+            by_seed.setdefault(r["seed"], []).append((r["alpha"], r[metric]))
+    return interval([slope(points) for points in by_seed.values() if len({x for x, _ in points}) >= 2])
+
+
+def analyse(runs: list[dict], slope_up_to: float | None = None) -> dict:
+    """Per-alpha intervals, the per-seed slope test (also over alphas <= slope_up_to when given), and the
+    control's paired difference."""
     curve = [r for r in runs if r["algo"] in ("grpo", "hicra")]
     alphas = sorted({r["alpha"] for r in curve})
     per_alpha = {a: {m: interval([r[m] for r in curve if r["alpha"] == a]) for m in ("final", "auc", *DYNAMICS)}
                  for a in alphas}
-    seeds = sorted({r["seed"] for r in curve})
-    slopes = {}
-    for metric in ("final", "auc"):
-        by_seed = [[(r["alpha"], r[metric]) for r in curve if r["seed"] == s] for s in seeds]
-        slopes[metric] = interval([slope(points) for points in by_seed if len({x for x, _ in points}) >= 2])
+    slopes = {metric: seed_slopes(curve, metric) for metric in ("final", "auc")}
+    if slope_up_to is not None:
+        slopes.update({f"{metric}_up_to": seed_slopes(curve, metric, slope_up_to) for metric in ("final", "auc")},
+                      up_to=slope_up_to)
     control = {}
     for r in (r for r in runs if r["algo"] == "random_spans"):
         partner = next((h for h in curve if h["algo"] == "hicra" and h["alpha"] == r["alpha"] and h["seed"] == r["seed"]),
@@ -128,6 +138,10 @@ def markdown(result: dict) -> str:
         f"alpha {a:g}: final {cell(d['final'])}, AUC {cell(d['auc'])}" for a, d in result["versus_alpha_0"].items()) + ".",
         "", "Per-seed slope on alpha (pass@1 per unit alpha), mean [95% t interval over seeds]: "
               f"final {cell(result['slopes']['final'])}, AUC {cell(result['slopes']['auc'])}."]
+    if "up_to" in result["slopes"]:
+        slopes = result["slopes"]
+        lines.append(f"The same over alpha <= {slopes['up_to']:g}: final {cell(slopes['final_up_to'])}, "
+                     f"AUC {cell(slopes['auc_up_to'])}.")
     if result["hicra_minus_random_spans"]:
         diff = result["hicra_minus_random_spans"]
         share = f", sound share {cell(diff['share_sound'])}" if "share_sound" in diff else ""
@@ -168,9 +182,11 @@ def main(argv: list[str]) -> None:
                         help="earlier sweeps' results.json whose grpo / hicra arms join the curve (final and AUC only)")
     parser.add_argument("--target", type=float, default=0.55, help="as sweep.py --target (unused here but kept equal)")
     parser.add_argument("--report", required=True, help="folder for results.md, results.json, dose_response.png")
+    parser.add_argument("--slope-up-to", type=float, metavar="ALPHA",
+                        help="also test the slope over the alphas up to this one (e.g. below a dose that collapses)")
     args = parser.parse_args(argv)
     stored = [run for path in args.stored for run in read_stored(Path(path), default_alpha=0.2)]
-    result = analyse(read_runs([Path(f) for f in args.runs], args.target) + stored)
+    result = analyse(read_runs([Path(f) for f in args.runs], args.target) + stored, args.slope_up_to)
     report = Path(args.report)
     report.mkdir(parents=True, exist_ok=True)
     text = markdown(result)

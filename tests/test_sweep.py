@@ -187,6 +187,9 @@ def test_dose_response_finds_a_per_seed_slope_and_the_paired_control_difference(
     assert result["slopes"]["final"]["mean"] == pytest.approx(slope_of([(0, 0.5), (0.2, 0.52), (1.0, 0.6)]))
     assert result["slopes"]["final"]["n"] == 3 and result["slopes"]["final"]["low"] > 0  # the same slope in every seed
     assert result["hicra_minus_random_spans"]["final"]["mean"] == pytest.approx(0.03)
+    below = dose_response.analyse(dose_response.read_runs([out], target=0.55), slope_up_to=0.5)["slopes"]
+    assert below["final_up_to"]["mean"] == pytest.approx(slope_of([(0, 0.5), (0.2, 0.52)]))  # alpha 1 left out
+    assert below["final"] == result["slopes"]["final"]
 
 
 def slope_of(points):
