@@ -13,13 +13,13 @@ alpha shows as an interval that excludes 0. `random_spans` (same alpha as the HI
 is compared with HICRA at that alpha, paired by seed.
 """
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
 
 from analysis.sweep import Job, is_eval, read_records, run_finished, run_outcome
+from cli import OneLineParser
 from metrics import mean_confidence_interval
 
 LAST_STEPS = 10  # training steps averaged for the end-of-run dynamics metrics
@@ -176,7 +176,7 @@ def figure(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, help="sweep folders (analysis/sweep.py --out)")
     parser.add_argument("--stored", nargs="*", default=[], metavar="RESULTS_JSON",
                         help="earlier sweeps' results.json whose grpo / hicra arms join the curve (final and AUC only)")
@@ -185,6 +185,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--slope-up-to", type=float, metavar="ALPHA",
                         help="also test the slope over the alphas up to this one (e.g. below a dose that collapses)")
     args = parser.parse_args(argv)
+    for folder in args.runs:
+        if not Path(folder).is_dir():
+            parser.error(f"--runs: {folder} is not a folder (a sweep's --out)")
     stored = [run for path in args.stored for run in read_stored(Path(path), default_alpha=0.2)]
     result = analyse(read_runs([Path(f) for f in args.runs], args.target) + stored, args.slope_up_to)
     report = Path(args.report)

@@ -211,3 +211,14 @@ def test_a_model_folder_copied_elsewhere_is_the_same_model(tmp_path):
     (second / "extra.txt").write_text("x")
     assert not sweep.same_folder_contents(str(first), str(second))
     assert not sweep.same_folder_contents(str(first), str(tmp_path / "missing"))
+
+
+def test_dose_response_names_a_missing_runs_folder_in_one_line(tmp_path, capsys):
+    from analysis import dose_response
+
+    with pytest.raises(SystemExit) as stop:
+        dose_response.main(["--runs", str(tmp_path / "missing"), "--report", str(tmp_path / "report")])
+    error = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in error
+    assert error.startswith(f"error: --runs: {tmp_path / 'missing'} is not a folder")
+    assert not (tmp_path / "report").exists()
