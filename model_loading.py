@@ -174,7 +174,8 @@ def choose_threads(requested: int) -> tuple[int, str]:
 
 def load_policy(config, checkpoint: Path | None):
     """(policy, tokenizer, reference): the model train.py trains, optionally LoRA-wrapped (from the checkpoint
-    when resuming), on the run's --dtype and --device, and the frozen reference model when --beta > 0."""
+    when resuming), on the run's --dtype and --device, and the frozen reference model when --beta > 0. An unset
+    `config.micro_batch_tokens` is chosen here for this model (choose_micro_batch_tokens) and the choice printed."""
     if checkpoint is not None and config.lora_rank == 0:
         model, tokenizer = load_model(str(checkpoint), config.dtype, config.device)
     else:
@@ -193,6 +194,9 @@ def load_policy(config, checkpoint: Path | None):
             model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if config.micro_batch_tokens is None:  # kept in config.json, so a resumed run keeps the cap it started with
+        config.micro_batch_tokens, why = choose_micro_batch_tokens(model, config.micro_batch_size, config.max_new_tokens)
+        print(f"micro-batch token cap: {config.micro_batch_tokens or 'none'} ({why})", flush=True)
     return model, tokenizer, reference
 
 
@@ -223,15 +227,13 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def choose_micro_batch_tokens(requested: int | None, model, micro_batch_size: int, max_new_tokens: int) -> tuple[int, str]:
-    """The --micro-batch-tokens of a run and why: `requested` when given (0 = no cap); else no cap when a full
+def choose_micro_batch_tokens(model, micro_batch_size: int, max_new_tokens: int) -> tuple[int, str]:
+    """The --micro-batch-tokens of a run that did not give one (0 = no cap), and why: no cap when a full
     micro-batch's activations (rows x --max-new-tokens, estimated by activation_bytes_per_token) fit the budget,
     and otherwise the tokens that fill it. The budget is the weights' bytes (at least MIN_ACTIVATION_BUDGET), and
     at most a quarter of the memory still available: the activations then stay no larger than the model, next to
     the weights, gradients and AdamW moments (4x the weights) that no cap can shrink. The gradient is the same
     either way; only the summation order, and so the last digits, differ."""
-    if requested is not None:
-        return requested, "--micro-batch-tokens"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     budget = max(weights, MIN_ACTIVATION_BUDGET)
     available = available_memory_bytes()

@@ -597,14 +597,23 @@ def test_automatic_micro_batch_token_cap_bounds_activations_by_the_weights_size(
     per_token = model_loading.activation_bytes_per_token(smol)
     assert per_token == 30 * (8 * 576 + 4 * 1536) * 4  # 1.29 MB; 0.9-1.9 MiB measured (docs/speed.md)
     weights = sum(p.numel() * 4 for p in smol.parameters())
-    cap, why = model_loading.choose_micro_batch_tokens(None, smol, micro_batch_size=32, max_new_tokens=64)
+    cap, why = model_loading.choose_micro_batch_tokens(smol, micro_batch_size=32, max_new_tokens=64)
     assert cap * per_token <= weights < (cap + 1) * per_token and 400 < cap < 430, why
-    assert model_loading.choose_micro_batch_tokens(768, smol, 32, 64) == (768, "--micro-batch-tokens")
-    assert model_loading.choose_micro_batch_tokens(0, smol, 32, 64)[0] == 0  # 0 asks for no cap
     tiny = AutoModelForCausalLM.from_pretrained(train.TrainConfig().model)  # the world's model: not capped
-    assert model_loading.choose_micro_batch_tokens(None, tiny, 32, 128)[0] == 0
+    assert model_loading.choose_micro_batch_tokens(tiny, 32, 128)[0] == 0
     monkeypatch.setattr(model_loading, "available_memory_bytes", lambda: 400 * 2**20)  # a quarter: 100 MiB
-    assert model_loading.choose_micro_batch_tokens(None, smol, 32, 64)[0] == 100 * 2**20 // per_token
+    assert model_loading.choose_micro_batch_tokens(smol, 32, 64)[0] == 100 * 2**20 // per_token
+
+
+@pytest.mark.parametrize("flag, expected", [([], 0), (["--micro-batch-tokens", "0"], 0),
+                                            (["--micro-batch-tokens", "768"], 768)])
+def test_load_policy_resolves_an_unset_micro_batch_token_cap_once_and_keeps_a_given_one(flag, expected):
+    import model_loading
+
+    config = train.parse_args(flag)
+    assert config.micro_batch_tokens == (expected if flag else None)
+    model_loading.load_policy(config, checkpoint=None)
+    assert config.micro_batch_tokens == expected  # the world's model needs no cap; a given cap is kept
 
 
 def test_token_capped_micro_batches_keep_a_group_together_and_count_its_prompt_once():

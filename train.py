@@ -59,7 +59,7 @@ from eval import evaluate, prompt_format_from_args
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import hicra_advantages, high_entropy_mask, matched_random_mask
 from metrics import step_metrics
-from model_loading import choose_micro_batch_tokens, choose_threads, load_policy
+from model_loading import choose_threads, load_policy
 from reward import describe_failure, load_reward, score_completions
 from run_folder import write_atomically
 from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,
@@ -297,9 +297,6 @@ def train(config: TrainConfig) -> Path:
         model, tokenizer, ref_model = load_policy(config, checkpoint=None)
         check_prompts_fit(model, tokenizer, [p.problem for p in train_problems + eval_problems], prompt_format,
                           config.max_new_tokens)
-        config.micro_batch_tokens, why = choose_micro_batch_tokens(config.micro_batch_tokens, model,
-                                                                   config.micro_batch_size, config.max_new_tokens)
-        tqdm.write(f"micro-batch token cap: {config.micro_batch_tokens or 'none'} ({why})")  # kept in config.json
     with run_folder.claim(run_dir, resuming):  # one writer; a failed start leaves no folder behind
         if not resuming:
             write_config(run_dir, config)
@@ -312,8 +309,6 @@ def train(config: TrainConfig) -> Path:
             model, tokenizer, ref_model = load_policy(config, latest)
             check_prompts_fit(model, tokenizer, [p.problem for p in train_problems + eval_problems], prompt_format,
                               config.max_new_tokens)
-            config.micro_batch_tokens, _ = choose_micro_batch_tokens(config.micro_batch_tokens, model,
-                                                                     config.micro_batch_size, config.max_new_tokens)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=config.weight_decay)
         start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer)

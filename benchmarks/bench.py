@@ -36,7 +36,7 @@ from cli import InputError, report
 from data import load_problems
 from eval import prompt_format_from_args
 from reward import load_reward
-from model_loading import choose_micro_batch_tokens, load_policy
+from model_loading import load_policy
 from train import parse_args, policy_update, prompts_for_step, rollout_step, seed_everything
 
 
@@ -120,8 +120,6 @@ def main(argv: list[str]) -> None:
         grams = grams_lib.load_grams(args.grams)
         reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
         model, tokenizer, ref_model = load_policy(args, checkpoint=None)
-        args.micro_batch_tokens, _ = choose_micro_batch_tokens(args.micro_batch_tokens, model, args.micro_batch_size,
-                                                               args.max_new_tokens)
     except InputError as error:
         sys.exit(report(error))
     loaded_mib = resident_mib()
