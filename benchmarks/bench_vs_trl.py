@@ -2,9 +2,12 @@
 
     /work/venv-trl/bin/python -m benchmarks.bench_vs_trl --model PATH           # needs trl installed (own venv is fine)
     python -m benchmarks.bench_vs_trl --model PATH --rounds 2 --steps 3 --threads 2
+    python -m benchmarks.bench_vs_trl --model PATH --prompts additions     # short prompts
 
-The configuration (both sides): --model, gsm8k_train prompts in order, the chat template with the same
-user turn (rollout.format_prompt), 8 prompts x 4 completions, <= 64 new tokens, temperature 1, no top-k /
+The configuration (both sides): --model, the prompts in order (`--prompts gsm8k`: gsm8k_train with our
+default instruction; `--prompts additions`: "What is 59 + 63? Put the answer in \boxed{}." two-digit
+additions, seeded, no instruction added), the chat template with the same user turn (rollout.format_prompt),
+8 prompts x 4 completions, <= 64 new tokens, temperature 1, no top-k /
 top-p, GRPO with clip-higher (0.2 / 0.28), token-mean loss, no KL, lr 1e-6 (AdamW, constant), grad clip 1,
 one optimizer step per rollout batch over micro-batches of 32, float32. Each side runs in its own child
 process (so each peak RSS is its own), `--rounds` times, TRL first then ours; a child's first step is a
@@ -14,6 +17,7 @@ peak RSS.
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -24,25 +28,45 @@ from pathlib import Path
 
 PROMPTS, GROUP, MAX_NEW, LR, MICRO_BATCH = 8, 4, 64, 1e-6, 32
 RECORD = "bench-record "  # prefix of the lines a child reports to the parent
+ADDITIONS = "What is {a} + {b}? Put the answer in \\boxed{{}}."  # the short prompts: no instruction after them
+
+
+def write_prompts(kind: str, count: int, folder: str) -> tuple[str, str]:
+    """(--data, --instruction) of the prompt set `kind`: "gsm8k" is gsm8k_train and our default instruction;
+    "additions" is `count` two-digit additions (seed 0) written to FOLDER/additions.jsonl, with no instruction."""
+    from rollout import DEFAULT_INSTRUCTION
+
+    if kind == "gsm8k":
+        return "gsm8k_train", DEFAULT_INSTRUCTION
+    rng = random.Random(0)
+    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(count)]
+    path = Path(folder) / "additions.jsonl"
+    path.write_text("".join(json.dumps({"problem": ADDITIONS.format(a=a, b=b), "answer": str(a + b)}) + "\n"
+                            for a, b in pairs))
+    return str(path), ""
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int | None, logprob_chunk: int) -> None:
+def run_ours(model: str, prompts: str, steps: int, threads: int, micro_batch_tokens: int | None,
+             logprob_chunk: int) -> None:
     """Our train.py step (rollout_step + policy_update) with the shared configuration."""
     import torch
 
     import grams as grams_lib
     from data import load_problems
     from reward import REWARDS
-    from model_loading import choose_micro_batch_tokens, load_policy
+    from model_loading import load_policy
+    from eval import prompt_format_from_args
     from train import parse_args, policy_update, prompts_for_step, rollout_step
 
     torch.manual_seed(0)
+    data, instruction = write_prompts(prompts, PROMPTS * steps, tempfile.mkdtemp())
     args = parse_args([
-        "--model", model, "--data", "gsm8k_train", "--reward", "gsm8k", "--grams", "paper", "--algo", "grpo",
+        "--model", model, "--data", data, "--instruction", instruction, "--reward", "gsm8k", "--grams", "paper",
+        "--algo", "grpo",
         "--prompts-per-step", str(PROMPTS), "--group-size", str(GROUP), "--max-new-tokens", str(MAX_NEW),
         "--lr", str(LR), "--micro-batch-size", str(MICRO_BATCH), "--dtype", "float32", "--threads", str(threads),
         "--eval-every", "0", "--logprob-chunk", str(logprob_chunk),
@@ -51,20 +75,18 @@ def run_ours(model: str, steps: int, threads: int, micro_batch_tokens: int | Non
     torch.set_num_threads(threads)
     problems, grams = load_problems(args.data), grams_lib.load_grams(args.grams)
     model_, tokenizer, _ = load_policy(args, checkpoint=None)
-    args.micro_batch_tokens, why = choose_micro_batch_tokens(args.micro_batch_tokens, model_, args.micro_batch_size,
-                                                             args.max_new_tokens)
-    print(RECORD, json.dumps({"micro_batch_tokens": args.micro_batch_tokens, "why": why}), flush=True)
     optimizer = torch.optim.AdamW(model_.parameters(), lr=args.lr, weight_decay=0.0)
     for step in range(steps):
         started = time.perf_counter()
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
-        batch = rollout_step(args, model_, None, tokenizer, [problems[i] for i in indices], grams, REWARDS["gsm8k"])
+        batch = rollout_step(args, model_, None, tokenizer, [problems[i] for i in indices], grams, REWARDS["gsm8k"],
+                             prompt_format_from_args(args))
         policy_update(args, model_, optimizer, batch)
         print(RECORD, json.dumps({"step": step, "seconds": time.perf_counter() - started,
                                   "tokens": int(batch.rollout.lengths.sum())}), flush=True)
 
 
-def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int, logprob_chunk: int) -> None:
+def run_trl(model: str, prompts: str, steps: int, threads: int, micro_batch_tokens: int, logprob_chunk: int) -> None:
     """TRL's GRPOTrainer with the shared configuration (micro_batch_tokens and logprob_chunk are ours only, unused here)."""
     import torch
     from datasets import Dataset
@@ -73,13 +95,14 @@ def run_trl(model: str, steps: int, threads: int, micro_batch_tokens: int, logpr
 
     from data import load_problems
     from reward import REWARDS
-    from rollout import DEFAULT_INSTRUCTION
+    from rollout import problem_with_instruction
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    problems = load_problems("gsm8k_train")[: PROMPTS * steps]
+    data, instruction = write_prompts(prompts, PROMPTS * steps, tempfile.mkdtemp())
+    problems = load_problems(data)[: PROMPTS * steps]
     dataset = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": f"{p.problem}\n{DEFAULT_INSTRUCTION}"}], "answer": p.answer}
+        {"prompt": [{"role": "user", "content": problem_with_instruction(p.problem, instruction)}], "answer": p.answer}
         for p in problems
     ])
 
@@ -120,7 +143,8 @@ def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
     """Run one side in a fresh process; its timed step seconds and generated tokens (first step dropped each) and
     peak RSS in MiB."""
     command = [
-        sys.executable, "-m", "benchmarks.bench_vs_trl", "--child", kind, "--model", args.model, "--steps", str(args.steps),
+        sys.executable, "-m", "benchmarks.bench_vs_trl", "--child", kind, "--model", args.model, "--prompts", args.prompts,
+        "--steps", str(args.steps),
         "--threads", str(args.threads), "--logprob-chunk", str(args.logprob_chunk),
         *(["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens is not None else []),
     ]
@@ -129,15 +153,17 @@ def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
         sys.exit(f"error: the {kind} child failed:\n{result.stderr[-3000:]}")
     records = [json.loads(line.removeprefix(RECORD)) for line in result.stdout.splitlines() if line.startswith(RECORD)]
     steps = [r for r in records if "seconds" in r][1:]
-    cap = next((r["why"] for r in records if "why" in r), None)
-    if cap:
-        print(f"  our micro-batch token cap: {next(r['micro_batch_tokens'] for r in records if 'why' in r)} ({cap})")
+    for line in result.stdout.splitlines():
+        if line.startswith("micro-batch token cap:"):  # printed by load_policy when it chose the cap
+            print(f"  our {line}")
     return [r["seconds"] for r in steps], [r["tokens"] for r in steps], next(r["peak_rss_mib"] for r in records if "peak_rss_mib" in r)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="HF model folder (SmolLM2-135M-Instruct in the README)")
+    parser.add_argument("--prompts", choices=["gsm8k", "additions"], default="gsm8k",
+                        help="gsm8k_train problems with our instruction, or short two-digit additions with none")
     parser.add_argument("--rounds", type=int, default=2, help="TRL-then-ours rounds, each side in a fresh process")
     parser.add_argument("--steps", type=int, default=2, help="steps per child; the first is a warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
@@ -150,7 +176,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.child:
         run = run_ours if args.child == "ours" else run_trl
-        run(args.model, args.steps, args.threads, args.micro_batch_tokens, args.logprob_chunk)
+        run(args.model, args.prompts, args.steps, args.threads, args.micro_batch_tokens, args.logprob_chunk)
         print(RECORD, json.dumps({"peak_rss_mib": peak_rss_mib()}), flush=True)
         return
     if args.steps < 2:
