@@ -358,7 +358,13 @@ def extract_strategic_grams(docs: Sequence[str], embed, n_min: int = 3, n_max: i
     if not where:
         return []
     clusters = cluster_document_frequency(where, leader_clusters(embed(list(where)), threshold))
-    return clusters[: math.ceil(top_fraction * len(clusters))]
+    return clusters[: clusters_kept(top_fraction, len(clusters))]
+
+
+def clusters_kept(top_fraction: float, n_clusters: int) -> int:
+    """ceil(top_fraction x n_clusters), rounded first so that binary floats do not add one: 0.07 x 100 is
+    7.000000000000001 in floating point, and keeps 7 clusters, not 8."""
+    return math.ceil(round(top_fraction * n_clusters, 9))
 
 
 def read_corpus(path: str, field: str, correct_field: str | None) -> list[str]:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from analysis import plots
-from grams import (contains_gram, extract_strategic_grams, lexical_embeddings, placebo_grams, semantic_entropy,
-                   word_ngrams)
+from grams import (clusters_kept, contains_gram, extract_strategic_grams, lexical_embeddings, placebo_grams,
+                   semantic_entropy, word_ngrams)
 from hicra import high_entropy_mask
 from metrics import (RelativeToFirst, conditional_entropy, group_pass_at_k, perplexity, planning_entropy_overlap,
                      rollout_metrics, zero_variance_fraction)
@@ -148,6 +148,12 @@ def test_extraction_ranks_planted_phrase_clusters_first_and_keeps_them():
     kept = extract_strategic_grams(docs, lexical_embeddings, min_df=3, threshold=0.6, top_fraction=0.2)
     assert {phrase for family in PLANTED for phrase in family} <= {g for c in kept for g in c.members}
     assert any({"let me check the result", "let me check the answer"} <= set(c.members) for c in kept)
+    assert len(kept) == clusters_kept(0.2, len(every))
+
+
+def test_the_top_fraction_of_clusters_is_counted_without_a_float_extra():
+    assert 0.07 * 100 > 7 and clusters_kept(0.07, 100) == 7  # plain ceil would keep 8
+    assert [clusters_kept(0.2, n) for n in (1, 5, 10, 11, 0)] == [1, 1, 2, 3, 0]
 
 
 def write_fake_run(run_dir, algo: str, seed: int, steps: int = 12) -> None:
