@@ -54,16 +54,26 @@ def resident_mib() -> float:
 
 
 class PhaseMemory:
-    """Highest resident set per named phase, sampled every `interval_s` by a daemon thread (CPU, Linux)."""
+    """Highest resident set per named phase, sampled every `interval_s` by a thread (CPU, Linux) that runs while
+    the `with` block does: leaving it stops and joins the thread, so the process is single-threaded again (a
+    test that forks after `bench.main` needs that)."""
 
     def __init__(self, interval_s: float = 0.002):
         self.interval_s, self.phase, self.peaks = interval_s, "between", {}  # "between": outside any tracked block
-        threading.Thread(target=self._poll, daemon=True).start()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "PhaseMemory":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.stopped.set()
+        self.thread.join()
 
     def _poll(self) -> None:
-        while True:
+        while not self.stopped.wait(self.interval_s):
             self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), resident_mib())
-            time.sleep(self.interval_s)
 
     @contextmanager
     def track(self, phase: str):
@@ -138,27 +148,28 @@ def main(argv: list[str]) -> None:
         f"{params / 1e6:.2f}M matmul params; matmul peak {peak / 1e9:.1f} GFLOP/s"
     )
     step_seconds = []
-    for step in range(bench_args.repeats):
-        started = time.perf_counter()
-        indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
-        with memory.track(f"sampling {step}"):
-            batch = rollout_step(
-                args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn, prompt_format
+    with memory:
+        for step in range(bench_args.repeats):
+            started = time.perf_counter()
+            indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
+            with memory.track(f"sampling {step}"):
+                batch = rollout_step(
+                    args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn, prompt_format
+                )
+            rolled = time.perf_counter()
+            with memory.track(f"update {step}"):
+                policy_update(args, model, optimizer, batch)
+            done = time.perf_counter()
+            tokens = int(batch.rollout.completion_mask.sum())
+            floor = step_flop_floor(batch.rollout, params, args.ppo_epochs)
+            step_seconds.append(done - started)
+            print(
+                f"step {step}: rollout {rolled - started:6.2f} s ({tokens / (rolled - started):7.1f} tok/s, {tokens} tokens), "
+                f"update {done - rolled:6.2f} s ({args.ppo_epochs * tokens / (done - rolled):7.1f} tok/s), "
+                f"total {done - started:6.2f} s, {floor / (done - started) / peak:6.1%} of the FLOP floor at peak"
+                + ("" if device.startswith("cuda") else f"; resident set at most {memory.peaks[f'sampling {step}']:.0f} MiB "
+                   f"sampling, {memory.peaks[f'update {step}']:.0f} MiB updating")
             )
-        rolled = time.perf_counter()
-        with memory.track(f"update {step}"):
-            policy_update(args, model, optimizer, batch)
-        done = time.perf_counter()
-        tokens = int(batch.rollout.completion_mask.sum())
-        floor = step_flop_floor(batch.rollout, params, args.ppo_epochs)
-        step_seconds.append(done - started)
-        print(
-            f"step {step}: rollout {rolled - started:6.2f} s ({tokens / (rolled - started):7.1f} tok/s, {tokens} tokens), "
-            f"update {done - rolled:6.2f} s ({args.ppo_epochs * tokens / (done - rolled):7.1f} tok/s), "
-            f"total {done - started:6.2f} s, {floor / (done - started) / peak:6.1%} of the FLOP floor at peak"
-            + ("" if device.startswith("cuda") else f"; resident set at most {memory.peaks[f'sampling {step}']:.0f} MiB "
-               f"sampling, {memory.peaks[f'update {step}']:.0f} MiB updating")
-        )
     print(f"median step {statistics.median(step_seconds):.2f} s; peak memory: {peak_memory_mib(device):.0f} MiB")
     if not device.startswith("cuda"):
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20

@@ -240,3 +240,11 @@ def test_bench_times_a_step_with_the_prompt_and_reward_flags(run_files, tmp_path
     reward = f"{run_files / 'my_rewards.py'}:always_one"
     bench.main(train_args(run_files, tmp_path, "--few-shot", str(run_files / "shots.jsonl"), "--reward", reward, "--repeats", "1"))
     assert "step 0: rollout" in capsys.readouterr().out
+
+
+def test_bench_memory_poll_stops_with_its_block_so_a_later_fork_is_safe():
+    with bench.PhaseMemory(interval_s=0.001) as memory:
+        with memory.track("sampling 0"):
+            bytearray(2**20)
+        assert memory.thread.is_alive()
+    assert not memory.thread.is_alive() and memory.peaks["sampling 0"] > 0
