@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm import tqdm
 
 from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, report
@@ -290,4 +291,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights": not the evaluation's news
     sys.exit(main(sys.argv[1:]))
