@@ -30,9 +30,12 @@ FORKSERVER.set_forkserver_preload(["train", "pytest"])
 
 
 def run_train(argv: list[str], stderr_path: str) -> None:
-    """Child process body: `python train.py ARGV` as __main__ in the repository root, stderr to a file."""
+    """Child process body: `python train.py ARGV` as __main__ in the repository root, stderr to a file. The
+    SIGINT handler and blocked signals it starts with go to signals.txt beside it (`Child.signal_state`)."""
     os.environ.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     os.chdir(ROOT)
+    handler, blocked = signal.getsignal(signal.SIGINT), sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    Path(stderr_path).with_name("signals.txt").write_text(f"SIGINT handler {handler}, blocked {blocked}")
     with open(stderr_path, "w") as stderr, open(os.devnull, "w") as stdout:
         os.dup2(stdout.fileno(), 1)
         os.dup2(stderr.fileno(), 2)
@@ -60,6 +63,12 @@ class Child:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()
+
+    def signal_state(self) -> str:
+        """What a failed signal test needs to tell a lost signal from a handled one: the child's starting
+        SIGINT handler and blocked signals, and the end of its stderr."""
+        state = self.stderr_path.with_name("signals.txt")
+        return f"{state.read_text() if state.exists() else 'no signal state'}; stderr ends: {self.stderr()[-1500:]!r}"
 
 
 def train(*argv, wait: bool = True):
@@ -151,7 +160,7 @@ def test_two_processes_on_one_run_folder_one_writes_and_the_other_is_refused(tmp
     code, stderr = train("--resume", run, "--steps", "6")  # nor can a resume join it
     assert code == 2 and "is in use by process" in last_line(stderr), stderr
     first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=120) == 143, first.stderr()
+    assert first.wait(timeout=120) == 143, first.signal_state()
     config = json.loads((run / "config.json").read_text())
     assert (config["seed"], config["lr"], config["steps"]) == (1, 2e-4, 5000)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -212,7 +221,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path):
     while not (run / "checkpoint").exists() and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 143
+    assert process.wait(timeout=120) == 143, process.signal_state()
     stderr = process.stderr()
     assert f"interrupted: continue with  python train.py --resume '{run}'" in stderr
     code, stderr = train("--resume", run, "--steps", "3")
@@ -265,7 +274,7 @@ def test_ctrl_c_during_the_first_evaluation_is_one_line_and_leaves_no_folder(tmp
     while not (run / "config.json").exists() and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 130
+    assert process.wait(timeout=120) == 130, process.signal_state()
     assert "Traceback" not in process.stderr()
     assert not run.exists()  # a start that logged nothing leaves no folder behind
 
