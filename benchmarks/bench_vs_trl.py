@@ -31,16 +31,17 @@ RECORD = "bench-record "  # prefix of the lines a child reports to the parent
 ADDITIONS = "What is {a} + {b}? Put the answer in \\boxed{{}}."  # the short prompts: no instruction after them
 
 
-def write_prompts(kind: str, count: int, folder: str) -> tuple[str, str]:
+def write_prompts(kind: str, count: int) -> tuple[str, str]:
     """(--data, --instruction) of the prompt set `kind`: "gsm8k" is gsm8k_train and our default instruction;
-    "additions" is `count` two-digit additions (seed 0) written to FOLDER/additions.jsonl, with no instruction."""
+    "additions" is `count` two-digit additions (seed 0) written to a fresh temporary additions.jsonl, with no
+    instruction."""
     from rollout import DEFAULT_INSTRUCTION
 
     if kind == "gsm8k":
         return "gsm8k_train", DEFAULT_INSTRUCTION
     rng = random.Random(0)
     pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(count)]
-    path = Path(folder) / "additions.jsonl"
+    path = Path(tempfile.mkdtemp()) / "additions.jsonl"
     path.write_text("".join(json.dumps({"problem": ADDITIONS.format(a=a, b=b), "answer": str(a + b)}) + "\n"
                             for a, b in pairs))
     return str(path), ""
@@ -63,7 +64,7 @@ def run_ours(model: str, prompts: str, steps: int, threads: int, micro_batch_tok
     from train import parse_args, policy_update, prompts_for_step, rollout_step
 
     torch.manual_seed(0)
-    data, instruction = write_prompts(prompts, PROMPTS * steps, tempfile.mkdtemp())
+    data, instruction = write_prompts(prompts, PROMPTS * steps)
     args = parse_args([
         "--model", model, "--data", data, "--instruction", instruction, "--reward", "gsm8k", "--grams", "paper",
         "--algo", "grpo",
@@ -76,11 +77,12 @@ def run_ours(model: str, prompts: str, steps: int, threads: int, micro_batch_tok
     problems, grams = load_problems(args.data), grams_lib.load_grams(args.grams)
     model_, tokenizer, _ = load_policy(args, checkpoint=None)
     optimizer = torch.optim.AdamW(model_.parameters(), lr=args.lr, weight_decay=0.0)
+    prompt_format = prompt_format_from_args(args)
     for step in range(steps):
         started = time.perf_counter()
         indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
         batch = rollout_step(args, model_, None, tokenizer, [problems[i] for i in indices], grams, REWARDS["gsm8k"],
-                             prompt_format_from_args(args))
+                             prompt_format)
         policy_update(args, model_, optimizer, batch)
         print(RECORD, json.dumps({"step": step, "seconds": time.perf_counter() - started,
                                   "tokens": int(batch.rollout.lengths.sum())}), flush=True)
@@ -99,7 +101,7 @@ def run_trl(model: str, prompts: str, steps: int, threads: int, micro_batch_toke
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    data, instruction = write_prompts(prompts, PROMPTS * steps, tempfile.mkdtemp())
+    data, instruction = write_prompts(prompts, PROMPTS * steps)
     problems = load_problems(data)[: PROMPTS * steps]
     dataset = Dataset.from_list([
         {"prompt": [{"role": "user", "content": problem_with_instruction(p.problem, instruction)}], "answer": p.answer}
