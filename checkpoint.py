@@ -81,8 +81,10 @@ def checkpoint_step(folder: Path) -> int | None:
         return None
 
 
-def write_trainer_state(folder: Path, optimizer, step: int, relative: RelativeToFirst, nonfinite_streak: int) -> None:
-    """Optimizer tensors and torch RNG states to trainer_state.safetensors, the rest to trainer_state.json."""
+def write_trainer_state(folder: Path, optimizer, scaler, step: int, relative: RelativeToFirst,
+                        nonfinite_streak: int) -> None:
+    """Optimizer tensors and torch RNG states to trainer_state.safetensors, the rest (the float16 loss scaler's
+    scale among it) to trainer_state.json."""
     optimizer_state = optimizer.state_dict()
     tensors = {"rng/torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -95,6 +97,7 @@ def write_trainer_state(folder: Path, optimizer, step: int, relative: RelativeTo
         "nonfinite_streak": nonfinite_streak,
         "relative_baseline": relative.first,
         "optimizer_param_groups": optimizer_state["param_groups"],
+        "grad_scaler": scaler.state_dict(),  # {} unless --dtype float16
         "rng_python": [python_rng[0], list(python_rng[1]), python_rng[2]],
         "rng_numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],
     }
@@ -115,8 +118,8 @@ def write_complete_marker(folder: Path, step: int) -> None:
     fsync_path(folder)
 
 
-def save(run_dir: Path, model, tokenizer, optimizer, step: int, relative: RelativeToFirst,
-                    nonfinite_streak: int, keep: int) -> None:
+def save(run_dir: Path, model, tokenizer, optimizer, scaler, step: int, relative: RelativeToFirst,
+         nonfinite_streak: int, keep: int) -> None:
     """Write a fresh checkpoint.tmp-XXXX/ (complete.json last), make it checkpoint/, keep the newest `keep`."""
     temp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f"{CHECKPOINT}.tmp-"))  # new and ours: no planted link inside
     temp.chmod(0o755)
@@ -126,7 +129,7 @@ def save(run_dir: Path, model, tokenizer, optimizer, step: int, relative: Relati
         fault_point("save:model", step)
         tokenizer.save_pretrained(temp)
         fault_point("save:tokenizer", step)
-        write_trainer_state(temp, optimizer, step, relative, nonfinite_streak)
+        write_trainer_state(temp, optimizer, scaler, step, relative, nonfinite_streak)
         fault_point("save:state", step)
         write_complete_marker(temp, step)
         fault_point("save:marker", step)
@@ -202,8 +205,8 @@ def settle_checkpoints(run_dir: Path) -> Path | None:
     return run_dir / CHECKPOINT
 
 
-def restore_checkpoint(folder: Path, optimizer) -> tuple[int, RelativeToFirst, int]:
-    """Restore optimizer and RNG state (no pickle: safetensors and JSON only).
+def restore_checkpoint(folder: Path, optimizer, scaler) -> tuple[int, RelativeToFirst, int]:
+    """Restore optimizer, loss-scaler and RNG state (no pickle: safetensors and JSON only).
 
     Returns the last finished step, the metric baseline and the count of non-finite steps in a row.
     """
@@ -224,6 +227,8 @@ def restore_checkpoint(folder: Path, optimizer) -> tuple[int, RelativeToFirst, i
                 per_parameter.setdefault(int(index), {})[name] = tensor
         groups = [{**group, "betas": tuple(group["betas"])} for group in state["optimizer_param_groups"]]  # JSON lists
         optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
+        if state.get("grad_scaler") and scaler.is_enabled():  # a float16 run's scale (absent before float16 trained)
+            scaler.load_state_dict(state["grad_scaler"])
         version, internal, gauss = state["rng_python"]
         random.setstate((version, tuple(internal), gauss))
         name, keys, *rest = state["rng_numpy"]
@@ -262,7 +267,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def resume(run_dir: Path, checkpoint: Path | None, optimizer) -> tuple[int, RelativeToFirst, int]:
+def resume(run_dir: Path, checkpoint: Path | None, optimizer, scaler) -> tuple[int, RelativeToFirst, int]:
     """Restore the run's state from `checkpoint` (None: a run starting at step 0) and cut metrics.jsonl to it.
 
     Returns the first step to run, the metric baseline and the count of non-finite steps in a row.
@@ -270,6 +275,6 @@ def resume(run_dir: Path, checkpoint: Path | None, optimizer) -> tuple[int, Rela
     if checkpoint is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run restarted from step 0 logs every line again
         return 0, RelativeToFirst(), 0
-    last_step, relative, nonfinite_streak = restore_checkpoint(checkpoint, optimizer)
+    last_step, relative, nonfinite_streak = restore_checkpoint(checkpoint, optimizer, scaler)
     truncate_metrics(run_dir / "metrics.jsonl", last_step)
     return last_step + 1, relative, nonfinite_streak

@@ -32,6 +32,7 @@ from cli import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTE
 from grpo import ADVANTAGE_MODES, AGGREGATIONS
 from hicra import PAPER_ALPHA
 from model_loading import check_model_flags
+from precision import ACCELERATE_NAMES
 from reward import REWARD_HELP, REWARD_TIMEOUT_S
 from rollout import DEFAULT_INSTRUCTION
 import run_folder
@@ -46,9 +47,11 @@ MODEL_FLAGS = ("model", "gguf_file", "lora_rank", "lora_alpha")  # what is train
 SESSION_FLAGS = ("resume", "config")  # how this process was started, not settings of the run: never saved
 
 
-def flag(default, help: str, group: str, bound: Bound | None = None, choices: tuple | None = None, **argparse_kwargs):
-    """A TrainConfig field: its default and what the command line, the checks and the help need to know."""
-    metadata = dict(help=help, group=group, bound=bound, choices=choices, argparse=argparse_kwargs)
+def flag(default, help: str, group: str, bound: Bound | None = None, choices: tuple | None = None,
+         aliases: tuple[str, ...] = (), **argparse_kwargs):
+    """A TrainConfig field: its default and what the command line, the checks and the help need to know.
+    `aliases`: other spellings of the flag on the command line (e.g. accelerate's --mixed-precision)."""
+    metadata = dict(help=help, group=group, bound=bound, choices=choices, aliases=aliases, argparse=argparse_kwargs)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -81,6 +84,11 @@ class PromptFlags:
 class TrainConfig(PromptFlags, ModelFlags):
     """Every flag of train.py. A field's metadata holds its help, group, bound and choices (see `flag`)."""
 
+    dtype: str = flag("auto", "compute precision; auto = bfloat16 on a GPU that supports it, float32 otherwise. bfloat16 "
+                              "and float16 are mixed precision (precision.py): float32 weights and AdamW state, forward "
+                              "and backward under autocast, float16 with loss scaling. Also spelled as accelerate's "
+                              "--mixed-precision {no,bf16,fp16}", "model", choices=DTYPE_NAMES + tuple(ACCELERATE_NAMES),
+                      aliases=("--mixed-precision",))
     gradient_checkpointing: bool = flag(False, "recompute activations in backward", "model")
     lora_rank: int = flag(0, "LoRA rank via peft; 0 trains all weights", "model", NON_NEGATIVE)
     lora_alpha: float = flag(32.0, "LoRA scaling numerator (alpha / rank)", "model", POSITIVE)
@@ -179,7 +187,7 @@ def add_flags(parser: argparse.ArgumentParser, config_class, only: tuple[str, ..
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         kwargs.update((overrides or {}).get(spec.name, {}))
-        groups[meta["group"]].add_argument(flag_name(spec.name), **kwargs)
+        groups[meta["group"]].add_argument(flag_name(spec.name), *meta["aliases"], **kwargs)
     for group in groups.values():  # argparse prints empty groups' titles too
         if not group._group_actions:
             parser._action_groups.remove(group)
@@ -282,10 +290,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if explicit.get("config"):
         settings.update(read_settings(explicit["config"], "--config"))
     config = TrainConfig(**{**settings, **explicit})
+    config.dtype = ACCELERATE_NAMES.get(config.dtype, config.dtype)  # --mixed-precision bf16 = --dtype bfloat16
     if config.out is None:
         config.out = f"runs/{config.algo}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     check_bounds(config, BOUNDS)
-    check_model_flags(config, training=True)
+    check_model_flags(config)
     check_world_model(config.model, {"--data": config.data, "--eval-data": config.eval_data})
     if config.lora_rank > 0 and importlib.util.find_spec("peft") is None:
         raise InputError("--lora-rank: LoRA needs peft (pip install peft)")

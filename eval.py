@@ -194,7 +194,7 @@ def check_args(args: argparse.Namespace) -> list[int]:
         args.samples = PAPER_SAMPLES.get(args.benchmark, args.samples)
         args.temperature = PAPER_TEMPERATURE
     check_bounds(args, EVAL_BOUNDS)
-    check_model_flags(args, training=False)
+    check_model_flags(args)
     check_world_model(args.model, {"--benchmark": args.benchmark})
     try:
         ks = [int(k) for k in args.pass_k.split(",")] if args.pass_k is not None else list(range(1, args.samples + 1))

@@ -25,14 +25,16 @@ from cli import NON_NEGATIVE, InputError, check_bounds
 
 GGUF_CACHE = Path.home() / ".cache" / "hicra"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers >= 5.25 swaps layers for kernels downloaded from the Hub on a GPU by default (`use_kernels`), which
+# fails offline at the first model.train() and would make a run depend on code fetched at run time: plain PyTorch.
+USE_HUB_KERNELS = False
 
 
-def resolve_device_and_dtype(device: str, dtype: str, training: bool = False) -> tuple[str, torch.dtype]:
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
     """device "auto" = cuda when available; dtype "auto" = bfloat16 on a GPU that supports it, else float32.
 
-    A device this machine lacks, or a dtype it cannot run, is an InputError (checked before anything loads):
-    float16 is refused for training on every device (no loss scaling or float32 master weights here, so
-    AdamW turns the weights to NaN in one step), but runs for evaluation, on a CPU too.
+    A device this machine lacks, or a dtype it cannot run, is an InputError (checked before anything loads).
+    For evaluation the dtype is the weights'; train.py computes in it under mixed precision (precision.py).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,9 +54,6 @@ def resolve_device_and_dtype(device: str, dtype: str, training: bool = False) ->
     if dtype == "auto":
         bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if bf16 else torch.float32
-    if training and dtype == "float16":
-        raise InputError("--dtype float16: training needs loss scaling and float32 master weights, which train.py "
-                         "does not do (the weights turn NaN); use bfloat16 or float32")
     if dtype == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise InputError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; use float32")
     return device, DTYPES[dtype]
@@ -82,7 +81,7 @@ def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_
     try:
         if gguf_file is not None:
             path_or_id = dequantized_folder(path_or_id, gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, use_kernels=USE_HUB_KERNELS).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     except InputError:
         raise
@@ -129,10 +128,10 @@ def dequantized_folder(folder: str, gguf_file: str) -> str:
 MODEL_BOUNDS = {"threads": NON_NEGATIVE}  # numeric model flags, shared by eval.py and train.py
 
 
-def check_model_flags(args, training: bool) -> None:
+def check_model_flags(args) -> None:
     """The shared model flags (add_model_flags), checked before anything loads; raises InputError."""
     check_bounds(args, MODEL_BOUNDS)
-    resolve_device_and_dtype(args.device, args.dtype, training)
+    resolve_device_and_dtype(args.device, args.dtype)
 
 
 BUSY_SAMPLE_S = 0.2  # how long choose_threads watches the machine
@@ -174,15 +173,19 @@ def choose_threads(requested: int) -> tuple[int, str]:
 
 def load_policy(config, checkpoint: Path | None):
     """(policy, tokenizer, reference): the model train.py trains, optionally LoRA-wrapped (from the checkpoint
-    when resuming), on the run's --dtype and --device, and the frozen reference model when --beta > 0. An unset
-    `config.micro_batch_tokens` is chosen here for this model (choose_micro_batch_tokens) and the choice printed."""
+    when resuming), on --device, and the frozen reference model when --beta > 0. Trained weights are float32
+    whatever --dtype (precision.py: mixed precision keeps float32 weights); weights that are never updated (the
+    reference, LoRA's base) are loaded in the compute dtype, --dtype resolved. An unset `config.micro_batch_tokens` is chosen here for
+    this model (choose_micro_batch_tokens) and the choice printed."""
+    frozen_dtype = {v: k for k, v in DTYPES.items()}[resolve_device_and_dtype(config.device, config.dtype)[1]]
     if checkpoint is not None and config.lora_rank == 0:
-        model, tokenizer = load_model(str(checkpoint), config.dtype, config.device)
+        model, tokenizer = load_model(str(checkpoint), "float32", config.device)
     else:
-        model, tokenizer = load_model(config.model, config.dtype, config.device, gguf_file=config.gguf_file)
+        base_dtype = frozen_dtype if config.lora_rank > 0 else "float32"
+        model, tokenizer = load_model(config.model, base_dtype, config.device, gguf_file=config.gguf_file)
     reference = None
     if config.beta > 0:
-        reference, _ = load_model(config.model, config.dtype, config.device, gguf_file=config.gguf_file)
+        reference, _ = load_model(config.model, frozen_dtype, config.device, gguf_file=config.gguf_file)
         reference.requires_grad_(False).eval()
     if config.lora_rank > 0:
         from peft import LoraConfig, PeftModel, get_peft_model

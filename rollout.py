@@ -12,9 +12,10 @@ Choices, and the quirks that bite:
 - The old log-probs and entropies are recorded by the sampler from the very logits each token was drawn
   from: log-softmax(logits / temperature), the temperature-scaled policy that was sampled; as in TRL and
   verl, the top-p truncation is not part of the log-prob. In float32 a fresh training forward reproduces
-  them to ~1e-6 (ratio 1 at the first PPO epoch; tested), so no second forward pass is needed. In bf16/fp16
-  the cached decode and the full forward round differently, so there they come from one extra forward pass
-  over the batch (`completion_logprobs`), which the training forward then reproduces exactly.
+  them to ~1e-6 (ratio 1 at the first PPO epoch; tested), so no second forward pass is needed. Under bf16/fp16
+  autocast the cached decode and the full forward round differently (~1e-2); train.py then takes pi_old from
+  its first pass's own forward instead (precision.py). The sampler runs without gradients: nothing it records
+  carries a graph into the update.
 - Positions are taken from the attention mask (cumsum - 1) as `generate` does, so left padding does not
   shift the rotary positions between sampling and training.
 - The completion mask comes from the first EOS, never from the pad id: the EOS token carries loss, tokens
@@ -412,7 +413,6 @@ def generate_rollouts(
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
-    chunk_size: int = 512,
     score: bool = True,
 ) -> RolloutBatch:
     """Sample `group_size` completions for each prompt text in one batch; temperature 0 = greedy.
@@ -432,10 +432,6 @@ def generate_rollouts(
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [B, P]
     completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)  # [B, C], [B]
     old_logp, entropy = (sampled_logp, sampled_entropy) if score else (None, None)
-    if score and next(model.parameters()).dtype != torch.float32:  # half precision: re-score as training does
-        old_logp, entropy = completion_logprobs(
-            model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, chunk_size
-        )  # [B, C], [B, C]
     model.train(was_training)
     texts = tokenizer.batch_decode(
         [ids[: int(n)] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(-1).tolist())],

@@ -60,6 +60,7 @@ from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_adva
 from hicra import hicra_advantages, high_entropy_mask, matched_random_mask
 from metrics import step_metrics
 from model_loading import choose_threads, load_policy
+from precision import FLOAT32, MixedPrecision
 from reward import describe_failure, load_reward, score_completions
 from run_folder import write_atomically
 from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,
@@ -129,11 +130,13 @@ def shape_advantages(config: TrainConfig, advantages: torch.Tensor, rollout: Rol
 
 
 def rollout_step(config: TrainConfig, model, ref_model, tokenizer, problems: list[Problem], grams: list[str], reward_fn,
-                 prompt_format: PromptFormat = PromptFormat(), placebo: list[str] | None = None) -> StepBatch:
+                 prompt_format: PromptFormat = PromptFormat(), placebo: list[str] | None = None,
+                 precision: MixedPrecision = FLOAT32) -> StepBatch:
     """Steps 1-4: sample, reward, group advantages, per-token shaping."""
     prompts = [format_prompt(tokenizer, p.problem, prompt_format) for p in problems]
-    rollout = generate_rollouts(model, tokenizer, prompts, config.group_size, config.max_new_tokens,
-                                config.temperature, config.top_p, config.logprob_chunk)
+    with precision.autocast():
+        rollout = generate_rollouts(model, tokenizer, prompts, config.group_size, config.max_new_tokens,
+                                    config.temperature, config.top_p)
     answers = [p.answer for p in problems for _ in range(config.group_size)]
     rewards, reward_errors = score_completions(reward_fn, rollout.texts, answers, config.reward_timeout)
     rewards = torch.tensor(rewards, dtype=torch.float32, device=rollout.completion_mask.device)  # [B]
@@ -141,7 +144,7 @@ def rollout_step(config: TrainConfig, model, ref_model, tokenizer, problems: lis
     planning_mask = grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, grams)
     ref_logp = None
     if ref_model is not None:
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast():
             ref_logp, _ = completion_logprobs(ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                                               rollout.completion_mask, config.temperature, config.logprob_chunk)  # [B, C]
     token_advantages, amplified, entropy_coef = shape_advantages(config, advantages, rollout, planning_mask, tokenizer,
@@ -149,13 +152,16 @@ def rollout_step(config: TrainConfig, model, ref_model, tokenizer, problems: lis
     return StepBatch(rollout, rewards, reward_errors, token_advantages, planning_mask, amplified, entropy_coef, ref_logp)
 
 
-def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch) -> dict[str, float]:
+def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch,
+                  precision: MixedPrecision = FLOAT32) -> dict[str, float]:
     """Step 5: --ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches.
 
     Per token: the clipped surrogate (grpo.clipped_policy_loss) + beta * KL - entropy_coef * entropy,
     normalised by --loss-agg over the whole batch. An optimizer step whose loss or gradient norm is not
     finite is skipped (gradients dropped) and counted in "nonfinite_updates": one NaN would otherwise spread
-    to every weight.
+    to every weight. Under mixed precision (precision.py) the forward runs under autocast, pi_old is the first
+    pass's own log-probs (the weights have not moved yet; the sampler's cached decode rounds differently), and
+    float16's loss is scaled for the backward and its gradients unscaled before the clip.
     """
     rollout = batch.rollout
     batch_tokens = rollout.completion_mask.sum().clamp(min=1)
@@ -163,13 +169,16 @@ def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch) -> di
     row_groups = micro_batches(rollout.lengths, rollout.group_size, rollout.prompt_ids.shape[1], config.micro_batch_size,
                                config.micro_batch_tokens or 0, shared_prompts=not activation_checkpointing(model))
     model.train()
-    for _ in range(config.ppo_epochs):
+    for epoch in range(config.ppo_epochs):
         finite_loss = True
         for rows in row_groups:  # [b] row indices
             mask = rollout.completion_mask[rows]  # [b, C]
-            logp, entropy = completion_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
-                                                rollout.completion_ids[rows], mask, config.temperature,
-                                                config.logprob_chunk)  # [b, C], [b, C]
+            with precision.autocast():
+                logp, entropy = completion_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                                    rollout.completion_ids[rows], mask, config.temperature,
+                                                    config.logprob_chunk)  # [b, C], [b, C] float32
+            if precision.mixed and epoch == 0:
+                rollout.old_logp[rows] = logp.detach()
             old_logp, advantages = rollout.old_logp[rows], batch.token_advantages[rows]  # [b, C], [b, C]
             per_token = clipped_policy_loss(logp, old_logp, advantages, config.eps_low, config.eps_high)  # [b, C]
             if batch.ref_logp is not None:
@@ -179,20 +188,22 @@ def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch) -> di
             if batch.entropy_coef:
                 per_token = per_token - batch.entropy_coef * entropy  # [b, C]
             loss = aggregate_loss(per_token, mask, config.loss_agg, batch_tokens, len(rollout.texts), config.max_new_tokens)
-            loss.backward()
+            precision.scaler.scale(loss).backward()
             clipped = clip_fractions(logp, old_logp, advantages, mask, config.eps_low, config.eps_high)
             share = mask.sum() / batch_tokens / config.ppo_epochs
             finite_loss = finite_loss and math.isfinite(loss.item())
             totals["loss"] += loss.item() / config.ppo_epochs
             totals["clip_low"] += (clipped.low * share).item()
             totals["clip_high"] += (clipped.high * share).item()
+        precision.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    config.grad_clip if config.grad_clip > 0 else float("inf"))
         totals["grad_norm"] += grad_norm.item() / config.ppo_epochs
         if finite_loss and math.isfinite(grad_norm.item()):
-            optimizer_step(config, optimizer, batch)
+            optimizer_step(config, optimizer, batch, precision.scaler)
         else:
             totals["nonfinite_updates"] += 1
+        precision.scaler.update()  # float16: a lower loss scale after an overflow (a no-op otherwise)
         optimizer.zero_grad(set_to_none=True)
     return totals
 
@@ -206,10 +217,11 @@ def set_learning_rate(optimizer, config: TrainConfig, step: int) -> float:
     return lr
 
 
-def optimizer_step(config: TrainConfig, optimizer, batch: StepBatch) -> None:
-    """optimizer.step(), with a step size the weights' dtype cannot hold (e.g. --lr 1e39 in float32) as a TrainingError."""
+def optimizer_step(config: TrainConfig, optimizer, batch: StepBatch, scaler: torch.amp.GradScaler) -> None:
+    """optimizer.step() (through the float16 loss scaler, which passes it on when disabled), with a step size the
+    weights' dtype cannot hold (e.g. --lr 1e39 in float32) as a TrainingError."""
     try:
-        optimizer.step()
+        scaler.step(optimizer)
     except RuntimeError as error:
         if "overflow" not in str(error):
             raise
@@ -222,8 +234,8 @@ def nonfinite_causes(config: TrainConfig, rewards: torch.Tensor) -> str:
     causes = []
     if not torch.isfinite(rewards).all():
         causes.append("the reward function returned NaN or inf")
-    if config.dtype in ("float16", "bfloat16") or (config.dtype == "auto" and torch.cuda.is_available()):
-        causes.append(f"--dtype {config.dtype} overflowing (try --dtype float32)")
+    if config.dtype == "float16":
+        causes.append("--dtype float16 overflowing (try --dtype bfloat16, which has float32's range)")
     causes.append(f"a learning rate too high (--lr {config.lr:g})")
     return "; ".join(causes)
 
@@ -257,14 +269,15 @@ def count_nonfinite(config: TrainConfig, streak: int, update: dict, step: int, r
 
 
 def held_out_evaluation(config: TrainConfig, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path,
-                        step: int, reward_fn, prompt_format) -> dict:
+                        step: int, reward_fn, prompt_format, precision: MixedPrecision) -> dict:
     """Step 6: held-out pass@k after `step` updates (eval.evaluate); returns its record ("step", "eval/..." keys)."""
     tqdm.write(f"evaluation after {step} steps: {len(problems)} held-out problems x {config.eval_samples} "
                f"sample(s) at temperature {config.eval_temperature:g}; a few of them, planning tokens highlighted:")
-    summary, records = evaluate(model, tokenizer, problems, samples=config.eval_samples,
-                                temperature=config.eval_temperature, max_new_tokens=config.max_new_tokens,
-                                batch_size=config.prompts_per_step * config.group_size, reward_fn=reward_fn,
-                                progress=False, prompt_format=prompt_format)
+    with precision.autocast():
+        summary, records = evaluate(model, tokenizer, problems, samples=config.eval_samples,
+                                    temperature=config.eval_temperature, max_new_tokens=config.max_new_tokens,
+                                    batch_size=config.prompts_per_step * config.group_size, reward_fn=reward_fn,
+                                    progress=False, prompt_format=prompt_format)
     show_samples(run_dir, step, records, grams)
     model.train()
     record = {"step": step, **{f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}}
@@ -279,6 +292,8 @@ def train(config: TrainConfig) -> Path:
     config.threads, why = choose_threads(config.threads)  # recorded in config.json: a resume keeps the count
     torch.set_num_threads(config.threads)
     tqdm.write(f"threads: {config.threads} ({why})")
+    precision = MixedPrecision(config.device, config.dtype)
+    tqdm.write(f"precision: {precision.describe()}")
     seed_everything(config.seed)
     # Inputs first (data, grams, and the model of a new run): one that does not load changes nothing on disk.
     train_problems = load_problems(config.data, flag="--data")
@@ -311,7 +326,7 @@ def train(config: TrainConfig) -> Path:
                               config.max_new_tokens)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=config.weight_decay)
-        start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer)
+        start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer, precision.scaler)
         if resuming:
             record_changed_settings(run_dir, config, start_step)
         log = RunLog(run_dir, config.report_to, saved_settings(config), purge_from=start_step + (latest is not None),
@@ -327,16 +342,17 @@ def train(config: TrainConfig) -> Path:
         for step in bar:
             if config.eval_every and step == 0:
                 log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, 0, reward_fn,
-                                            prompt_format))
+                                            prompt_format, precision))
             started = time.time()
             # Steps 1-4: G completions per problem, their rewards, group advantages, per-token shaping by --algo.
             indices = prompts_for_step(len(train_problems), step, config.prompts_per_step, config.seed)
             problems = [train_problems[i] for i in indices]
-            batch = rollout_step(config, model, ref_model, tokenizer, problems, grams, reward_fn, prompt_format, placebo)
+            batch = rollout_step(config, model, ref_model, tokenizer, problems, grams, reward_fn, prompt_format, placebo,
+                                 precision)
             rollout_seconds = time.time() - started
             # Step 5: the clipped surrogate, one optimizer step per PPO epoch.
             lr = set_learning_rate(optimizer, config, step)
-            update = policy_update(config, model, optimizer, batch)
+            update = policy_update(config, model, optimizer, batch, precision)
             check_weights_finite(config, model, step, batch.rewards)
             # Step 6: log, evaluate, save.
             group_problems = [p for p in problems for _ in range(config.group_size)]
@@ -348,10 +364,10 @@ def train(config: TrainConfig) -> Path:
             last_step = step == config.steps - 1
             if config.eval_every and (last_step or (step + 1) % config.eval_every == 0):
                 log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn,
-                                            prompt_format))
+                                            prompt_format, precision))
             bar.set_postfix(progress_figures(record))
             if last_step or (config.save_every and (step + 1) % config.save_every == 0):
-                checkpoint.save(run_dir, model, tokenizer, optimizer, step, relative, nonfinite_streak,
+                checkpoint.save(run_dir, model, tokenizer, optimizer, precision.scaler, step, relative, nonfinite_streak,
                                 config.keep_checkpoints)
         log.close()
     print_summary(run_dir)

@@ -37,6 +37,7 @@ from data import load_problems
 from eval import prompt_format_from_args
 from reward import load_reward
 from model_loading import load_policy
+from precision import MixedPrecision
 from train import parse_args, policy_update, prompts_for_step, rollout_step, seed_everything
 
 
@@ -130,6 +131,7 @@ def main(argv: list[str]) -> None:
         grams = grams_lib.load_grams(args.grams)
         reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
         model, tokenizer, ref_model = load_policy(args, checkpoint=None)
+        precision = MixedPrecision(args.device, args.dtype)
     except InputError as error:
         sys.exit(report(error))
     loaded_mib = resident_mib()
@@ -153,12 +155,11 @@ def main(argv: list[str]) -> None:
             started = time.perf_counter()
             indices = prompts_for_step(len(problems), step, args.prompts_per_step, args.seed)
             with memory.track(f"sampling {step}"):
-                batch = rollout_step(
-                    args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn, prompt_format
-                )
+                batch = rollout_step(args, model, ref_model, tokenizer, [problems[i] for i in indices], grams, reward_fn,
+                                     prompt_format, precision=precision)
             rolled = time.perf_counter()
             with memory.track(f"update {step}"):
-                policy_update(args, model, optimizer, batch)
+                policy_update(args, model, optimizer, batch, precision)
             done = time.perf_counter()
             tokens = int(batch.rollout.completion_mask.sum())
             floor = step_flop_floor(batch.rollout, params, args.ppo_epochs)

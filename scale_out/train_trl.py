@@ -31,7 +31,8 @@ from transformers import AutoTokenizer
 from cli import AT_LEAST_ONE, FRACTION, InputError, OneLineParser, check_bounds, report
 from config import BOUNDS, TrainConfig, add_flags, flag
 from data import load_problems
-from model_loading import dequantized_folder
+from model_loading import USE_HUB_KERNELS, dequantized_folder
+from precision import ACCELERATE_NAMES
 from reward import REWARDS, score_completions
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE
 
@@ -141,7 +142,8 @@ def build_config(args: argparse.Namespace) -> HicraGRPOConfig:
     """The HicraGRPOConfig of the flags (see the module docstring for the mapping)."""
     batch = args.prompts_per_step * args.group_size
     gpu = torch.cuda.is_available()
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if gpu and torch.cuda.is_bf16_supported() else "float32")
+    dtype = ACCELERATE_NAMES.get(args.dtype, args.dtype)  # --mixed-precision bf16 = --dtype bfloat16
+    dtype = dtype if dtype != "auto" else ("bfloat16" if gpu and torch.cuda.is_bf16_supported() else "float32")
     return HicraGRPOConfig(
         output_dir=args.out,
         algo=args.algo, hicra_alpha=args.alpha, grams=args.grams, entropy_top_q=args.entropy_top_q,
@@ -154,7 +156,8 @@ def build_config(args: argparse.Namespace) -> HicraGRPOConfig:
         num_iterations=args.ppo_epochs, max_steps=args.steps * args.ppo_epochs,
         learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.grad_clip,
         warmup_steps=args.warmup_steps, lr_scheduler_type="constant_with_warmup", seed=args.seed,
-        model_init_kwargs={"dtype": dtype}, bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not gpu,
+        # Mixed precision as train.py (precision.py): float32 weights, accelerate's autocast (and fp16 loss scaling).
+        model_init_kwargs={"dtype": "float32", "use_kernels": USE_HUB_KERNELS}, bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not gpu,
         use_vllm=args.use_vllm, vllm_mode=args.vllm_mode, vllm_gpu_memory_utilization=args.vllm_gpu_memory,
         logging_steps=1, save_strategy="steps", save_steps=args.save_every, report_to=args.report_to,
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),  # passing False warns (deprecated name)

@@ -93,7 +93,7 @@ CASES = [
     Case("device-cuda-missing", TRAIN, "--device cuda", ("--device cuda", "CUDA is not available"), needs_no="cuda"),
     Case("device-mps-missing", TRAIN, "--device mps", ("--device mps", "MPS is not available"), needs_no="mps"),
     Case("device-unknown", TRAIN, "--device gpu", ("--device", "unknown device 'gpu'")),
-    Case("dtype-float16-training", TRAIN, "--dtype float16", ("--dtype float16", "bfloat16 or float32")),
+    Case("mixed-precision-unknown", TRAIN, "--mixed-precision fp8", ("--dtype/--mixed-precision", "fp8")),
     # model folders
     Case("model-no-model-type", TRAIN, "--model {dir}/no_model_type", ("--model", "no_model_type", "model_type")),
     Case("model-missing-folder", TRAIN, "--model {dir}/missing_model", ("--model", "missing_model", "no such folder")),
