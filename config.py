@@ -194,11 +194,14 @@ def add_flags(parser: argparse.ArgumentParser, config_class, only: tuple[str, ..
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """train.py's command line, derived from TrainConfig; `suppress_defaults`: only the flags given appear."""
+    """train.py's command line, derived from TrainConfig; `suppress_defaults`: only the flags given appear (their
+    declared defaults still in --help)."""
     parser = OneLineParser(description="GRPO / HICRA training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(parser, TrainConfig)
     if suppress_defaults:
         for action in parser._actions:
+            if action.help and action.default is not argparse.SUPPRESS:  # what ArgumentDefaultsHelpFormatter adds
+                action.help += f" (default: {str(action.default).replace('%', '%%')})"
             action.default = argparse.SUPPRESS
     return parser
 

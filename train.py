@@ -25,8 +25,10 @@ One step (the loop in `train`):
 Departures from textbook GRPO, each a choice the paper leaves open (README, "Deliberate choices"):
 mean-centred advantages without std scaling (as the paper writes them; --advantage std for the original),
 clip-higher (eps_low 0.2, eps_high 0.28), token-mean loss and no KL (DAPO's defaults); the old log-probs are
-the sampler's own, recorded from the logits each token was drawn from (rollout.py), so with one PPO epoch the
-ratio is 1 and the clip never acts (--ppo-epochs 2 brings it in).
+the sampler's own, recorded from the logits each token was drawn from (rollout.py; under mixed precision the
+first update pass's), so with one PPO epoch the ratio is 1 and the clip never acts (--ppo-epochs 2 brings it in).
+Weights and AdamW state are float32; --dtype bfloat16 / float16 (the default on a GPU: bf16) is mixed precision,
+forward and backward under autocast (precision.py).
 
 Plumbing lives in named files: settings and flags in config.py, model loading in model_loading.py,
 checkpoints and kill-safe resume in checkpoint.py, the run folder's ownership in run_folder.py,
@@ -177,7 +179,7 @@ def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch,
                 logp, entropy = completion_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
                                                     rollout.completion_ids[rows], mask, config.temperature,
                                                     config.logprob_chunk)  # [b, C], [b, C] float32
-            if precision.mixed and epoch == 0:
+            if precision.mixed and epoch == 0:  # pi_old = this pass's own log-probs (see the docstring)
                 rollout.old_logp[rows] = logp.detach()
             old_logp, advantages = rollout.old_logp[rows], batch.token_advantages[rows]  # [b, C], [b, C]
             per_token = clipped_policy_loss(logp, old_logp, advantages, config.eps_low, config.eps_high)  # [b, C]

@@ -21,7 +21,9 @@ def parser_flags(parser) -> dict[str, object]:
 def test_every_setting_is_one_flag_with_its_declared_default_and_help():
     flags = parser_flags(config.build_parser())
     specs = dataclasses.fields(config.TrainConfig)
-    assert sorted(flags) == sorted(flag_name(spec.name) for spec in specs)
+    declared = [flag_name(spec.name) for spec in specs] + [alias for spec in specs for alias in spec.metadata["aliases"]]
+    assert sorted(flags) == sorted(declared)  # each setting once, plus its declared other spellings
+    assert flags["--mixed-precision"] == flags["--dtype"]
     defaults = dataclasses.asdict(config.TrainConfig())
     assert all(flags[flag_name(name)] == value for name, value in defaults.items())
     assert all(spec.metadata["help"] for spec in specs)
@@ -104,9 +106,20 @@ def test_the_trl_launcher_declares_no_flag_of_train_py_again():
     pytest.importorskip("trl")
     from scale_out import train_trl
 
+    specs = {spec.name: spec for spec in dataclasses.fields(config.TrainConfig)}
     shared = {flag_name(name) for name in train_trl.SHARED_FLAGS}
+    shared |= {alias for name in train_trl.SHARED_FLAGS for alias in specs[name].metadata["aliases"]}
     own = {flag_name(spec.name) for spec in dataclasses.fields(train_trl.TrlFlags)}
     trl_flags = parser_flags(train_trl.build_parser())
     assert set(trl_flags) == shared | own
     train_flags = parser_flags(config.build_parser())
     assert all(trl_flags[flag] == train_flags[flag] for flag in shared)  # same defaults: declared once
+
+
+def test_train_help_shows_every_flags_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--lr LR AdamW learning rate (default: 0.0002)" in text
+    assert "training steps (rollout + update) (default: 200)" in text
+    assert text.count("(default:") == len(dataclasses.fields(config.TrainConfig))  # every flag, --help aside

@@ -278,8 +278,8 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_one_line_error(tmp_path, 
 def test_an_update_that_leaves_a_weight_non_finite_stops_the_run_and_saves_nothing(tmp_path, monkeypatch, capsys):
     clean = train.policy_update
 
-    def overflowing(args, model, optimizer, batch):  # as an update with --lr inf would
-        totals = clean(args, model, optimizer, batch)
+    def overflowing(args, model, optimizer, batch, precision):  # as an update with --lr inf would
+        totals = clean(args, model, optimizer, batch, precision)
         with torch.no_grad():
             next(model.parameters())[0, 0] = float("inf")
         return totals

@@ -24,6 +24,7 @@ from grpo import aggregate_loss, clipped_policy_loss, group_advantages  # noqa: 
 from hicra import hicra_advantages  # noqa: E402
 from scale_out.hicra_trl import LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer  # noqa: E402
 from rollout import completion_logprobs  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 GROUP = 4
 MAX_NEW_TOKENS = 24
@@ -208,6 +209,19 @@ def test_two_step_world_run_writes_a_checkpoint_eval_reads(tmp_path):
                           "--max-new-tokens", "48", "--no-greedy", "--quiet", "--out", str(tmp_path / "eval")])
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert code == 0 and 0.0 <= summary["passes"]["sampled T=0.6"]["pass@1"] <= 1.0
+
+
+def test_bf16_mixed_precision_run_trains_float32_weights(tmp_path):
+    """--dtype bfloat16 is TRL's bf16=True (accelerate's autocast) on float32 weights, as in train.py."""
+    out = tmp_path / "run"
+    train_trl.main(["--steps", "1", "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "8",
+                    "--max-new-tokens", "64", "--save-every", "1", "--dtype", "bfloat16", "--algo", "hicra",
+                    "--out", str(out)])
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    step = next(record for record in state["log_history"] if "loss" in record)
+    assert math.isfinite(step["loss"]) and step["grad_norm"] > 0
+    weights = load_file(out / "checkpoint-1" / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
 
 
 def test_config_rejects_bad_values_before_loading_anything(tmp_path):
