@@ -27,6 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data import WORLD_SPLITS
 from cli import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bound, InputError, OneLineParser,
                  check_bounds, flag_name)
 from grpo import ADVANTAGE_MODES, AGGREGATIONS
@@ -94,7 +95,9 @@ class TrainConfig(PromptFlags, ModelFlags):
     lora_alpha: float = flag(32.0, "LoRA scaling numerator (alpha / rank)", "model", POSITIVE)
 
     data: str = flag("world_train", "training problems: benchmark name or JSONL file", "data")
-    eval_data: str = flag("world", "held-out problems: benchmark name or JSONL file", "data")
+    eval_data: str | None = flag(None, "held-out problems: benchmark name or JSONL file; unset: those of --data "
+                                       "(world_train: world, world_v1_train: world_v1, gsm8k_train: gsm8k; a file or "
+                                       "another name: none, and no held-out evaluation)", "data")
     eval_limit: int = flag(500, "held-out problems per evaluation (the first N)", "data", AT_LEAST_ONE)
     reward: str = flag("boxed", REWARD_HELP, "data")
     reward_timeout: float = flag(REWARD_TIMEOUT_S, "seconds a grading may run (custom rewards too); one still running "
@@ -111,7 +114,8 @@ class TrainConfig(PromptFlags, ModelFlags):
 
     algo: str = flag("hicra", "advantage shaping, see train.py's docstring", "algorithm", choices=ALGOS)
     alpha: float = flag(PAPER_ALPHA, "HICRA amplification, in [0, 1]", "algorithm", UNIT_INTERVAL)
-    grams: str = flag("world", "strategic grams: preset (paper, world) or a file", "algorithm")
+    grams: str | None = flag(None, "strategic grams: preset (paper, world) or a file; unset: world for the built-in "
+                                   "world's --data, paper otherwise", "algorithm")
     advantage: str = flag("center", "group baseline form", "algorithm", choices=ADVANTAGE_MODES)
     eps_low: float = flag(0.2, "lower clip range: ratio >= 1 - eps_low", "algorithm", UNIT_INTERVAL)
     eps_high: float = flag(0.28, "upper clip range (clip-higher, DAPO)", "algorithm", NON_NEGATIVE)
@@ -154,6 +158,15 @@ class TrainConfig(PromptFlags, ModelFlags):
     config: str | None = flag(None, "read settings from a YAML or JSON file (e.g. a run's config.json); flags given "
                                     "on the command line override it", "run", metavar="FILE")
 
+    def __post_init__(self):
+        """--eval-data and --grams follow --data when not set (HELD_OUT; the world's grams for world data)."""
+        if self.eval_data is None:
+            self.eval_data = HELD_OUT.get(self.data)
+        if self.grams is None:
+            self.grams = "world" if self.data in WORLD_SPLITS else "paper"
+
+
+HELD_OUT = {"world_train": "world", "world_v1_train": "world_v1", "gsm8k_train": "gsm8k"}  # --data -> its held-out set
 
 # ---------------------------------------------------------------- derived: the command line
 
@@ -294,6 +307,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         settings.update(read_settings(explicit["config"], "--config"))
     config = TrainConfig(**{**settings, **explicit})
     config.dtype = ACCELERATE_NAMES.get(config.dtype, config.dtype)  # --mixed-precision bf16 = --dtype bfloat16
+    if config.eval_data is None and config.eval_every:
+        print(f"note: --data {config.data} has no held-out set of its own: no held-out evaluation (--eval-data NAME "
+              "to have one)")
+        config.eval_every = 0
     if config.out is None:
         config.out = f"runs/{config.algo}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     check_bounds(config, BOUNDS)

@@ -1,8 +1,9 @@
 """Evaluation: pass@1 averaged over K samples, pass@k, and a greedy pass.
 
+    python eval.py --model RUN_DIR/checkpoint              # a train.py run's model, on the run's held-out problems
     python eval.py --model PATH_OR_ID --benchmark math500 --samples 4 --temperature 0.6
     python eval.py --model RUN_DIR/checkpoint --benchmark aime24 --protocol paper
-    python eval.py plot RUN_DIR [RUN_DIR ...]          (figures, see plots.py)
+    python eval.py plot RUN_DIR [RUN_DIR ...]          (figures, see analysis/plots.py)
 
 Choices, and where they come from:
 - The paper's protocol (Sec. 5): pass@1 at temperature 0.6 averaged over K samples, K = 32 for
@@ -16,6 +17,9 @@ Choices, and where they come from:
   --max-new-tokens, `no_box` those without a complete \\boxed{}, `timeouts` gradings that ran past
   reward.DEFAULT_TIMEOUT_S (scored wrong).
 - The model loads through model_loading.load_model (HF folder, hub id or GGUF file).
+- A train.py checkpoint (RUN_DIR/checkpoint or RUN_DIR/checkpoint-N) is evaluated as its run was: the run's
+  held-out problems (--eval-data), prompt (--instruction, --system-prompt, --few-shot), reward and
+  --max-new-tokens come from RUN_DIR/config.json unless given on the command line (`RUN_SETTINGS`).
 """
 
 import argparse
@@ -31,17 +35,21 @@ import transformers
 from tqdm import tqdm
 
 from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, report
-from config import ModelFlags, PromptFlags, add_flags
+from config import ModelFlags, PromptFlags, add_flags, read_settings
 from data import Problem, load_problems, read_examples
 from metrics import standard_error
 from model_loading import check_model_flags, choose_threads, load_model
 from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
-from rollout import PromptFormat, format_prompt, generate_rollouts
+from rollout import PromptFormat, check_prompts_fit, format_prompt, generate_rollouts
+from run_folder import is_run
 from world.tasks import check_world_model
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
 PAPER_TEMPERATURE = 0.6
 CHECKPOINT_FOLDER = re.compile(r"checkpoint(-\d+)?")  # train.py's and TRL's checkpoint folder names
+# eval.py's setting <- the train.py setting of the run a checkpoint belongs to (run_settings)
+RUN_SETTINGS = {"benchmark": "eval_data", "instruction": "instruction", "system_prompt": "system_prompt",
+                "few_shot": "few_shot", "reward": "reward", "max_new_tokens": "max_new_tokens"}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -149,18 +157,22 @@ def prompt_format_from_args(args: argparse.Namespace) -> PromptFormat:
     return PromptFormat(instruction=args.instruction, system=args.system_prompt, examples=examples)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line, flags grouped as model / benchmark / sampling / output."""
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The command line, flags grouped as model / benchmark / sampling / output; `suppress_defaults`: only the
+    flags given appear in the parsed namespace."""
     parser = OneLineParser(
         description="Evaluate a model on a benchmark (pass@k and greedy). `python eval.py plot RUN_DIR ...` draws figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_flags(parser, ModelFlags, overrides={
         "model": dict(default=None, required=True, help="HF folder (e.g. RUN_DIR/checkpoint), hub id, or .gguf file"),
+        "threads": dict(help="CPU threads for torch; 0 = one per core not kept busy by other programs (chosen at "
+                             "start and printed)"),
     })
     add_flags(parser, PromptFlags)
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--benchmark", required=True, help="benchmark name (see data.BENCHMARKS) or a .jsonl file")
+    bench.add_argument("--benchmark", default=None, help="benchmark name (see data.BENCHMARKS) or a .jsonl file; "
+                       "required unless --model is a train.py run's checkpoint (its --eval-data)")
     bench.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     bench.add_argument("--reward", default="boxed", help=f"grader (boxed = strict, as the paper); {REWARD_HELP}")
     sampling = parser.add_argument_group("sampling")
@@ -179,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--out", default=None,
                         help="output folder (None: runs/eval-BENCHMARK-MODEL; MODEL is RUN-checkpoint for RUN/checkpoint)")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
+    if suppress_defaults:
+        for action in parser._actions:
+            action.default, action.required = argparse.SUPPRESS, False
     return parser
 
 
@@ -186,6 +201,31 @@ EVAL_BOUNDS = {
     "limit": AT_LEAST_ONE, "samples": AT_LEAST_ONE, "max_new_tokens": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
     "temperature": NON_NEGATIVE, "top_p": FRACTION, "seed": SEED,
 }
+
+
+def run_settings(model: str) -> dict:
+    """The settings a train.py checkpoint's run evaluated with ({} for any other model): RUN_SETTINGS read from
+    RUN_DIR/config.json beside RUN_DIR/checkpoint(-N), under eval.py's names."""
+    folder = Path(model).expanduser()
+    if not (CHECKPOINT_FOLDER.fullmatch(folder.name) and folder.is_dir() and is_run(folder.parent)):
+        return {}  # TRL's output folder holds a config.json too: the model's, not a run's
+    saved = read_settings(str(folder.parent / "config.json"), "--model")
+    return {name: saved[setting] for name, setting in RUN_SETTINGS.items() if setting in saved}
+
+
+def apply_run_settings(args: argparse.Namespace, argv: list[str]) -> None:
+    """Fill the settings not given on the command line from the run of a train.py checkpoint (run_settings),
+    saying which; a model that is not one needs --benchmark."""
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    taken = {name: value for name, value in run_settings(args.model).items() if name not in explicit}
+    for name, value in taken.items():
+        setattr(args, name, value)
+    if taken:
+        print(f"from {Path(args.model).expanduser().parent / 'config.json'}: "
+              + ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in taken.items() if value is not None))
+    if args.benchmark is None:
+        raise InputError("--benchmark: required (a benchmark name or .jsonl file), unless --model is a train.py "
+                         "run's checkpoint, whose held-out problems are then used")
 
 
 def check_args(args: argparse.Namespace) -> list[int]:
@@ -246,24 +286,25 @@ def run(args: argparse.Namespace) -> dict:
     problems = load_problems(args.benchmark, args.limit, args.seed, flag="--benchmark")
     reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.gguf_file)
+    check_prompts_fit(model, tokenizer, [p.problem for p in problems], prompt_format, args.max_new_tokens)
     passes = {}
     if args.temperature > 0:
         passes[f"sampled T={args.temperature:g}"] = (args.samples, args.temperature, ks)
     if args.greedy or args.temperature == 0:
         passes["greedy"] = (1, 0.0, [1])
-    out.mkdir(parents=True, exist_ok=True)
     summary = dict(model=args.model, gguf_file=args.gguf_file, benchmark=args.benchmark, problems=len(problems),
                    max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed, reward=args.reward,
                    instruction=args.instruction, system_prompt=args.system_prompt, few_shot=args.few_shot, passes={})
+    lines = []
+    for name, (samples, temperature, pass_ks) in passes.items():
+        torch.manual_seed(args.seed)
+        result, records = evaluate(model, tokenizer, problems, samples, temperature, args.max_new_tokens,
+                                   args.batch_size, reward_fn, args.top_p, not args.quiet, pass_ks, prompt_format)
+        summary["passes"][name] = result
+        lines += [json.dumps({"pass": name, "index": index, **record}) + "\n" for index, record in enumerate(records)]
+    out.mkdir(parents=True, exist_ok=True)  # only now: an evaluation that fails leaves nothing behind
     results, summary_path = out / "results.jsonl", out / "summary.json"
-    with results.with_suffix(".jsonl.tmp").open("w", encoding="utf-8") as f:
-        for name, (samples, temperature, pass_ks) in passes.items():
-            torch.manual_seed(args.seed)
-            result, records = evaluate(model, tokenizer, problems, samples, temperature, args.max_new_tokens,
-                                       args.batch_size, reward_fn, args.top_p, not args.quiet, pass_ks, prompt_format)
-            summary["passes"][name] = result
-            for index, record in enumerate(records):
-                f.write(json.dumps({"pass": name, "index": index, **record}) + "\n")
+    results.with_suffix(".jsonl.tmp").write_text("".join(lines), encoding="utf-8")
     summary_path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     results.with_suffix(".jsonl.tmp").replace(results)
     summary_path.with_suffix(".json.tmp").replace(summary_path)
@@ -282,7 +323,9 @@ def main(argv: list[str]) -> int:
 
             plots.main(argv[1:])
         else:
-            run(build_parser().parse_args(argv))
+            args = build_parser().parse_args(argv)
+            apply_run_settings(args, argv)
+            run(args)
     except InputError as error:
         return report(error)
     except FileNotFoundError as error:  # plots: a RUN_DIR without metrics.jsonl

@@ -1,7 +1,7 @@
 """Training-dynamics metrics of the paper (Sec. 4), computed from one rollout batch.
 
-train.py calls `rollout_metrics` at every step and passes the result through one `RelativeToFirst`
-for the whole run. Choices the paper leaves open, made here:
+train.py calls `step_metrics` at every step, which computes `rollout_metrics` and passes them through one
+`RelativeToFirst` for the whole run. Choices the paper leaves open, made here:
 
 - planning tokens are the completion tokens inside a strategic-gram occurrence (`planning_mask`);
   execution tokens are all other completion tokens (EOS included);

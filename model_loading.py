@@ -159,8 +159,9 @@ def choose_threads(requested: int) -> tuple[int, str]:
     """The CPU threads for torch and why: `requested` when set (--threads N); else torch's own choice (one per
     core) minus the CPUs other programs keep busy, at least 1. On a busy machine more threads than free cores
     is a collapse, not a speed-up: with two busy loops on two cores, 2 threads took 1.7x as long per step as 1
-    (benchmarks/bench_threads.py). Results differ in the last digits between thread counts, so train.py
-    records the count it chose in config.json and a resumed run keeps it."""
+    (benchmarks/bench_threads.py). One step's results differ in the last digits between thread counts, and
+    training amplifies that over tens of steps, so train.py records the count it chose in config.json (and
+    RUN_DIR/environment.jsonl) and a resumed run keeps it."""
     if requested:
         return requested, "--threads"
     cores = torch.get_num_threads()

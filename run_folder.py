@@ -27,7 +27,8 @@ from cli import InputError
 
 MARKER = "hicra_run.json"  # {"created_by": "train.py", ...}: this folder is a run
 LOCK = ".lock"  # flock'ed by the one process writing the run; holds its pid and host
-KEPT_NAMES = ("metrics.jsonl", "config.json", "placebo_grams.txt", "resumes.jsonl", MARKER)  # never links
+KEPT_NAMES = ("metrics.jsonl", "config.json", "placebo_grams.txt", "resumes.jsonl", "environment.jsonl",
+              MARKER)  # never links
 
 
 def is_run(run_dir: Path) -> bool:

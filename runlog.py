@@ -2,6 +2,8 @@
 
 - metrics.jsonl: one JSON line per training step and one per held-out evaluation (its "step" is the
   number of updates done, its keys start with "eval/"). It is the source of truth; trackers mirror it.
+- environment.jsonl: one line per start or resume: CPU model and the instruction set torch's kernels use, threads,
+  GPU, torch / transformers / Python versions (float results repeat only where these are the same).
 - samples_stepNNNNN.html: a few held-out completions at each evaluation, planning tokens highlighted
   (also printed, coloured on a terminal).
 - Trackers (`--report-to tensorboard wandb`), optional packages, neither in requirements.txt; asking for
@@ -18,9 +20,12 @@ import html
 import importlib.util
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 
+import torch
+import transformers
 from tqdm import tqdm
 
 import grams as grams_lib
@@ -69,14 +74,16 @@ def format_eval(record: dict) -> str:
 
 def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]) -> None:
     """Print a few held-out completions with planning tokens coloured, and write them as HTML."""
-    shown = [(visible(r["problem"]), visible(r["completions"][0]), r["correct"][0]) for r in records[:SAMPLES_SHOWN]]
+    shown = [(visible(r["problem"]), visible(r["completions"][0]), r["correct"][0], visible(str(r["answer"])))
+             for r in records[:SAMPLES_SHOWN]]
     blocks = []
-    for problem, completion, correct in shown:
+    for problem, completion, correct, answer in shown:
+        verdict = "correct" if correct else f"wrong (the answer is {answer})"
         spans = grams_lib.find_gram_spans(completion, grams)
         style = "ansi" if use_colour(sys.stdout) else "plain"
-        tqdm.write(f"--- {'correct' if correct else 'wrong'}: {problem}\n{grams_lib.highlight_planning(completion, spans, style)}")
+        tqdm.write(f"--- {verdict}: {problem}\n{grams_lib.highlight_planning(completion, spans, style)}")
         blocks.append(
-            f"<h3>{'correct' if correct else 'wrong'}</h3><p><b>{html.escape(problem)}</b></p>"
+            f"<h3>{html.escape(verdict)}</h3><p><b>{html.escape(problem)}</b></p>"
             f"<pre>{grams_lib.highlight_planning(completion, spans, 'html')}</pre>"
         )
     page = (
@@ -84,6 +91,43 @@ def show_samples(run_dir: Path, step: int, records: list[dict], grams: list[str]
         f"</head><body><h2>Held-out samples at step {step} (planning tokens highlighted)</h2>{''.join(blocks)}</body></html>"
     )
     write_atomically(run_dir / f"samples_step{step:05d}.html", page)
+
+
+ENVIRONMENT = "environment.jsonl"  # one line per start or resume of a run: where it ran
+
+
+def environment(device: str) -> dict:
+    """Where this process computes: float results, and so a run's per-seed figures, repeat only on the same CPU
+    type (the instruction set torch's kernels use) and thread count, with the same library versions."""
+    cpu = next((line.split(":", 1)[1].strip() for line in read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    gpu = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def read_lines(path: str) -> list[str]:
+    """The lines of a text file, [] where it cannot be read (/proc/cpuinfo off Linux)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read().splitlines()
+    except OSError:
+        return []
+
+
+def record_environment(run_dir: Path, step: int, device: str) -> None:
+    """Append this process's environment to RUN_DIR/environment.jsonl, from `step` on, and print it."""
+    where = environment(device)
+    append_line(run_dir / ENVIRONMENT, json.dumps({"step": step, **where}))
+    print(f"environment: {describe_environment(where)} (results repeat on the same CPU type, --threads and versions)")
+
+
+def describe_environment(where: dict) -> str:
+    """One line: CPU (instruction set), threads, GPU, versions."""
+    gpu = f", {where['gpu']}" if where.get("gpu") else ""
+    return (f"{where['cpu']} ({where['cpu_capability']}), {where['threads']} threads{gpu}; torch {where['torch']}, "
+            f"transformers {where['transformers']}, Python {where['python']}")
 
 
 SUMMARY_WINDOW = 10  # steps averaged at each end of the run in the summary: one step's figures are noisy
@@ -124,6 +168,10 @@ def print_summary(run_dir: Path) -> None:
             print(f"  {key:<18} first {mean_and_error(first)}   last {mean_and_error(last)}")
     for record in evals:
         print(f"  held-out after {record['step']:>4} steps: {format_eval(record)}")
+    environments = [json.loads(line) for line in read_lines(str(run_dir / ENVIRONMENT)) if line]
+    if environments:
+        print(f"  ran on: {describe_environment(environments[-1])}"
+              + (f" (and {len(environments) - 1} other start(s): {run_dir / ENVIRONMENT})" if len(environments) > 1 else ""))
     print(f"  metrics: {path}\n  checkpoint: {run_dir / 'checkpoint'}")
 
 

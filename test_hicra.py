@@ -471,6 +471,17 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_model_dir, tmp_path
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_each_start_of_a_run_records_where_it_ran(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(tiny_args(tiny_model_dir, out, "--steps", "1", "--threads", "1"))
+    train.main(["--resume", str(out), "--steps", "2"])
+    lines = [json.loads(line) for line in (out / "environment.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1] and all(line["threads"] == 1 for line in lines)
+    assert lines[0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert lines[0]["torch"] == torch.__version__ and lines[0]["cpu"]
+    assert "ran on: " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("algo", ["grpo", "hicra", "high_entropy"])
 def test_every_algo_runs_a_step(tiny_model_dir, tmp_path, algo):
     train.main(tiny_args(tiny_model_dir, tmp_path / algo, "--steps", "1", "--algo", algo))

@@ -67,7 +67,8 @@ from reward import describe_failure, load_reward, score_completions
 from run_folder import write_atomically
 from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,
                      format_prompt, generate_rollouts, micro_batches)
-from runlog import PROGRESS_LEGEND, RunLog, check_installed, format_eval, print_summary, progress_figures, show_samples
+from runlog import (PROGRESS_LEGEND, RunLog, check_installed, format_eval, print_summary, progress_figures,
+                    record_environment, show_samples)
 
 
 FAILED_REWARD_STEPS = 3  # steps in a row on which every grading failed: the reward is broken, not the model
@@ -333,6 +334,7 @@ def train(config: TrainConfig) -> Path:
             record_changed_settings(run_dir, config, start_step)
         log = RunLog(run_dir, config.report_to, saved_settings(config), purge_from=start_step + (latest is not None),
                      max_new_tokens=config.max_new_tokens)
+        record_environment(run_dir, start_step, precision.device)
         if start_step >= config.steps:
             tqdm.write(f"{run_dir} has already trained {start_step} steps (--steps {config.steps}): nothing to do; "
                        "raise --steps to continue")

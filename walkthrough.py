@@ -115,6 +115,19 @@ for t, (token, is_plan) in enumerate(zip(tokens, planning[row][completion[row]].
         print(f"  {token:<14}{'yes' if is_plan else '':>9}{grpo_tokens[row, t]:>+10.3f}{hicra_tokens[row, t]:>+13.3f}")
 same = torch.equal(hicra_tokens[completion], grpo_tokens[completion])
 print(f"HICRA advantages equal GRPO's on every token: {same}")
+failed = [r for r in range(len(rollout.texts)) if advantages[r] < 0 and (planning[r] & completion[r]).any()]
+if failed:  # a failed completion with planning tokens: HICRA softens their blame to (1 - alpha) x A
+    f = failed[0]
+    plan_values = sorted({round(v, 3) for v in hicra_tokens[f][planning[f] & completion[f]].tolist()})
+    exec_values = sorted({round(v, 3) for v in hicra_tokens[f][completion[f] & ~planning[f]].tolist()})
+    print(f"failed completion [{f}], A = {advantages[f]:+.3f}: A^H on its planning tokens {plan_values}, "
+          f"on its execution tokens {exec_values}")
+for group in range(PROMPTS):
+    rows = slice(group * G, (group + 1) * G)
+    if rewards[rows].std() == 0:
+        tokens_in_group = int(completion[rows].sum())
+        print(f"zero-variance group {group}: A^H is 0 on all its {tokens_in_group} tokens: "
+              f"{bool((hicra_tokens[rows][completion[rows]] == 0).all())}")
 
 # %% [markdown]
 # ## 6. The ratio and the clipped surrogate (`grpo.clipped_policy_loss`, `grpo.clip_fractions`)
@@ -177,11 +190,63 @@ print(f"second pass: ratio in [{ratio.min():.3f}, {ratio.max():.3f}], "
       f"clipped below {clipped.low:.3f}, above {clipped.high:.3f}")
 
 # %% [markdown]
-# ## Exercises (each answer is checked by running)
-# 1. Set alpha to 0 (`WALKTHROUGH_ALPHA=0 python walkthrough.py`): step 5 prints "HICRA advantages equal
-#    GRPO's on every token: True", and step 7's ratios to GRPO are all 1.000.
+# ## 9. Why a confident token barely moves (the policy gradient at the logits)
+# The loss reaches the weights through the logits z of each position. For a token y drawn with probability p,
+# d logp_y / d z = e_y - softmax(z), whose norm lies between 1 - p and sqrt(2) (1 - p). So a token the policy
+# already predicts with near certainty receives almost no gradient, whatever its advantage, and amplifying
+# that advantage by 1.2 changes little. (The model here is the one step 8 just updated.) Compare the mean p
+# of planning and execution tokens below: in this world most tokens, planning ones included, are near 1.
+
+# %%
+with torch.no_grad():
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], dim=1)  # [B, P+C]
+    logits = model(input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1), attention_mask=attention_mask,
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)).logits  # [B, P+C, V], as in training
+    logits = logits[:, rollout.prompt_ids.shape[1] - 1 : -1].float() / config.temperature  # [B, C, V]
+    probs = logits.softmax(-1)  # [B, C, V]
+    onehot = torch.nn.functional.one_hot(rollout.completion_ids, probs.shape[-1]).float()  # [B, C, V]
+    push = (onehot - probs).norm(dim=-1)  # [B, C]: |d logp_y / d z| at each completion token
+    p_token = probs.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, C]
+for name, mask in (("planning", planning & completion), ("execution", completion & ~planning)):
+    print(f"mean over {name} tokens: p(token) {p_token[mask].mean():.3f}, |e_y - softmax(z)| {push[mask].mean():.3f}")
+sure = torch.where(planning & completion, p_token, -1.0).flatten().argmax()  # the most confident planning token
+r, t = divmod(int(sure), p_token.shape[1])
+print(f"most confident planning token {tokenizer.convert_ids_to_tokens(int(rollout.completion_ids[r, t]))!r}: "
+      f"1 - p = {1 - p_token[r, t]:.3e}, |e_y - softmax(z)| = {push[r, t]:.3e}, sqrt(2) (1 - p) = "
+      f"{2 ** 0.5 * (1 - p_token[r, t]):.3e}")  # 1 - p <= |e_y - softmax(z)| <= sqrt(2) (1 - p)
+
+# %% [markdown]
+# ## 10. Exercise: write the HICRA advantage yourself
+# Replace the body of `my_hicra_advantages` with your own code from the formula in step 5 (it is written out
+# below as one answer). The line under it compares yours with `hicra.hicra_advantages` on this batch.
+
+# %%
+def my_hicra_advantages(advantages, planning_mask, alpha):
+    """A^H_{i,t} = A_i + alpha * |A_i| where token t of completion i is a planning token, A_i elsewhere."""
+    per_token = advantages[:, None].expand(planning_mask.shape)  # [B, C]
+    return per_token + alpha * per_token.abs() * planning_mask  # [B, C]
+
+
+mine = my_hicra_advantages(advantages, planning, ALPHA)
+print(f"your A^H equals hicra.hicra_advantages on every completion token: "
+      f"{torch.allclose(mine[completion], hicra_tokens[completion])}")
+
+# %% [markdown]
+# ## Exercises (each answer is printed by the script, and tests/test_walkthrough.py checks it)
+# 1. Set alpha to 0 (`WALKTHROUGH_ALPHA=0 python walkthrough.py`). Look at step 5's last line, "HICRA
+#    advantages equal GRPO's on every token", and at step 7's "x GRPO's" ratios. Predict both first.
+#    (True, and 1.000 everywhere.)
 # 2. Find a zero-variance group: take more problems (`WALKTHROUGH_PROMPTS=8 python walkthrough.py`) until
-#    step 3 marks a group whose rewards are all equal. Its advantages are all 0, so neither GRPO nor HICRA
-#    learns from it (step 5: its A^H is 0 on every token).
-# 3. With alpha = 1, what do the planning tokens of a failed completion receive? Predict from the formula
-#    (A + |A| = 0 for A < 0), then check in step 5's table with `WALKTHROUGH_ALPHA=1`.
+#    step 3 marks a group whose rewards are all equal. Look at step 5's line "zero-variance group g: A^H is 0
+#    on all its N tokens". Predict it first. (True: neither GRPO nor HICRA learns from such a group.)
+# 3. With alpha = 1 (`WALKTHROUGH_ALPHA=1 python walkthrough.py`), what do the planning tokens of a failed
+#    completion receive? Predict from the formula, then look at step 5's line "failed completion [i], A = ...:
+#    A^H on its planning tokens [...]". (A + |A| = 0 for A < 0: [0.0]; its execution tokens keep A.)
+# 4. Step 9: which tokens does the policy already predict with near certainty, planning or execution? Predict
+#    the most confident planning token's |e_y - softmax(z)| from its 1 - p before reading it.
+#    (Between 1 - p and sqrt(2) (1 - p): a token with 1 - p = 1e-4 gets about a ten-thousandth of a full push.)
+# 5. Step 10: delete the body of `my_hicra_advantages` and write your own; the line under it says whether it
+#    equals the project's on every token. Then break it on purpose (forget the `abs`) and watch it fail.
+# 6. Step 8: the second pass over the same rollouts is off-policy, and the clip acts there. Look at "second
+#    pass: ratio in [...], clipped below ..., above ...". Which side clips more, below (1 - eps_low) or above
+#    (1 + eps_high)? (The script prints both; the first pass clips nothing, the second does.)

@@ -14,8 +14,10 @@ and "eval/..." on evaluation steps) and config.json ("algo", "seed"). PNGs go in
                                each strategy, and the progress of execution vs planning metrics toward
                                their total change with the step where each reaches 80% (metrics.phase_summary).
 
-Curves are smoothed with a trailing moving average over SMOOTH_FRACTION of the run's points (at least 1,
-at most MAX_WINDOW), with the raw values drawn faintly behind. A panel whose keys no run logged shows a
+Curves are smoothed with a trailing moving average over the last SMOOTH_STEPS steps, the same window for every
+run in every figure (so two runs with the same first steps draw them the same), with the raw values drawn
+faintly behind; held-out evaluations, logged every --eval-every steps, are drawn as logged. Bands of
+probabilities (accuracies, pass@k) are clipped to [0, 1], and the figure says so. A panel whose keys no run logged shows a
 note instead of a curve.
 """
 
@@ -38,8 +40,7 @@ from metrics import (EXECUTION_PHASE_KEYS, PHASE_FRACTION, PHASE_WINDOW, PLANNIN
 
 matplotlib.use("Agg")  # files only, no display
 
-SMOOTH_FRACTION = 0.05  # moving-average window, as a share of the number of points
-MAX_WINDOW = 25  # longest moving-average window, in points
+SMOOTH_STEPS = 10  # moving-average window, in training steps (the default run's 200 steps: 5% of them)
 DPI = 100
 RAW_ALPHA = 0.25  # opacity of the raw (unsmoothed) curve behind the smoothed one
 EVAL_ACCURACY_KEYS = ("eval/accuracy", "eval/pass@1", "eval/pass_at_1")  # first one a run logged is used
@@ -87,18 +88,19 @@ def series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
-def smooth(values: np.ndarray) -> np.ndarray:
-    """Trailing moving average; window = SMOOTH_FRACTION of the points, clipped to [1, MAX_WINDOW]."""
-    window = min(MAX_WINDOW, max(1, round(SMOOTH_FRACTION * len(values))))
+def smooth(steps: np.ndarray, values: np.ndarray, window: int = SMOOTH_STEPS) -> np.ndarray:
+    """Trailing moving average over steps: at step s, the mean of the values logged at steps in (s - window, s].
+    steps [N] increasing, values [N] -> [N]."""
     sums = np.cumsum(np.insert(values, 0, 0.0))
-    starts = np.maximum(np.arange(len(values)) + 1 - window, 0)
-    return (sums[1:] - sums[starts]) / (np.arange(len(values)) + 1 - starts)
+    starts = np.searchsorted(steps, steps - window, side="right")  # [N], first point inside each window
+    ends = np.arange(1, len(values) + 1)
+    return (sums[ends] - sums[starts]) / (ends - starts)
 
 
 def plot_curve(ax, steps: np.ndarray, values: np.ndarray, label: str, color, linestyle: str = "-") -> None:
     """The smoothed curve, with the raw values faintly behind it."""
     ax.plot(steps, values, color=color, alpha=RAW_ALPHA, linewidth=0.8, linestyle=linestyle)
-    ax.plot(steps, smooth(values), color=color, linewidth=1.6, linestyle=linestyle, label=label)
+    ax.plot(steps, smooth(steps, values), color=color, linewidth=1.6, linestyle=linestyle, label=label)
 
 
 def note_missing(ax, keys: list[str]) -> None:
@@ -177,16 +179,23 @@ def aligned(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
     """Smoothed curves of `key` at the steps every run logged: (steps [S], values [R, S])."""
     curves = [series(run, key) for run in runs]
     common = sorted(set.intersection(*(set(steps.tolist()) for steps, _ in curves)))
-    values = [smooth(v)[np.isin(s, common)] for s, v in curves]
+    values = [smooth(s, v)[np.isin(s, common)] for s, v in curves]
     return np.asarray(common), np.asarray(values).reshape(len(runs), len(common))
 
 
-def band_limits(values: np.ndarray, band: str) -> tuple[np.ndarray, np.ndarray]:
-    """Lower and upper band over runs at each step: "minmax", or "ci" (95% Student-t interval). values [R, S]."""
+def is_probability(key: str) -> bool:
+    """Whether a logged key is a probability (an accuracy, a pass@k), whose band must stay inside [0, 1]."""
+    return key in ("accuracy", "pass_at_k", "reward") or key.startswith("eval/pass@") and not key.endswith("_se")
+
+
+def band_limits(values: np.ndarray, band: str, probability: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper band over runs at each step: "minmax", or "ci" (95% Student-t interval), clipped to [0, 1]
+    for a probability (a t interval over few seeds runs past it). values [R, S]."""
     if band == "minmax":
         return values.min(axis=0), values.max(axis=0)
     intervals = [mean_confidence_interval(column.tolist()) for column in values.T]
-    return np.array([i[1] for i in intervals]), np.array([i[2] for i in intervals])
+    low, high = np.array([i[1] for i in intervals]), np.array([i[2] for i in intervals])
+    return (np.clip(low, 0, 1), np.clip(high, 0, 1)) if probability else (low, high)
 
 
 def plot_groups(ax, runs: list[Run], key: str, title: str, ylabel: str = "", band: str = "minmax") -> None:
@@ -203,7 +212,7 @@ def plot_groups(ax, runs: list[Run], key: str, title: str, ylabel: str = "", ban
         elif logged:
             steps, values = aligned(logged, key)
             ax.plot(steps, values.mean(axis=0), color=color, linewidth=1.6, label=f"{algo} (mean of {len(logged)})")
-            ax.fill_between(steps, *band_limits(values, band), color=color, alpha=0.2)
+            ax.fill_between(steps, *band_limits(values, band, is_probability(key)), color=color, alpha=0.2)
         drawn = drawn or bool(logged)
     finish_panel(ax, title, ylabel, drawn, [key])
 
@@ -219,8 +228,8 @@ def fig6_comparison(runs: list[Run], out: Path, band: str = "minmax", name: str 
     plot_groups(axes[0, 1], runs, accuracy_key, f"validation accuracy ({accuracy_key})", band=band)
     plot_groups(axes[1, 0], runs, "entropy_all", "token entropy (all tokens)", "nats", band)
     plot_groups(axes[1, 1], runs, "pass_at_k", "training pass@k (k = group size)", band=band)
-    what = "95% t interval of the mean" if band == "ci" else "min-max"
-    fig.suptitle(f"Comparison of runs (band: {what} over seeds)")
+    what = "95% t interval of the mean, clipped to [0, 1] for probabilities" if band == "ci" else "min-max"
+    fig.suptitle(f"Comparison of runs (band: {what} over seeds; curves: mean over the last {SMOOTH_STEPS} steps)")
     return save(fig, out / name)
 
 

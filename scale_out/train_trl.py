@@ -146,7 +146,7 @@ def build_config(args: argparse.Namespace) -> HicraGRPOConfig:
     dtype = dtype if dtype != "auto" else ("bfloat16" if gpu and torch.cuda.is_bf16_supported() else "float32")
     return HicraGRPOConfig(
         output_dir=args.out,
-        algo=args.algo, hicra_alpha=args.alpha, grams=args.grams, entropy_top_q=args.entropy_top_q,
+        algo=args.algo, hicra_alpha=args.alpha, grams=TrainConfig(data=args.data, grams=args.grams).grams, entropy_top_q=args.entropy_top_q,
         scale_rewards=ADVANTAGE_SCALES[args.advantage], loss_type=LOSS_TYPES[args.loss_agg],
         epsilon=args.eps_low, epsilon_high=args.eps_high, beta=args.beta,
         num_generations=args.group_size, max_completion_length=args.max_new_tokens,

@@ -405,7 +405,7 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(tmp_path, capsys, mon
     monkeypatch.setenv("NO_COLOR", "1")
     assert not cli.use_colour(Terminal())
     monkeypatch.delenv("NO_COLOR")
-    records = [{"problem": "1 + 1?", "completions": ["wait, let me check: 2"], "correct": [True]}]
+    records = [{"problem": "1 + 1?", "answer": "2", "completions": ["wait, let me check: 2"], "correct": [True]}]
     runlog.show_samples(tmp_path, 0, records, ["wait"])  # pytest's captured stdout is not a terminal
     shown = capsys.readouterr().out
     assert "\033[" not in shown and "[[wait]]" in shown

@@ -24,7 +24,8 @@ def test_every_setting_is_one_flag_with_its_declared_default_and_help():
     declared = [flag_name(spec.name) for spec in specs] + [alias for spec in specs for alias in spec.metadata["aliases"]]
     assert sorted(flags) == sorted(declared)  # each setting once, plus its declared other spellings
     assert flags["--mixed-precision"] == flags["--dtype"]
-    defaults = dataclasses.asdict(config.TrainConfig())
+    defaults = {spec.name: spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+                for spec in specs}
     assert all(flags[flag_name(name)] == value for name, value in defaults.items())
     assert all(spec.metadata["help"] for spec in specs)
 
@@ -123,3 +124,23 @@ def test_train_help_shows_every_flags_default(capsys):
     assert "--lr LR AdamW learning rate (default: 0.0002)" in text
     assert "training steps (rollout + update) (default: 200)" in text
     assert text.count("(default:") == len(dataclasses.fields(config.TrainConfig))  # every flag, --help aside
+
+
+@pytest.mark.parametrize("flags, eval_data, grams", [
+    ([], "world", "world"),
+    (["--data", "gsm8k_train"], "gsm8k", "paper"),
+    (["--data", "world_v1_train", "--model", "world/models/tiny-world-v1"], "world_v1", "world"),
+    (["--data", "gsm8k_train", "--eval-data", "math500", "--grams", "world"], "math500", "world"),
+])
+def test_held_out_problems_and_grams_follow_the_training_data(flags, eval_data, grams):
+    parsed = train.parse_args(flags)
+    assert (parsed.eval_data, parsed.grams, parsed.eval_every) == (eval_data, grams, 50)
+
+
+def test_training_on_a_file_evaluates_nothing_unless_told_and_says_so(tmp_path, capsys):
+    problems = tmp_path / "mine.jsonl"
+    problems.write_text('{"problem": "1+1", "answer": "2"}\n')
+    parsed = train.parse_args(["--data", str(problems)])
+    assert (parsed.eval_data, parsed.grams, parsed.eval_every) == (None, "paper", 0)
+    assert capsys.readouterr().out.count("no held-out evaluation") == 1
+    assert train.parse_args(["--data", str(problems), "--eval-data", "gsm8k"]).eval_every == 50

@@ -226,3 +226,43 @@ def test_bad_problem_line_is_a_one_line_error(model_dir, tmp_path, capsys):
 def test_plot_without_run_dirs_is_a_one_line_error(capsys):
     assert evaluation.main(["plot"]) == 2
     assert capsys.readouterr().err.startswith("error: plot:")
+
+
+@pytest.fixture(scope="module")
+def world_run(tmp_path_factory):
+    """A one-step train.py run on the built-in world: RUN/config.json beside RUN/checkpoint."""
+    import train  # noqa: PLC0415
+
+    run = tmp_path_factory.mktemp("world-run") / "run"
+    train.main(["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "64",
+                "--eval-every", "0", "--instruction", "Box it.", "--threads", "1", "--out", str(run)])
+    return run
+
+
+def test_a_runs_checkpoint_is_evaluated_with_the_runs_problems_prompt_and_length(world_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["--model", str(world_run / "checkpoint"), "--limit", "2", "--samples", "1", "--no-greedy", "--quiet",
+            "--out", str(out)]
+    assert evaluation.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["benchmark"], summary["max_new_tokens"], summary["instruction"]) == ("world", 64, "Box it.")
+    assert f"from {world_run / 'config.json'}: --benchmark world" in capsys.readouterr().out
+    assert evaluation.main([*argv, "--max-new-tokens", "32", "--instruction", ""]) == 0  # given flags win
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["max_new_tokens"], summary["instruction"]) == (32, "")
+
+
+def test_a_model_that_is_not_a_runs_checkpoint_needs_a_benchmark(model_dir, tmp_path, capsys):
+    assert evaluation.main(["--model", str(model_dir), "--out", str(tmp_path / "eval")]) == 2
+    assert capsys.readouterr().err.startswith("error: --benchmark: required")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_an_evaluation_longer_than_the_models_positions_fails_in_one_line_and_writes_nothing(world_run, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "eval"
+    argv = ["--model", str(world_run / "checkpoint"), "--max-new-tokens", "1024", "--limit", "2", "--out", str(out)]
+    assert evaluation.main(argv) == 2
+    last = capsys.readouterr().err.split("\n")[-2]  # in-process, transformers' "Loading weights" bar comes before
+    assert last.startswith("error: --max-new-tokens:") and "exceeds the model's 256 positions" in last
+    assert not out.exists()

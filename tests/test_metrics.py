@@ -4,6 +4,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,3 +199,23 @@ def test_placebo_grams_match_count_and_lengths_and_avoid_strategic_grams():
     assert placebo_grams(corpus, strategic, seed=1) != placebo
     with pytest.raises(ValueError, match="1 non-strategic 3-word n-grams, 2 needed"):
         placebo_grams(["let me check: 1 + 2. so the answer is 3."], strategic, seed=0)
+
+
+def test_runs_with_the_same_first_steps_are_smoothed_the_same_whatever_their_length():
+    rng = random.Random(0)
+    values = np.array([rng.random() for _ in range(200)])
+    short, long = plots.smooth(np.arange(20.0), values[:20]), plots.smooth(np.arange(200.0), values)
+    assert np.allclose(short, long[:20])
+    assert math.isclose(long[-1], values[-plots.SMOOTH_STEPS:].mean())
+    evaluations = plots.smooth(np.array([0.0, 50.0, 100.0]), np.array([0.2, 0.4, 0.6]))
+    assert np.allclose(evaluations, [0.2, 0.4, 0.6])  # points further apart than the window are drawn as logged
+
+
+def test_a_probability_band_stays_inside_zero_and_one():
+    values = np.array([[0.0, 0.9, 0.5], [0.1, 1.0, 0.5]])  # [R, S]: two seeds
+    low, high = plots.band_limits(values, "ci", probability=True)
+    assert (low >= 0).all() and (high <= 1).all() and low[0] == 0 and high[1] == 1
+    low, high = plots.band_limits(values, "ci")
+    assert low[0] < 0 < 1 < high[1]  # a t interval over two seeds runs past [0, 1] unclipped
+    assert plots.is_probability("eval/pass@1") and plots.is_probability("pass_at_k")
+    assert not plots.is_probability("eval/pass@1_se") and not plots.is_probability("entropy_all")

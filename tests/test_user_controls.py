@@ -248,3 +248,12 @@ def test_bench_memory_poll_stops_with_its_block_so_a_later_fork_is_safe():
             bytearray(2**20)
         assert memory.thread.is_alive()
     assert not memory.thread.is_alive() and memory.peaks["sampling 0"] > 0
+
+
+def test_held_out_samples_show_the_reference_answer_beside_wrong(tmp_path, capsys):
+    records = [{"problem": "What is 40 + 2?", "answer": "42", "completions": ["\\boxed{41}"], "correct": [False]},
+               {"problem": "What is 1 + 1?", "answer": "2", "completions": ["\\boxed{2}"], "correct": [True]}]
+    runlog.show_samples(tmp_path, 7, records, ["let's"])
+    assert "--- wrong (the answer is 42): What is 40 + 2?" in capsys.readouterr().out
+    page = (tmp_path / "samples_step00007.html").read_text()
+    assert "<h3>wrong (the answer is 42)</h3>" in page and "<h3>correct</h3>" in page

@@ -65,6 +65,32 @@ def test_the_gradient_on_planning_tokens_is_scaled_by_one_plus_and_one_minus_alp
     assert execution and all(line.endswith("1.000 x GRPO's") for line in execution)
 
 
+def test_exercise_two_and_three_zero_variance_groups_and_failed_planning_tokens_at_alpha_one():
+    """One run for two exercises: 8 problems (a zero-variance group appears) at alpha = 1."""
+    output = run_walkthrough(alpha=1, prompts=8)
+    assert "(zero-variance group: nothing to learn)" in output
+    zero_variance = [line for line in output.splitlines() if line.startswith("zero-variance group")]
+    assert zero_variance and all(line.endswith("tokens: True") for line in zero_variance)
+    failed = next(line for line in output.splitlines() if line.startswith("failed completion"))
+    planning, execution = re.search(r"planning tokens \[(.*?)\], on its execution tokens \[(.*?)\]", failed).groups()
+    a = float(re.search(r"A = ([+-]\d\.\d+)", failed).group(1))
+    assert [float(v) for v in planning.split(", ")] == [0.0]  # A + |A| = 0 for A < 0
+    assert [float(v) for v in execution.split(", ")] == [pytest.approx(a, abs=1e-3)]
+
+
+def test_exercise_four_a_confident_tokens_push_lies_between_one_and_sqrt_two_times_one_minus_p(output):
+    line = next(line for line in output.splitlines() if line.startswith("most confident planning token"))
+    one_minus_p, push, bound = (float(x) for x in re.findall(r"= (\d\.\d+e[+-]\d+)", line))
+    assert 0 <= one_minus_p < 0.1 and one_minus_p * 0.999 <= push <= bound * 1.001
+    for name in ("planning", "execution"):
+        p, push = numbers_after(f"mean over {name} tokens: p(token)", output)
+        assert 0 < p <= 1 and 0 <= push <= 2 ** 0.5
+
+
+def test_exercise_five_the_written_out_hicra_advantage_equals_the_projects(output):
+    assert "your A^H equals hicra.hicra_advantages on every completion token: True" in output
+
+
 def test_exercise_one_alpha_zero_gives_grpo(output):
     assert "HICRA advantages equal GRPO's on every token: False" in output
     zero = run_walkthrough(alpha=0)
