@@ -10,6 +10,8 @@ and "eval/..." on evaluation steps) and config.json ("algo", "seed"). PNGs go in
                                with a min-max band (sweep.py: a 95% Student-t band, fig6_sweep.png);
 - fig5_error_types.png         Fig. 5, runs that logged error types (built-in world);
 - fig10_planning_vs_entropy.png Fig. 10: overlap of planning and top-30% entropy tokens;
+- fig_strategy_shift.png       runs compared on the built-in world: share of completions following a sound
+                               strategy, and held-out accuracy;
 - fig_phases.png               the two phases, measured (built-in world): share and execution accuracy of
                                each strategy, and the progress of execution vs planning metrics toward
                                their total change with the step where each reaches 80% (metrics.phase_summary).
@@ -233,6 +235,18 @@ def fig6_comparison(runs: list[Run], out: Path, band: str = "minmax", name: str 
     return save(fig, out / name)
 
 
+def fig_strategy_shift(runs: list[Run], out: Path, band: str = "minmax", name: str = "fig_strategy_shift.png") -> Path:
+    """The built-in world's strategy shift, algorithms compared: the share of completions that follow a sound
+    strategy (planning), and held-out pass@1 (the outcome), one colour per algorithm (a band over seeds when
+    several)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plot_groups(axes[0], runs, "share_sound", "completions that follow a sound strategy", "share", band)
+    plot_groups(axes[1], runs, eval_accuracy_key(runs), f"held-out accuracy ({eval_accuracy_key(runs)})", band=band)
+    what = "95% t interval of the mean, clipped to [0, 1]" if band == "ci" else "min-max"
+    fig.suptitle(f"The strategy shift (band: {what} over seeds; curves: mean over the last {SMOOTH_STEPS} steps)")
+    return save(fig, out / name)
+
+
 def progress(values: np.ndarray) -> np.ndarray:
     """A curve smoothed as metrics.phase_summary smooths it, rescaled to its total change: 0 at the first
     point, 1 at the last."""
@@ -352,6 +366,8 @@ def main(run_dirs: list[str]) -> list[Path]:
         written.append(fig5_error_types(runs, out))
     if has_key(runs[:1], "share_sound"):
         written.append(fig_phases(runs[:1], out))
+    if len(runs) > 1 and has_key(runs, "share_sound"):
+        written.append(fig_strategy_shift(runs, out))
     for path in written:
         print(f"wrote {path}")
     return written

@@ -10,7 +10,7 @@ finished when its metrics.jsonl holds the last training step and, with evaluatio
 after it; runs start seed by seed (all arms of the first seed first, so a sweep stopped early holds whole
 seeds); finished runs are skipped, an unfinished one continues from its checkpoint (`train.py --resume`)
 or, without one, starts over. Then the report (OUT/results.md, results.json, fig6_sweep.png,
-phases_ARM.png, also copied to --report DIR) gives for each arm (algorithm and flag values), over its
+strategy_shift.png on the built-in world, phases_ARM.png, also copied to --report DIR) gives for each arm (algorithm and flag values), over its
 seeds, the mean and 95% Student-t interval of these pre-declared metrics:
 
 - final:  held-out pass@1 after the last step (`eval/pass@1`: train.py's --eval-samples samples per problem);
@@ -331,7 +331,8 @@ def markdown_report(arms: dict[str, dict], paired: list[dict], best: list[dict],
 
 
 def write_figures(outcomes: list[Outcome], out: Path) -> list[Path]:
-    """Fig. 6 with 95% t bands per arm, and one phase figure per arm (built-in world)."""
+    """Fig. 6 with 95% t bands per arm; on the built-in world the strategy shift of every arm in one figure and
+    one phase figure per arm."""
     from analysis import plots
 
     runs = []
@@ -340,6 +341,8 @@ def write_figures(outcomes: list[Outcome], out: Path) -> list[Path]:
         run.algo = outcome.job.arm  # plots group runs by this label
         runs.append(run)
     written = [plots.fig6_comparison(runs, out, band="ci", name="fig6_sweep.png")] if runs else []
+    if plots.has_key(runs, "share_sound"):
+        written.append(plots.fig_strategy_shift(runs, out, band="ci", name="strategy_shift.png"))
     for arm in sorted({run.algo for run in runs}):
         members = [run for run in runs if run.algo == arm]
         if plots.has_key(members, "share_sound"):

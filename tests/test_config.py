@@ -144,3 +144,9 @@ def test_training_on_a_file_evaluates_nothing_unless_told_and_says_so(tmp_path, 
     assert (parsed.eval_data, parsed.grams, parsed.eval_every) == (None, "paper", 0)
     assert capsys.readouterr().out.count("no held-out evaluation") == 1
     assert train.parse_args(["--data", str(problems), "--eval-data", "gsm8k"]).eval_every == 50
+
+
+def test_the_lesson_recipe_loads_as_a_config_file():
+    parsed = train.parse_args(["--config", "lesson/grpo_vs_hicra.yaml", "--algo", "grpo"])
+    assert (parsed.steps, parsed.eval_every, parsed.eval_limit, parsed.save_every) == (120, 40, 200, 0)
+    assert (parsed.data, parsed.eval_data, parsed.algo) == ("world_train", "world", "grpo")

@@ -184,6 +184,22 @@ def test_plots_write_nonempty_pngs(tmp_path):
     assert all(path.parent == runs[0] and path.stat().st_size > 1000 for path in written)
 
 
+def test_the_strategy_shift_figure_compares_algorithms_with_bands(tmp_path):
+    runs = []
+    for algo, seed in [("hicra", 0), ("hicra", 1), ("grpo", 0), ("grpo", 1)]:
+        run_dir = tmp_path / f"{algo}{seed}"
+        write_fake_run(run_dir, algo, seed)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            row["share_sound"] = min(1.0, row["step"] / 10 + 0.05 * seed)
+            if "eval/accuracy" in row:
+                row["eval/pass@1"] = row.pop("eval/accuracy")
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        runs.append(plots.load_run(str(run_dir)))
+    path = plots.fig_strategy_shift(runs, tmp_path, band="ci")
+    assert path.name == "fig_strategy_shift.png" and path.stat().st_size > 1000
+
+
 def test_placebo_grams_match_count_and_lengths_and_avoid_strategic_grams():
     strategic = ["let me check", "so the answer is", "wait, that is wrong", "that is right"]
     corpus = [f"let me check: {a} + {b} = {a + b}. that is right. we add the two piles. so the answer is {a + b}."
@@ -219,3 +235,22 @@ def test_a_probability_band_stays_inside_zero_and_one():
     assert low[0] < 0 < 1 < high[1]  # a t interval over two seeds runs past [0, 1] unclipped
     assert plots.is_probability("eval/pass@1") and plots.is_probability("pass_at_k")
     assert not plots.is_probability("eval/pass@1_se") and not plots.is_probability("entropy_all")
+
+
+def test_gradient_share_push_is_the_norm_of_the_logit_gradient_of_log_p(tokenizer, model):
+    from analysis.gradient_share import token_measures  # noqa: PLC0415
+    from rollout import format_prompt, generate_rollouts  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    rollout = generate_rollouts(model, tokenizer, [format_prompt(tokenizer, "What is 2 + 2?")], 2, 6, 1.0)
+    entropy, p_token, push = token_measures(model, rollout, 1.0)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], dim=1)
+    logits = model(input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1), attention_mask=attention_mask,
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, rollout.prompt_ids.shape[1] - 1:-1]
+    logits = logits.detach().requires_grad_(True)  # [B, C, V]
+    logp = logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, C]
+    for b, c in [(0, 0), (1, 2)]:
+        (gradient,) = torch.autograd.grad(logp[b, c], logits, retain_graph=True)
+        assert math.isclose(gradient[b, c].norm().item(), push[b, c].item(), rel_tol=1e-4)
+    assert torch.allclose(p_token, logp.detach().exp(), atol=1e-6)
+    assert (push <= 2 ** 0.5 * (1 - p_token) + 1e-6).all() and (push >= (1 - p_token) - 1e-6).all()
