@@ -548,7 +548,8 @@ def extract_main(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = OneLineParser(description="Strategic-gram tools (Sec. 2.1 of the paper).")
+    parser = OneLineParser(description="Strategic-gram tools (Sec. 2.1 of the paper).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     extract = commands.add_parser("extract", help="build an SG list from a JSONL corpus of correct solutions",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -14,6 +14,7 @@
 """
 
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ GGUF_CACHE = Path.home() / ".cache" / "hicra"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # transformers >= 5.25 swaps layers for kernels downloaded from the Hub on a GPU by default (`use_kernels`), which
 # fails offline at the first model.train() and would make a run depend on code fetched at run time: plain PyTorch.
+# Likewise nothing in a model or checkpoint folder runs as code: every from_pretrained passes trust_remote_code=False.
 USE_HUB_KERNELS = False
 
 
@@ -78,11 +80,13 @@ def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_
         raise InputError(f"{flag}: {path_or_id} is a file; expected a model folder, a hub id or a .gguf file")
     elif not local.exists() and looks_like_a_path(path_or_id):
         raise InputError(f"{flag}: {path_or_id}: no such folder")
+    refuse_code_in_folder(local, flag)
     try:
         if gguf_file is not None:
             path_or_id = dequantized_folder(path_or_id, gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, use_kernels=USE_HUB_KERNELS).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, use_kernels=USE_HUB_KERNELS,
+                                                     trust_remote_code=False).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False)
     except InputError:
         raise
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, safetensors errors, ...
@@ -92,6 +96,19 @@ def load_model(path_or_id: str, dtype: str = "auto", device: str = "auto", gguf_
             reason = f"a train.py run folder? its model is {local / 'checkpoint'}"
         raise InputError(f"{flag}: cannot load '{path_or_id}': {reason}") from None
     return model, tokenizer
+
+
+def refuse_code_in_folder(folder: Path, flag: str) -> None:
+    """InputError when a model folder's config asks to run code shipped beside it (`auto_map`): a checkpoint or
+    download could carry anything, and nothing here runs it (trust_remote_code=False everywhere)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            settings = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue  # absent or unreadable: from_pretrained reports it
+        if isinstance(settings, dict) and "auto_map" in settings:
+            raise InputError(f"{flag}: {folder / name} asks to run code from the model folder (auto_map); this "
+                             "project never runs a folder's code: remove auto_map to load it as a plain model")
 
 
 def looks_like_a_path(path_or_id: str) -> bool:
@@ -111,13 +128,13 @@ def dequantized_folder(folder: str, gguf_file: str) -> str:
     cached = GGUF_CACHE / f"{source.stem}-{source.stat().st_size}"
     if (cached / "config.json").is_file():
         return str(cached)
-    quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, trust_remote_code=False)
     config = copy.deepcopy(quantized.config)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, trust_remote_code=False)
     partial = cached.with_name(cached.name + ".partial")  # renamed when complete: no half-written cache
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

@@ -13,6 +13,7 @@ alpha shows as an interval that excludes 0. `random_spans` (same alpha as the HI
 is compared with HICRA at that alpha, paired by seed.
 """
 
+import argparse
 import json
 import re
 import sys
@@ -176,7 +177,8 @@ def figure(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="sweep folders (analysis/sweep.py --out)")
     parser.add_argument("--stored", nargs="*", default=[], metavar="RESULTS_JSON",
                         help="earlier sweeps' results.json whose grpo / hicra arms join the curve (final and AUC only)")

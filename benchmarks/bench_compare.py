@@ -35,7 +35,8 @@ def load_checkout(path: str):
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--before", required=True, help="checkout A (a git worktree)")
     parser.add_argument("--after", default=".", help="checkout B")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -85,7 +85,8 @@ def static_sample(model, decoder, tokenizer, prompts: list[str], seed: int) -> t
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--calls", type=int, default=5, help="sampling calls per side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--shapes", choices=["dynamic", "static"], default="dynamic",

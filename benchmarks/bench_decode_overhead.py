@@ -98,7 +98,8 @@ def median_microseconds(call, calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=tasks.DEFAULT_MODEL_DIR, help="a Llama-architecture model folder")
     parser.add_argument("--rows", type=int, default=128, help="rows decoding at once (train.py's 16 x 8)")
     parser.add_argument("--prompt", type=int, default=48, help="prompt tokens per row")

@@ -35,7 +35,8 @@ def completions(tokenizer, length: int, seed: int = 0) -> tuple[list[int], list[
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="HF tokenizer folder or id (a real BPE, e.g. SmolLM2's)")
     parser.add_argument("--grams", default="paper", help="strategic grams: preset or file")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="completion lengths")

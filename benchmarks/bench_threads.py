@@ -49,7 +49,8 @@ def busy_loops(count: int) -> list[subprocess.Popen]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is not timed)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of every setting")
     parser.add_argument("--full-run", action="store_true", help="also time `python train.py` end to end, idle")

@@ -162,7 +162,8 @@ def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, help="HF model folder (SmolLM2-135M-Instruct in the README)")
     parser.add_argument("--prompts", choices=["gsm8k", "additions"], default="gsm8k",
                         help="gsm8k_train problems with our instruction, or short two-digit additions with none")

@@ -122,7 +122,8 @@ def first_step_against_float32(model_flags: list[str], device: str, max_new_toke
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu to try the script itself")
     parser.add_argument("--world-steps", type=int, default=20, help="steps of the default world run")
     parser.add_argument("--smollm2-steps", type=int, default=5, help="steps of the SmolLM2 run")

@@ -157,7 +157,8 @@ def build_config(args: argparse.Namespace) -> HicraGRPOConfig:
         learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.grad_clip,
         warmup_steps=args.warmup_steps, lr_scheduler_type="constant_with_warmup", seed=args.seed,
         # Mixed precision as train.py (precision.py): float32 weights, accelerate's autocast (and fp16 loss scaling).
-        model_init_kwargs={"dtype": "float32", "use_kernels": USE_HUB_KERNELS}, bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not gpu,
+        model_init_kwargs={"dtype": "float32", "use_kernels": USE_HUB_KERNELS, "trust_remote_code": False},
+        bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not gpu,
         use_vllm=args.use_vllm, vllm_mode=args.vllm_mode, vllm_gpu_memory_utilization=args.vllm_gpu_memory,
         logging_steps=1, save_strategy="steps", save_steps=args.save_every, report_to=args.report_to,
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),  # passing False warns (deprecated name)
@@ -172,7 +173,7 @@ def build_trainer(args: argparse.Namespace, callbacks=None) -> HicraGRPOTrainer:
     config = build_config(args)
     model = dequantized_folder(args.model, args.gguf_file) if args.gguf_file else args.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     except OSError as error:
         raise InputError(f"--model: cannot load '{model}': {str(error).splitlines()[0]}") from None
     peft_config = None

@@ -150,3 +150,24 @@ def test_the_lesson_recipe_loads_as_a_config_file():
     parsed = train.parse_args(["--config", "lesson/grpo_vs_hicra.yaml", "--algo", "grpo"])
     assert (parsed.steps, parsed.eval_every, parsed.eval_limit, parsed.save_every) == (120, 40, 200, 0)
     assert (parsed.data, parsed.eval_data, parsed.algo) == ("world_train", "world", "grpo")
+
+
+def test_every_scripts_help_shows_the_defaults():
+    """Every parser (and sub-command parser) of the project formats its help with ArgumentDefaultsHelpFormatter,
+    except helper parsers without a --help of their own (add_help=False: their flags show in train.py's help)."""
+    import ast  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    root = Path(__file__).parent.parent
+    missing = []
+    for path in sorted(root.glob("**/*.py")):
+        if "tests" in path.parts or path.name.startswith("test_") or ".whl" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                    "ArgumentParser", "OneLineParser", "add_parser"):
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if "ArgumentDefaultsHelpFormatter" not in keywords.get("formatter_class", "") \
+                        and keywords.get("add_help") != "False":
+                    missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not missing, missing

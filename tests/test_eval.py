@@ -266,3 +266,19 @@ def test_an_evaluation_longer_than_the_models_positions_fails_in_one_line_and_wr
     last = capsys.readouterr().err.split("\n")[-2]  # in-process, transformers' "Loading weights" bar comes before
     assert last.startswith("error: --max-new-tokens:") and "exceeds the model's 256 positions" in last
     assert not out.exists()
+
+
+def test_a_model_folder_asking_to_run_its_own_code_is_refused_in_one_line_and_runs_nothing(model_dir, tmp_path):
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / name).exists():
+            (crafted / name).write_bytes((model_dir / name).read_bytes())
+    config = json.loads((crafted / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (crafted / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "ran"
+    (crafted / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('code from the folder ran')\n")
+    with pytest.raises(InputError, match=r"--model: .*config.json asks to run code from the model folder") as refused:
+        model_loading.load_model(str(crafted))
+    assert "\n" not in str(refused.value) and not ran.exists()

@@ -32,6 +32,7 @@ Two versions of the world are kept, one per regime the paper names (docs/world.m
   (`git show f605995:tiny_model.py`); today's tiny_model.py builds v2 only.
 """
 
+import argparse
 import json
 import random
 import re
@@ -356,13 +357,16 @@ def write_traces(path: str, n: int, seed: int) -> None:
 
 
 def main() -> None:
-    parser = OneLineParser(description="The built-in world: write a corpus of reference traces.")
+    parser = OneLineParser(description="The built-in world: write a corpus of reference traces.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    traces = commands.add_parser("traces", help="write N reference traces as JSONL (problem, answer, solution)")
+    traces = commands.add_parser("traces", help="write N reference traces as JSONL (problem, answer, solution)",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     traces.add_argument("--n", type=int, default=2000, help="number of traces")
     traces.add_argument("--seed", type=int, default=0, help="seed of problems, strategies and slips")
     traces.add_argument("--out", required=True, help="output JSONL file")
-    drill = commands.add_parser("drill", help="write N two-digit addition problems as JSONL (problem, answer, solution)")
+    drill = commands.add_parser("drill", help="write N two-digit addition problems as JSONL (problem, answer, solution)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     drill.add_argument("--split", default="test", choices=SPLITS, help="operand split (train and test never overlap)")
     drill.add_argument("--n", type=int, default=500, help="number of problems")
     drill.add_argument("--seed", type=int, default=0, help="seed of the problems")
