@@ -167,6 +167,30 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(folder)
 
 
+def marked_step(folder: Path) -> int | None:
+    """The step of a checkpoint folder's complete.json on resume; None when there is none (a save killed before
+    its marker: a leftover, deleted). A marker that exists but does not read as one (emptied, edited, truncated)
+    is damage, not a leftover: InputError, and nothing is deleted."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.exists():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        problem = f"not readable JSON ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    else:
+        files = record.get("files") if isinstance(record, dict) else None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            problem = f"its step is {step!r}, not a step number"
+        elif not (isinstance(files, dict) and all(isinstance(size, int) for size in files.values())):
+            problem = "its files are not a mapping of names to sizes"
+        else:
+            return step
+    raise InputError(f"{marker}: {problem}; the checkpoint is damaged and --resume deletes nothing. Remove {folder} "
+                     "to resume from an older checkpoint (or from step 0), or start a new run with another --out")
+
+
 def check_checkpoint_files(folder: Path) -> None:
     """One-line error naming the first file of a complete checkpoint that is missing or has changed size."""
     recorded = json.loads((folder / COMPLETE_MARKER).read_text())["files"]
@@ -190,7 +214,7 @@ def settle_checkpoints(run_dir: Path) -> Path | None:
         if (folder / "trainer_state.pt").exists():
             raise InputError(f"{folder / 'trainer_state.pt'}: a pickle trainer state (an earlier version's format, or a "
                              "planted file) is not loaded, since unpickling can run code; start a new run")
-    steps = {folder: checkpoint_step(folder) for folder in folders}
+    steps = {folder: marked_step(folder) for folder in folders}
     complete = [folder for folder in folders if steps[folder] is not None]
     newest = max(complete, key=lambda f: (steps[f], f.name == CHECKPOINT), default=None)
     if newest is not None:

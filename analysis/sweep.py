@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--workers must be >= 1")
     out = Path(args.out)
     try:
+        for flag, values in (("--seeds", args.seeds), ("--algos", args.algos)):
+            repeated = sorted({value for value in values if values.count(value) > 1}, key=str)
+            if repeated:
+                raise InputError(f"{flag}: {repeated[0]} is given twice; a run counted twice would make up an interval")
         # seed-major order: a sweep stopped early still holds whole seeds of every arm
         jobs = [Job(algo, seed, settings) for seed in args.seeds for settings in parse_settings(args.set)
                 for algo in args.algos]

@@ -143,6 +143,8 @@ def test_two_run_three_step_sweep_end_to_end_and_resumable(tmp_path):
     (["--seeds", "-1"], "--seed: must be in [0, "),
     (["--set", "lr"], "--set 'lr': expected FLAG=V1,V2"),
     (["--set", "lr=abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--seeds", "0", "0", "--report-only"], "--seeds: 0 is given twice"),
+    (["--algos", "grpo", "hicra", "grpo"], "--algos: grpo is given twice"),
 ])
 def test_a_bad_grid_is_one_line_and_exit_2_before_any_run_starts(tmp_path, capsys, argv, message):
     out = tmp_path / "sweep"
