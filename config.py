@@ -291,20 +291,26 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     (MODEL_FLAGS) of a resumed run cannot change, nor its folder.
     """
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    from_file = read_settings(explicit["config"], "--config") if explicit.get("config") else {}
+    given = {**from_file, **explicit}  # what this command asks for, from the file or the command line
     settings = {}
     if explicit.get("resume"):
         run_folder.check_out(Path(explicit["resume"]), resuming=True)  # a model folder's config.json is not a run's
         saved = read_settings(str(Path(explicit["resume"]) / "config.json"), "--resume")
-        if explicit.get("out", explicit["resume"]) != explicit["resume"]:
-            raise InputError("--out: a resumed run stays in its folder; give --resume RUN_DIR alone")
+
+        def source(key: str) -> str:
+            return f"--config {explicit['config']}" if key in from_file and key not in explicit else "the command line"
+
+        if given.get("out", explicit["resume"]) != explicit["resume"]:
+            raise InputError(f"--out: a resumed run stays in its folder, but {source('out')} sets out: "
+                             f"{given['out']}; give --resume RUN_DIR alone")
         for key in MODEL_FLAGS:
-            if key in explicit and explicit[key] != saved.get(key):
-                raise InputError(f"{flag_name(key)}: this run was trained with {flag_name(key)} {saved.get(key)}; a "
-                                 f"resumed run keeps its {', '.join(map(flag_name, MODEL_FLAGS))} (start a new run "
-                                 "to change them)")
+            if key in given and given[key] != saved.get(key):
+                raise InputError(f"{flag_name(key)}: this run was trained with {flag_name(key)} {saved.get(key)}, "
+                                 f"{source(key)} asks for {given[key]}; a resumed run keeps its "
+                                 f"{', '.join(map(flag_name, MODEL_FLAGS))} (start a new run to change them)")
         settings.update(saved, out=explicit["resume"])
-    if explicit.get("config"):
-        settings.update(read_settings(explicit["config"], "--config"))
+    settings.update(from_file)
     config = TrainConfig(**{**settings, **explicit})
     config.dtype = ACCELERATE_NAMES.get(config.dtype, config.dtype)  # --mixed-precision bf16 = --dtype bfloat16
     if config.eval_data is None and config.eval_every:

@@ -103,6 +103,23 @@ def test_resume_takes_the_saved_settings_then_the_flags_given(tmp_path):
         train.parse_args(["--resume", str(run), "--lora-rank", "4"])
 
 
+@pytest.mark.parametrize("line, message", [
+    ("out: elsewhere", "^--out: a resumed run stays in its folder, but --config .* sets out: elsewhere"),
+    ("model: another/model", "^--model: this run was trained with --model .*, --config .* asks for another/model"),
+    ("lora_rank: 4", "^--lora-rank: this run was trained with --lora-rank 0, --config .* asks for 4"),
+])
+def test_a_config_file_cannot_move_a_resumed_run_or_change_its_model(tmp_path, line, message):
+    run = a_run_folder(tmp_path)
+    saved = config.saved_settings(train.parse_args(["--out", str(run), "--steps", "3"]))
+    (run / "config.json").write_text(json.dumps(saved))
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"group_size: 4\n{line}\n")
+    with pytest.raises(InputError, match=message):
+        train.parse_args(["--resume", str(run), "--config", str(settings)])
+    settings.write_text("group_size: 4\n")  # settings that may change on resume still do
+    assert train.parse_args(["--resume", str(run), "--config", str(settings)]).group_size == 4
+
+
 def test_the_trl_launcher_declares_no_flag_of_train_py_again():
     pytest.importorskip("trl")
     from scale_out import train_trl
