@@ -41,7 +41,7 @@ from metrics import standard_error
 from model_loading import check_model_flags, choose_threads, load_model
 from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
 from rollout import PromptFormat, check_prompts_fit, format_prompt, generate_rollouts
-from run_folder import is_run
+from run_folder import in_use, is_run, lock_holder, write_atomically, writing
 from world.tasks import check_world_model
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
@@ -273,13 +273,17 @@ def print_table(summary: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate per the parsed flags; writes OUT/results.jsonl and OUT/summary.json.
 
-    Both are written under temporary names and renamed at the end, so a failed or interrupted
-    evaluation leaves an earlier one in OUT as it was.
+    Both are written at the end, under OUT/.lock, each to a fresh temporary name renamed over it
+    (run_folder.write_atomically), so a failed or interrupted evaluation leaves an earlier one in OUT as it was,
+    two evaluations never mix their lines, and a planted link is replaced, not written through.
     """
     ks = check_args(args)
     out = Path(args.out) if args.out else default_out(args)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} is a file, not a folder")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise InputError(f"--out: {out} is a {'symbolic link' if out.is_symlink() else 'file'}, not a folder")
+    holder = lock_holder(out) if out.is_dir() else None
+    if holder:  # a live train.py run, or another evaluation writing there
+        raise in_use(out, "--out", holder)
     threads, why = choose_threads(args.threads)
     torch.set_num_threads(threads)
     print(f"threads: {threads} ({why})")
@@ -304,10 +308,9 @@ def run(args: argparse.Namespace) -> dict:
         lines += [json.dumps({"pass": name, "index": index, **record}) + "\n" for index, record in enumerate(records)]
     out.mkdir(parents=True, exist_ok=True)  # only now: an evaluation that fails leaves nothing behind
     results, summary_path = out / "results.jsonl", out / "summary.json"
-    results.with_suffix(".jsonl.tmp").write_text("".join(lines), encoding="utf-8")
-    summary_path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    results.with_suffix(".jsonl.tmp").replace(results)
-    summary_path.with_suffix(".json.tmp").replace(summary_path)
+    with writing(out, "--out"):  # the pair written together, each file whole, never through a planted link
+        write_atomically(results, "".join(lines))
+        write_atomically(summary_path, json.dumps(summary, indent=2) + "\n")
     print_table(summary)
     print(f"wrote {summary_path} and {results}")
     return summary

@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from cli import InputError
@@ -122,9 +123,9 @@ def claim(run_dir: Path, resuming: bool) -> RunFolder:
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as error:
         raise InputError(f"--out: cannot write in {run_dir}: {error.strerror}") from None
+    lock_fd = open_lock(run_dir, "--resume" if resuming else "--out")
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -145,6 +146,38 @@ def claim(run_dir: Path, resuming: bool) -> RunFolder:
         folder.release(failed=False)  # found taken, or not writable: what is there is not ours to remove
         raise
     return folder
+
+
+def open_lock(run_dir: Path, flag: str) -> int:
+    """A descriptor of RUN_DIR/.lock, created if needed: never through a symbolic link (O_NOFOLLOW), and never a
+    file with other names (a hard link), whose content the lock's pid line would overwrite."""
+    try:
+        descriptor = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise InputError(f"{flag}: {run_dir / LOCK} is a symbolic link; remove it") from None
+        raise InputError(f"{flag}: cannot write in {run_dir}: {error.strerror}") from None
+    if os.fstat(descriptor).st_nlink > 1:
+        os.close(descriptor)
+        raise InputError(f"{flag}: {run_dir / LOCK} is a hard link to another file; remove it")
+    return descriptor
+
+
+@contextmanager
+def writing(folder: Path, flag: str):
+    """Hold FOLDER/.lock for the block: one writer at a time (eval.py's results, say); refused in one line while
+    another process (a live train.py run, another evaluation) holds it."""
+    descriptor = open_lock(folder, flag)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(descriptor, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(descriptor)
+        raise in_use(folder, flag, holder) from None
+    try:
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def write_atomically(path: Path, text: str) -> None:

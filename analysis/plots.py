@@ -25,6 +25,8 @@ note instead of a curve.
 
 import json
 import math
+import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,10 +345,20 @@ def fig10_planning_vs_entropy(runs: list[Run], out: Path) -> Path:
 
 
 def save(fig, path: Path) -> Path:
-    """Write `fig` to `path` as a small PNG and free it."""
+    """Write `fig` to `path` as a small PNG and free it: to a fresh temporary file renamed over `path`, so a
+    link planted at `path` is replaced, never written through."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            fig.savefig(file, dpi=DPI, format="png")
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -282,3 +282,36 @@ def test_a_model_folder_asking_to_run_its_own_code_is_refused_in_one_line_and_ru
     with pytest.raises(InputError, match=r"--model: .*config.json asks to run code from the model folder") as refused:
         model_loading.load_model(str(crafted))
     assert "\n" not in str(refused.value) and not ran.exists()
+
+
+def test_results_replace_planted_links_and_a_live_writer_is_refused(model_dir, tmp_path, capsys):
+    out, victim = tmp_path / "eval", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("keep me")
+    (out / "results.jsonl").symlink_to(victim)
+    (out / "summary.json.tmp").symlink_to(victim)  # the fixed temporary name of earlier versions
+    argv = ["--model", str(model_dir), "--benchmark", "gsm8k", "--limit", "1", "--samples", "1", "--max-new-tokens",
+            "3", "--no-greedy", "--quiet", "--out", str(out)]
+    assert evaluation.main(argv) == 0
+    assert victim.read_text() == "keep me" and not (out / "results.jsonl").is_symlink()
+    assert json.loads((out / "summary.json").read_text())["problems"] == 1
+    import fcntl  # noqa: PLC0415
+
+    with open(out / ".lock", "w") as held:  # as a live train.py run or another evaluation holds it
+        held.write("process 1 on elsewhere\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert evaluation.main(argv) == 2
+    assert "is in use by process 1 on elsewhere" in capsys.readouterr().err
+
+
+def test_a_figure_replaces_a_planted_link_instead_of_writing_through_it(tmp_path):
+    from analysis import plots  # noqa: PLC0415
+    from test_metrics import write_fake_run  # noqa: PLC0415
+
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    write_fake_run(run, "hicra", 0)
+    victim.write_text("keep me")
+    (run / "fig3_dynamics.png").symlink_to(victim)
+    plots.main([str(run)])
+    assert victim.read_text() == "keep me" and not (run / "fig3_dynamics.png").is_symlink()

@@ -288,3 +288,16 @@ def test_a_reward_module_that_parses_the_command_line_at_import_sees_none_of_tra
     monkeypatch.setattr(sys, "argv", ["train.py", "--steps", "3", "--reward", f"{module}:scaled"])
     assert reward.load_reward(f"{module}:scaled")("x", "1") == 1.0
     assert sys.argv == ["train.py", "--steps", "3", "--reward", f"{module}:scaled"]
+
+
+def test_a_lock_file_that_is_a_hard_link_is_refused_and_not_truncated(tmp_path):
+    import run_folder  # noqa: PLC0415  (the forkserver preloads train; this test needs no child)
+    from cli import InputError  # noqa: PLC0415
+
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("keep me")
+    os.link(victim, run / run_folder.LOCK)
+    with pytest.raises(InputError, match=r"\.lock is a hard link to another file"):
+        run_folder.claim(run, resuming=False)
+    assert victim.read_text() == "keep me"
