@@ -232,7 +232,7 @@ def checked_setting(name: str, value, where: str):
     A number written as a string ("1e-4", which YAML 1.1 reads as text) is taken as the number it spells.
     """
     if name not in SPECS or name in SESSION_FLAGS:
-        raise InputError(f"{where}: unknown setting {name!r}")
+        raise InputError(f"{where}: unknown setting {short(name)}")
     kinds, choices = value_types(SPECS[name].type), SPECS[name].metadata["choices"]
     if float in kinds and isinstance(value, str):
         try:
@@ -241,18 +241,27 @@ def checked_setting(name: str, value, where: str):
             pass
     if list in kinds:
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise InputError(f"{where}: {flag_name(name)}: expected a list of names, got {value!r}")
+            raise InputError(f"{where}: {flag_name(name)}: expected a list of names, got {short(value)}")
         items = value
     else:
         numeric = float in kinds and isinstance(value, int)  # JSON may write 1.0 as 1
         if isinstance(value, bool) != (bool in kinds) or not (isinstance(value, kinds) or numeric):
             wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise InputError(f"{where}: {flag_name(name)}: expected {wanted}, got {value!r}")
+            raise InputError(f"{where}: {flag_name(name)}: expected {wanted}, got {short(value)}")
         items = [value]
     for item in items:
         if choices and item not in choices:
-            raise InputError(f"{where}: {flag_name(name)}: {item!r} is not one of {', '.join(map(str, choices))}")
+            raise InputError(f"{where}: {flag_name(name)}: {short(item)} is not one of {', '.join(map(str, choices))}")
     return value
+
+
+MAX_CONFIG_BYTES = 1_000_000  # a run config is a few hundred bytes; a larger file is refused unread
+
+
+def short(value, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error line quotes a bad value, never a huge one."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def read_settings(path: str, flag: str) -> dict:
@@ -265,11 +274,21 @@ def read_settings(path: str, flag: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{flag}: {path} not found")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise InputError(f"{flag}: {path}: {file.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} a run config "
+                         "may have")
     try:
         text = file.read_text(encoding="utf-8")
-        settings = yaml.safe_load(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
-        raise InputError(f"{flag}: {path}: not a readable run config ({str(error).splitlines()[0]})") from None
+        if file.suffix in (".yaml", ".yml"):
+            if any(isinstance(token, (yaml.AliasToken, yaml.AnchorToken)) for token in yaml.scan(text)):
+                raise InputError(f"{flag}: {path}: YAML anchors and aliases (&name, *name) are not read in a run "
+                                 "config; write each value out")
+            settings = yaml.safe_load(text)
+        else:
+            settings = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise InputError(f"{flag}: {path}: not a readable run config ({reason})") from None
     if not isinstance(settings, dict):
         raise InputError(f"{flag}: {path}: not a readable run config (not a mapping of settings)")
     settings = {str(name).replace("-", "_"): value for name, value in settings.items()}

@@ -95,8 +95,13 @@ def read_jsonl(path: Path) -> list[Problem]:
     return problems
 
 
+MAX_LINE_CHARS = 100_000  # a problem line longer than this is refused before parsing: no model reads it whole
+
+
 def parse_problem(line: str, where: str) -> Problem:
     """One JSONL line -> Problem; `where` ("FILE:LINE") prefixes any error."""
+    if len(line) > MAX_LINE_CHARS:
+        raise InputError(f"{where}: a line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} a problem may have")
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -130,10 +135,15 @@ def read_examples(path: str) -> list[tuple[str, str]]:
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
+        if len(line) > MAX_LINE_CHARS:
+            raise InputError(f"{where}: a line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} an example "
+                             "may have")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: malformed JSON ({e.msg})") from None
+        except (ValueError, RecursionError):  # thousands of digits, or nested thousands deep
+            raise InputError(f"{where}: unreadable JSON (a number too long or nesting too deep)") from None
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("problem", "solution")):
             raise InputError(f"{where}: expected a JSON object with string fields 'problem' and 'solution'")
         examples.append((row["problem"], row["solution"]))

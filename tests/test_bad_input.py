@@ -186,7 +186,7 @@ def inputs(tmp_path_factory) -> Path:
         "cut_run/metrics.jsonl": '{"step": 0, "reward": 1.0}\n{"step": 1, "rew',
         "long_problem.jsonl": json.dumps({"problem": "what is " + " plus ".join(["2"] * 400) + "?", "answer": "800"}) + "\n",
         "huge_number.jsonl": '{"problem": "1 + 1?", "answer": ' + "9" * 5000 + "}\n",
-        "deep.jsonl": '{"problem": "1 + 1?", "answer": "2", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+        "deep.jsonl": '{"problem": "1 + 1?", "answer": "2", "x": ' + "[" * 40_000 + "]" * 40_000 + "}\n",
     }
     (folder / "cut_run").mkdir()
     for name, text in files.items():

@@ -188,3 +188,23 @@ def test_every_scripts_help_shows_the_defaults():
                         and keywords.get("add_help") != "False":
                     missing.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not missing, missing
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &bomb [1, 2]\nb: [*bomb, *bomb]\nmodel: x\n", "YAML anchors and aliases"),
+    ("model: " + "x" * 5000 + "\nalgo: " + "y" * 5000 + "\n", "... (5,002 characters) is not one of"),
+    ("lr: [" * 5000 + "]" * 5000 + "\n", "not a readable run config"),
+])
+def test_a_hostile_config_file_is_one_short_line(tmp_path, text, message):
+    settings = tmp_path / "run.yaml"
+    settings.write_text(text)
+    with pytest.raises(InputError) as refused:
+        train.parse_args(["--config", str(settings)])
+    assert message in str(refused.value) and "\n" not in str(refused.value) and len(str(refused.value)) < 400
+
+
+def test_a_config_file_over_the_size_limit_is_refused_unread(tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("# " + "x" * config.MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(InputError, match="over the 1,000,000 a run config may have"):
+        train.parse_args(["--config", str(settings)])

@@ -315,3 +315,13 @@ def test_a_figure_replaces_a_planted_link_instead_of_writing_through_it(tmp_path
     (run / "fig3_dynamics.png").symlink_to(victim)
     plots.main([str(run)])
     assert victim.read_text() == "keep me" and not (run / "fig3_dynamics.png").is_symlink()
+
+
+def test_a_problem_line_over_the_limit_is_refused_before_parsing(tmp_path):
+    import data  # noqa: PLC0415
+
+    path = tmp_path / "long.jsonl"
+    path.write_text('{"problem": "1+1", "answer": "2"}\n' + json.dumps({"problem": "x" * 200_000, "answer": "1"}) + "\n")
+    with pytest.raises(InputError, match=rf"long.jsonl:2: a line of 200,030 characters, over the "
+                                         rf"{data.MAX_LINE_CHARS:,}"):
+        load_problems(str(path))
