@@ -188,8 +188,9 @@ def aligned(runs: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def is_probability(key: str) -> bool:
-    """Whether a logged key is a probability (an accuracy, a pass@k), whose band must stay inside [0, 1]."""
-    return key in ("accuracy", "pass_at_k", "reward") or key.startswith("eval/pass@") and not key.endswith("_se")
+    """Whether a logged key is a probability (an accuracy, a pass@k, a share), whose band must stay inside [0, 1]."""
+    return (key in ("accuracy", "pass_at_k", "reward", "planning_ratio") or key.startswith(("share_", "exec_acc_"))
+            or key.startswith("eval/pass@") and not key.endswith("_se"))
 
 
 def band_limits(values: np.ndarray, band: str, probability: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -232,8 +233,9 @@ def fig6_comparison(runs: list[Run], out: Path, band: str = "minmax", name: str 
     plot_groups(axes[0, 1], runs, accuracy_key, f"validation accuracy ({accuracy_key})", band=band)
     plot_groups(axes[1, 0], runs, "entropy_all", "token entropy (all tokens)", "nats", band)
     plot_groups(axes[1, 1], runs, "pass_at_k", "training pass@k (k = group size)", band=band)
-    what = "95% t interval of the mean, clipped to [0, 1] for probabilities" if band == "ci" else "min-max"
-    fig.suptitle(f"Comparison of runs (band: {what} over seeds; curves: mean over the last {SMOOTH_STEPS} steps)")
+    what = "95% t interval of the mean over seeds, clipped to [0, 1] for probabilities" if band == "ci" else \
+        "min-max over seeds"
+    fig.suptitle(f"Comparison of runs\nband: {what}; curves: mean over the last {SMOOTH_STEPS} steps", fontsize=10)
     return save(fig, out / name)
 
 
@@ -244,8 +246,8 @@ def fig_strategy_shift(runs: list[Run], out: Path, band: str = "minmax", name: s
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     plot_groups(axes[0], runs, "share_sound", "completions that follow a sound strategy", "share", band)
     plot_groups(axes[1], runs, eval_accuracy_key(runs), f"held-out accuracy ({eval_accuracy_key(runs)})", band=band)
-    what = "95% t interval of the mean, clipped to [0, 1]" if band == "ci" else "min-max"
-    fig.suptitle(f"The strategy shift (band: {what} over seeds; curves: mean over the last {SMOOTH_STEPS} steps)")
+    what = "95% t interval of the mean over seeds, clipped to [0, 1]" if band == "ci" else "min-max over seeds"
+    fig.suptitle(f"The strategy shift\nband: {what}; curves: mean over the last {SMOOTH_STEPS} steps", fontsize=10)
     return save(fig, out / name)
 
 

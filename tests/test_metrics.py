@@ -233,7 +233,7 @@ def test_a_probability_band_stays_inside_zero_and_one():
     assert (low >= 0).all() and (high <= 1).all() and low[0] == 0 and high[1] == 1
     low, high = plots.band_limits(values, "ci")
     assert low[0] < 0 < 1 < high[1]  # a t interval over two seeds runs past [0, 1] unclipped
-    assert plots.is_probability("eval/pass@1") and plots.is_probability("pass_at_k")
+    assert plots.is_probability("eval/pass@1") and plots.is_probability("pass_at_k") and plots.is_probability("share_sound")
     assert not plots.is_probability("eval/pass@1_se") and not plots.is_probability("entropy_all")
 
 
