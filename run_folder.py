@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -37,6 +38,8 @@ def is_run(run_dir: Path) -> bool:
     train.py's settings beside metrics.jsonl or checkpoint/."""
     if (run_dir / MARKER).is_file():
         return True
+    if not (run_dir / "config.json").is_file():  # absent, or a FIFO that reading would wait on forever
+        return False
     try:
         settings = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -53,9 +56,12 @@ def holds_a_run(run_dir: Path) -> bool:
 def lock_holder(run_dir: Path) -> str | None:
     """Who holds the run folder's lock ("process PID on HOST (since ...)"), or None when nobody does."""
     try:
-        descriptor = os.open(run_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        descriptor = os.open(run_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO would block
     except OSError:
         return None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        return None  # not a lock anyone holds; claiming the folder refuses it
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
@@ -95,6 +101,11 @@ def refuse_links(run_dir: Path) -> None:
         if (run_dir / name).is_symlink():
             raise InputError(f"{run_dir / name}: a symbolic link where train.py keeps its own file; a run folder "
                              "holds none (remove it)")
+    for name in (*KEPT_NAMES, LOCK):  # reading a FIFO would wait forever for a writer
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise InputError(f"{path}: not a regular file (a folder, a FIFO or a device) where train.py keeps its "
+                             "own file (remove it)")
 
 
 class RunFolder:
@@ -157,9 +168,11 @@ def open_lock(run_dir: Path, flag: str) -> int:
         if error.errno == errno.ELOOP:
             raise InputError(f"{flag}: {run_dir / LOCK} is a symbolic link; remove it") from None
         raise InputError(f"{flag}: cannot write in {run_dir}: {error.strerror}") from None
-    if os.fstat(descriptor).st_nlink > 1:
+    status = os.fstat(descriptor)
+    if status.st_nlink > 1 or not stat.S_ISREG(status.st_mode):
         os.close(descriptor)
-        raise InputError(f"{flag}: {run_dir / LOCK} is a hard link to another file; remove it")
+        what = "a hard link to another file" if stat.S_ISREG(status.st_mode) else "not a regular file"
+        raise InputError(f"{flag}: {run_dir / LOCK} is {what}; remove it")
     return descriptor
 
 

@@ -301,3 +301,18 @@ def test_a_lock_file_that_is_a_hard_link_is_refused_and_not_truncated(tmp_path):
     with pytest.raises(InputError, match=r"\.lock is a hard link to another file"):
         run_folder.claim(run, resuming=False)
     assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl"])
+def test_a_fifo_in_a_run_folder_is_refused_instead_of_waited_on(tmp_path, name):
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "train.py", "--steps", "1", *TINY, "--out", str(run)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(run), "--steps", "2"], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=120)  # a hang fails here
+    assert resumed.returncode == 2
+    last = resumed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and name in last, resumed.stderr[-1000:]
