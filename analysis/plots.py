@@ -70,6 +70,8 @@ def read_json(text: str, where: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: malformed JSON ({e.msg})") from None
+    except (ValueError, RecursionError):  # a number of thousands of digits, or nesting thousands deep
+        raise InputError(f"{where}: unreadable JSON (a number too long or nesting too deep)") from None
 
 
 def load_run(run_dir: str) -> Run:

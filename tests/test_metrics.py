@@ -254,3 +254,15 @@ def test_gradient_share_push_is_the_norm_of_the_logit_gradient_of_log_p(tokenize
         assert math.isclose(gradient[b, c].norm().item(), push[b, c].item(), rel_tol=1e-4)
     assert torch.allclose(p_token, logp.detach().exp(), atol=1e-6)
     assert (push <= 2 ** 0.5 * (1 - p_token) + 1e-6).all() and (push >= (1 - p_token) - 1e-6).all()
+
+
+@pytest.mark.parametrize("line", ['{"step": 0, "x": ' + "[" * 50_000 + "]" * 50_000 + "}",
+                                  '{"step": 0, "x": ' + "9" * 5_000 + "}"])
+def test_a_hostile_metrics_line_is_one_line_naming_file_and_line(tmp_path, line):
+    from cli import InputError  # noqa: PLC0415
+
+    write_fake_run(tmp_path / "run", "hicra", 0)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as metrics:
+        metrics.write(line + "\n")
+    with pytest.raises(InputError, match=r"metrics.jsonl:13: unreadable JSON"):
+        plots.load_run(str(tmp_path / "run"))
