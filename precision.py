@@ -3,8 +3,8 @@
 - The trained weights and AdamW's moments stay in float32 (`--dtype` does not change them): an update smaller than
   a bfloat16 weight's resolution (about 1/256 of it) would be lost, and at lr 1e-5 nearly every update is.
 - The forward passes (sampling, scoring, training, evaluation) run under `torch.autocast(device, compute dtype)`:
-  matrix products in bfloat16 or float16, reductions and softmaxes in float32. The backward follows the forward's
-  dtypes. The log-prob and loss math is float32 whatever the flag (rollout.py's log-softmax casts to float32).
+  matrix products in bfloat16 or float16, the ops autocast lists as precision-sensitive in float32. The backward
+  follows the forward's dtypes. The log-prob and loss math is float32 whatever the flag (rollout.py's log-softmax casts to float32).
 - float16's narrow range needs loss scaling: `torch.amp.GradScaler` multiplies the loss before the backward and
   divides the gradients after it, lowering the scale when a gradient overflows. bfloat16 has float32's range and
   needs none; the scaler is then disabled and passes everything through.
