@@ -13,8 +13,9 @@ Choices, and the quirks that bite:
   from: log-softmax(logits / temperature), the temperature-scaled policy that was sampled; as in TRL and
   verl, the top-p truncation is not part of the log-prob. In float32 a fresh training forward reproduces
   them to ~1e-6 (ratio 1 at the first PPO epoch; tested), so no second forward pass is needed. Under bf16/fp16
-  autocast the cached decode and the full forward round differently (~1e-2); train.py then takes pi_old from
-  its first pass's own forward instead (precision.py). The sampler runs without gradients: nothing it records
+  autocast the cached decode and the full forward round differently (up to 0.12 in log-prob on the world
+  model, median 0; measured on 8 problems x 4 completions); train.py then takes pi_old from its first pass's
+  own forward instead (precision.py). The sampler runs without gradients: nothing it records
   carries a graph into the update.
 - Positions are taken from the attention mask (cumsum - 1) as `generate` does, so left padding does not
   shift the rotary positions between sampling and training.
