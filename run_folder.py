@@ -136,15 +136,7 @@ def claim(run_dir: Path, resuming: bool) -> RunFolder:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise InputError(f"--out: cannot write in {run_dir}: {error.strerror}") from None
-    lock_fd = open_lock(run_dir, "--resume" if resuming else "--out")
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        holder = os.pread(lock_fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(lock_fd)
-        if error.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
-        raise in_use(run_dir, "--resume" if resuming else "--out", holder) from None
+    lock_fd = lock_exclusively(run_dir, "--resume" if resuming else "--out")
     folder = RunFolder(run_dir, created, lock_fd)
     try:
         check_out(run_dir, resuming, locked_here=True)  # again: another run may have started here before we locked
@@ -159,9 +151,11 @@ def claim(run_dir: Path, resuming: bool) -> RunFolder:
     return folder
 
 
-def open_lock(run_dir: Path, flag: str) -> int:
-    """A descriptor of RUN_DIR/.lock, created if needed: never through a symbolic link (O_NOFOLLOW), and never a
-    file with other names (a hard link), whose content the lock's pid line would overwrite."""
+def lock_exclusively(run_dir: Path, flag: str) -> int:
+    """A descriptor of RUN_DIR/.lock, created if needed and flock'ed (exclusive, not waiting): one writer at a time,
+    another process holding it is refused in one line naming it. Never opened through a symbolic link
+    (O_NOFOLLOW), and never a file with other names (a hard link) nor a FIFO, which the pid line would overwrite
+    or wait on."""
     try:
         descriptor = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as error:
@@ -173,6 +167,14 @@ def open_lock(run_dir: Path, flag: str) -> int:
         os.close(descriptor)
         what = "a hard link to another file" if stat.S_ISREG(status.st_mode) else "not a regular file"
         raise InputError(f"{flag}: {run_dir / LOCK} is {what}; remove it")
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(descriptor, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(descriptor)
+        if error.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise in_use(run_dir, flag, holder) from None
     return descriptor
 
 
@@ -180,13 +182,7 @@ def open_lock(run_dir: Path, flag: str) -> int:
 def writing(folder: Path, flag: str):
     """Hold FOLDER/.lock for the block: one writer at a time (eval.py's results, say); refused in one line while
     another process (a live train.py run, another evaluation) holds it."""
-    descriptor = open_lock(folder, flag)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(descriptor, 512, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(descriptor)
-        raise in_use(folder, flag, holder) from None
+    descriptor = lock_exclusively(folder, flag)
     try:
         yield
     finally:
