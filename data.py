@@ -84,6 +84,25 @@ def read_text_lines(path: Path) -> list[str]:
     return text.split("\n")  # not splitlines(): a JSON string may hold U+2028 and other line separators
 
 
+def read_json(text: str, where: str):
+    """json.loads, with an InputError naming `where` (FILE or FILE:LINE) for text that is not JSON, or that Python
+    cannot hold (an integer of more digits than it converts, nesting deeper than its recursion limit)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: malformed JSON ({e.msg})") from None
+    except ValueError as e:  # sys.get_int_max_str_digits
+        raise InputError(f"{where}: unreadable JSON ({str(e).splitlines()[0][:80]})") from None
+    except RecursionError:
+        raise InputError(f"{where}: unreadable JSON (nested too deeply)") from None
+
+
+def check_line_length(line: str, where: str, what: str) -> None:
+    """InputError for a line over MAX_LINE_CHARS, before it is parsed: no model reads it whole."""
+    if len(line) > MAX_LINE_CHARS:
+        raise InputError(f"{where}: a line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} {what} may have")
+
+
 def read_jsonl(path: Path) -> list[Problem]:
     """Parse a problems file; blank lines are skipped, anything else malformed is an InputError."""
     problems = []
@@ -95,21 +114,13 @@ def read_jsonl(path: Path) -> list[Problem]:
     return problems
 
 
-MAX_LINE_CHARS = 100_000  # a problem line longer than this is refused before parsing: no model reads it whole
+MAX_LINE_CHARS = 100_000  # a problem or example line longer than this is refused before parsing
 
 
 def parse_problem(line: str, where: str) -> Problem:
     """One JSONL line -> Problem; `where` ("FILE:LINE") prefixes any error."""
-    if len(line) > MAX_LINE_CHARS:
-        raise InputError(f"{where}: a line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} a problem may have")
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: malformed JSON ({e.msg})") from None
-    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise InputError(f"{where}: unreadable JSON ({str(e).splitlines()[0][:80]})") from None
-    except RecursionError:
-        raise InputError(f"{where}: unreadable JSON (nested too deeply)") from None
+    check_line_length(line, where, "a problem")
+    row = read_json(line, where)
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object with 'problem' and 'answer'")
     for key in ("problem", "answer"):
@@ -135,15 +146,8 @@ def read_examples(path: str) -> list[tuple[str, str]]:
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        if len(line) > MAX_LINE_CHARS:
-            raise InputError(f"{where}: a line of {len(line):,} characters, over the {MAX_LINE_CHARS:,} an example "
-                             "may have")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: malformed JSON ({e.msg})") from None
-        except (ValueError, RecursionError):  # thousands of digits, or nested thousands deep
-            raise InputError(f"{where}: unreadable JSON (a number too long or nesting too deep)") from None
+        check_line_length(line, where, "an example")
+        row = read_json(line, where)
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("problem", "solution")):
             raise InputError(f"{where}: expected a JSON object with string fields 'problem' and 'solution'")
         examples.append((row["problem"], row["solution"]))

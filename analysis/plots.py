@@ -23,7 +23,6 @@ probabilities (accuracies, pass@k) are clipped to [0, 1], and the figure says so
 note instead of a curve.
 """
 
-import json
 import math
 import os
 import tempfile
@@ -38,7 +37,7 @@ from matplotlib.lines import Line2D
 
 from cli import InputError
 
-from data import read_text_lines
+from data import read_json, read_text_lines
 from metrics import (EXECUTION_PHASE_KEYS, PHASE_FRACTION, PHASE_WINDOW, PLANNING_PHASE_KEYS, mean_confidence_interval,
                      moving_average, phase_summary)
 
@@ -62,16 +61,6 @@ class Run:
     @property
     def label(self) -> str:
         return f"{self.algo} (seed {self.seed})"
-
-
-def read_json(text: str, where: str):
-    """json.loads with an InputError naming `where` (FILE or FILE:LINE) for text that is not JSON."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: malformed JSON ({e.msg})") from None
-    except (ValueError, RecursionError):  # a number of thousands of digits, or nesting thousands deep
-        raise InputError(f"{where}: unreadable JSON (a number too long or nesting too deep)") from None
 
 
 def load_run(run_dir: str) -> Run:
