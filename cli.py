@@ -42,6 +42,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"error: {message} (see --help)\n")
 
 
+def suppress_defaults(parser: argparse.ArgumentParser) -> None:
+    """Make `parser` report only the flags given on the command line (how train.py and eval.py tell a flag given
+    from a default): every default becomes SUPPRESS and nothing is required; --help still shows the defaults."""
+    for action in parser._actions:
+        if action.help and action.default is not argparse.SUPPRESS:  # what ArgumentDefaultsHelpFormatter adds
+            action.help += f" (default: {str(action.default).replace('%', '%%')})"
+        action.default, action.required = argparse.SUPPRESS, False
+
+
 def flag_name(dest: str) -> str:
     """The command-line spelling of an argparse destination: lora_rank -> --lora-rank."""
     return "--" + dest.replace("_", "-")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import WORLD_SPLITS
+import cli
 from cli import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bound, InputError, OneLineParser,
                  check_bounds, flag_name)
 from grpo import ADVANTAGE_MODES, AGGREGATIONS
@@ -163,10 +164,15 @@ class TrainConfig(PromptFlags, ModelFlags):
         if self.eval_data is None:
             self.eval_data = HELD_OUT.get(self.data)
         if self.grams is None:
-            self.grams = "world" if self.data in WORLD_SPLITS else "paper"
+            self.grams = default_grams(self.data)
 
 
 HELD_OUT = {"world_train": "world", "world_v1_train": "world_v1", "gsm8k_train": "gsm8k"}  # --data -> its held-out set
+
+
+def default_grams(data: str) -> str:
+    """The strategic grams of an unset --grams: the world's for the built-in world's data, the paper's otherwise."""
+    return "world" if data in WORLD_SPLITS else "paper"
 
 # ---------------------------------------------------------------- derived: the command line
 
@@ -212,10 +218,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = OneLineParser(description="GRPO / HICRA training.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(parser, TrainConfig)
     if suppress_defaults:
-        for action in parser._actions:
-            if action.help and action.default is not argparse.SUPPRESS:  # what ArgumentDefaultsHelpFormatter adds
-                action.help += f" (default: {str(action.default).replace('%', '%%')})"
-            action.default = argparse.SUPPRESS
+        cli.suppress_defaults(parser)
     return parser
 
 
@@ -274,8 +277,8 @@ def read_settings(path: str, flag: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{flag}: {path} not found")
-    if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise InputError(f"{flag}: {path}: {file.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} a run config "
+    if (size := file.stat().st_size) > MAX_CONFIG_BYTES:
+        raise InputError(f"{flag}: {path}: {size:,} bytes, over the {MAX_CONFIG_BYTES:,} a run config "
                          "may have")
     try:
         text = file.read_text(encoding="utf-8")

@@ -34,6 +34,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
+import cli
 from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, report
 from config import ModelFlags, PromptFlags, add_flags, read_settings
 from data import Problem, load_problems, read_examples
@@ -192,8 +193,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                         help="output folder (None: runs/eval-BENCHMARK-MODEL; MODEL is RUN-checkpoint for RUN/checkpoint)")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     if suppress_defaults:
-        for action in parser._actions:
-            action.default, action.required = argparse.SUPPRESS, False
+        cli.suppress_defaults(parser)
     return parser
 
 
