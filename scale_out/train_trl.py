@@ -29,9 +29,9 @@ import torch
 from transformers import AutoTokenizer
 
 from cli import AT_LEAST_ONE, FRACTION, InputError, OneLineParser, check_bounds, report
-from config import BOUNDS, TrainConfig, add_flags, flag
+from config import BOUNDS, TrainConfig, add_flags, default_grams, flag
 from data import load_problems
-from model_loading import USE_HUB_KERNELS, dequantized_folder
+from model_loading import USE_HUB_KERNELS, dequantized_folder, resolve_device_and_dtype
 from precision import ACCELERATE_NAMES
 from reward import REWARDS, score_completions
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE
@@ -142,11 +142,11 @@ def build_config(args: argparse.Namespace) -> HicraGRPOConfig:
     """The HicraGRPOConfig of the flags (see the module docstring for the mapping)."""
     batch = args.prompts_per_step * args.group_size
     gpu = torch.cuda.is_available()
-    dtype = ACCELERATE_NAMES.get(args.dtype, args.dtype)  # --mixed-precision bf16 = --dtype bfloat16
-    dtype = dtype if dtype != "auto" else ("bfloat16" if gpu and torch.cuda.is_bf16_supported() else "float32")
+    _, dtype = resolve_device_and_dtype("auto", ACCELERATE_NAMES.get(args.dtype, args.dtype))  # bf16 = bfloat16
     return HicraGRPOConfig(
         output_dir=args.out,
-        algo=args.algo, hicra_alpha=args.alpha, grams=TrainConfig(data=args.data, grams=args.grams).grams, entropy_top_q=args.entropy_top_q,
+        algo=args.algo, hicra_alpha=args.alpha, grams=args.grams or default_grams(args.data),
+        entropy_top_q=args.entropy_top_q,
         scale_rewards=ADVANTAGE_SCALES[args.advantage], loss_type=LOSS_TYPES[args.loss_agg],
         epsilon=args.eps_low, epsilon_high=args.eps_high, beta=args.beta,
         num_generations=args.group_size, max_completion_length=args.max_new_tokens,
@@ -158,7 +158,7 @@ def build_config(args: argparse.Namespace) -> HicraGRPOConfig:
         warmup_steps=args.warmup_steps, lr_scheduler_type="constant_with_warmup", seed=args.seed,
         # Mixed precision as train.py (precision.py): float32 weights, accelerate's autocast (and fp16 loss scaling).
         model_init_kwargs={"dtype": "float32", "use_kernels": USE_HUB_KERNELS, "trust_remote_code": False},
-        bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=not gpu,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not gpu,
         use_vllm=args.use_vllm, vllm_mode=args.vllm_mode, vllm_gpu_memory_utilization=args.vllm_gpu_memory,
         logging_steps=1, save_strategy="steps", save_steps=args.save_every, report_to=args.report_to,
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),  # passing False warns (deprecated name)
