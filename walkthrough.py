@@ -26,6 +26,7 @@ import os
 import torch
 import transformers
 
+from analysis.gradient_share import token_measures
 from config import TrainConfig
 from data import load_problems
 from grams import batch_planning_mask, load_grams
@@ -198,15 +199,7 @@ print(f"second pass: ratio in [{ratio.min():.3f}, {ratio.max():.3f}], "
 # of planning and execution tokens below: in this world most tokens, planning ones included, are near 1.
 
 # %%
-with torch.no_grad():
-    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask.long()], dim=1)  # [B, P+C]
-    logits = model(input_ids=torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1), attention_mask=attention_mask,
-                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)).logits  # [B, P+C, V], as in training
-    logits = logits[:, rollout.prompt_ids.shape[1] - 1 : -1].float() / config.temperature  # [B, C, V]
-    probs = logits.softmax(-1)  # [B, C, V]
-    onehot = torch.nn.functional.one_hot(rollout.completion_ids, probs.shape[-1]).float()  # [B, C, V]
-    push = (onehot - probs).norm(dim=-1)  # [B, C]: |d logp_y / d z| at each completion token
-    p_token = probs.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, C]
+_, p_token, push = token_measures(model, rollout, config.temperature)  # [B, C] each: p(y_t), |e_y - softmax(z_t)|
 for name, mask in (("planning", planning & completion), ("execution", completion & ~planning)):
     print(f"mean over {name} tokens: p(token) {p_token[mask].mean():.3f}, |e_y - softmax(z)| {push[mask].mean():.3f}")
 sure = torch.where(planning & completion, p_token, -1.0).flatten().argmax()  # the most confident planning token

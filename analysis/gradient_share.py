@@ -42,8 +42,12 @@ def token_measures(model, rollout, temperature: float) -> tuple[torch.Tensor, to
     log_probs = logits.log_softmax(-1)  # [B, C, V]
     probs = log_probs.exp()
     entropy = -(probs * log_probs).sum(-1)  # [B, C]
-    p_token = probs.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # [B, C]
-    push = (1 - 2 * p_token + (probs ** 2).sum(-1)).clamp(min=0).sqrt()  # [B, C]: |e_y - p|^2 = 1 - 2 p_y + sum p^2
+    targets = rollout.completion_ids.unsqueeze(-1)  # [B, C, 1]
+    p_token = probs.gather(-1, targets).squeeze(-1)  # [B, C]
+    others = probs.scatter(-1, targets, 0.0)  # [B, C, V]: p without the sampled token
+    # |e_y - p|^2 = (1 - p_y)^2 + sum_{v != y} p_v^2, with 1 - p_y summed from the other tokens: written as
+    # 1 - 2 p_y + sum p^2 it cancels to float32 noise (~1e-4) for a token with p_y near 1, where it is ~1e-6.
+    push = torch.sqrt(others.sum(-1) ** 2 + (others ** 2).sum(-1))  # [B, C]
     return entropy, p_token, push
 
 
