@@ -42,7 +42,7 @@ from run_folder import write_atomically
 from runlog import TRACKERS
 from world.tasks import DEFAULT_MODEL_DIR, check_world_model
 
-ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo", "random_spans")
+ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo", "random_spans", "hicra_verl")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 GROUPS = ("model", "data", "prompt", "sampling", "algorithm", "optimisation", "logging", "run")
 MODEL_FLAGS = ("model", "gguf_file", "lora_rank", "lora_alpha")  # what is trained: fixed for the life of a run
@@ -123,8 +123,8 @@ class TrainConfig(PromptFlags, ModelFlags):
     beta: float = flag(0.0, "k3 KL coefficient; 0 loads no reference model", "algorithm", NON_NEGATIVE)
     loss_agg: str = flag("token-mean", "loss normaliser", "algorithm", choices=AGGREGATIONS)
     entropy_coef: float = flag(0.01, "entropy bonus of --algo entropy_reg", "algorithm", NON_NEGATIVE)
-    entropy_top_q: float = flag(0.3, "fraction of highest-entropy tokens amplified by --algo high_entropy "
-                                     "(Fig. 10's 30%%)", "algorithm", FRACTION)
+    entropy_top_q: float = flag(0.3, "fraction of highest-entropy tokens: those --algo high_entropy amplifies "
+                                     "(Fig. 10's 30%%), hicra_verl's threshold (k)", "algorithm", FRACTION)
 
     lr: float = flag(2e-4, "AdamW learning rate", "optimisation", POSITIVE)
     weight_decay: float = flag(0.0, "AdamW weight decay", "optimisation", NON_NEGATIVE)

@@ -11,7 +11,8 @@ are untouched. The paper uses alpha = 0.2. A^H then replaces A inside the clippe
 
 The "high-entropy advantage" ablation (later version of the paper) applies the same amplification to
 the top-q fraction of tokens by entropy instead of the planning tokens; `matched_random_mask` applies it to
-random spans matched in count and length to the planning tokens (a dose-matched control).
+random spans matched in count and length to the planning tokens (a dose-matched control); `verl_recipe_mask`
+is the set the authors' VeRL code reportedly amplified (second-hand, see its docstring).
 """
 
 import math
@@ -78,3 +79,31 @@ def matched_random_mask(planning_mask: torch.Tensor, completion_mask: torch.Tens
                 mask[row, start:start + run] = True
                 run = 0
     return mask
+
+
+def verl_recipe_mask(advantages: torch.Tensor, planning_mask: torch.Tensor, entropy: torch.Tensor,
+                     completion_mask: torch.Tensor, group_size: int, top_q: float) -> torch.Tensor:
+    """The tokens the authors' VeRL branch reportedly amplifies (--algo hicra_verl), not the paper's S_i.
+
+    Source, second-hand: no official code is public; huggingface/trl pull request #4997 (closed) quotes the
+    HICRA advantage estimator of `verl/trainer/ppo/ray_trainer.py`. As quoted:
+      1. a threshold: the entropy at the top-q fraction of the batch's completion tokens (k = 0.3);
+      2. only groups with at least one completion whose advantage is > 0 are touched;
+      3. in such a group, a completion with A_i > 0 that is longer than the group's mean length gets its
+         tokens above the entropy threshold amplified;
+      4. plus the planning tokens of every completion in such a group (so a wrong one's are x (1 - alpha));
+      5. on that union A <- A * (1 + alpha * sign(A)), which is A + alpha * |A| (hicra_advantages).
+    Rule 1 is high_entropy_mask (exactly ceil(q N) tokens, ties broken arbitrarily). The quote writes rule 5
+    as `advantages[is_current_group][mask] *= ...`: the first boolean index returns a copy, so as quoted the
+    update changes nothing (tests/test_hicra_verl.py shows it); here the mask is built first and applied once.
+
+    advantages [B]; planning_mask, entropy, completion_mask [B, T]; B = prompts x group_size -> bool [B, T].
+    """
+    real = completion_mask.bool()  # [B, T]
+    grouped_advantages = advantages.view(-1, group_size)  # [N, G]
+    touched = (grouped_advantages > 0).any(dim=1, keepdim=True).expand_as(grouped_advantages).reshape(-1)  # [B]
+    lengths = completion_mask.sum(-1).view(-1, group_size)  # [N, G]
+    longer = (lengths > lengths.mean(dim=1, keepdim=True)).reshape(-1)  # [B]
+    long_and_right = touched & (advantages > 0) & longer  # [B]
+    high_entropy = high_entropy_mask(entropy, completion_mask, top_q)  # [B, T]
+    return real & ((touched[:, None] & planning_mask.bool()) | (long_and_right[:, None] & high_entropy))  # [B, T]

@@ -78,6 +78,32 @@ def planning_entropy_overlap(planning: torch.Tensor, top: torch.Tensor) -> dict[
     return out
 
 
+def gradient_signal_share(token_advantages: torch.Tensor, old_logp: torch.Tensor, selected: torch.Tensor,
+                          completion_mask: torch.Tensor, per_sequence: bool) -> float | None:
+    """Effective dose: the share of the policy-gradient signal that lands on the `selected` tokens.
+
+    At the first update pass the ratio is 1 and the clipped surrogate's gradient at token t's logits is
+
+        dL/dz_t = -(w_t / T) * A_t * (e_{y_t} - p_t),   so   |dL/dz_t|_1 = (2 w_t / T) * |A_t| * (1 - p(y_t)),
+
+    with p_t = pi_old(. | prefix), y_t the sampled token, A_t the shaped (per-token) advantage and w_t the
+    loss normaliser's weight: 1 for token-mean and Dr. GRPO (batch constants), 1/|o_i| for the sequence mean
+    (`per_sequence`). The share is sum_{t in S} |A_t| w_t (1 - p(y_t)) / sum_t |A_t| w_t (1 - p(y_t)).
+    Why this measure and not the share of tokens: a token the policy already predicts with p ~ 1 gets almost
+    no gradient, so amplifying it moves nothing. Why the L1 norm: it is exact from the sampler's own log-prob
+    of the sampled token (no extra forward); the L2 norm |e_y - p| lies between (1 - p) and sqrt(2) (1 - p)
+    (analysis/gradient_share.py measures it). The entropy bonus and KL term are left out: this is the
+    policy-gradient signal only. token_advantages, old_logp, selected, completion_mask: [B, C].
+    None when no token carries signal (every group's rewards equal).
+    """
+    weights = completion_mask.float()  # [B, C]
+    if per_sequence:
+        weights = weights / completion_mask.sum(-1, keepdim=True).clamp(min=1)  # [B, C]
+    signal = token_advantages.abs() * weights * -torch.expm1(old_logp.float())  # [B, C]: |A_t| w_t (1 - p(y_t))
+    total = float(signal.sum())
+    return float(signal[selected.bool()].sum()) / total if total > 0 else None
+
+
 def group_pass_at_k(correct: torch.Tensor, group_size: int) -> float:
     """Training pass@k with k = group size: fraction of groups with at least one correct completion. correct: [B]."""
     return float(correct.view(-1, group_size).any(dim=1).float().mean())
@@ -138,10 +164,12 @@ def rollout_metrics(batch, planning_mask: torch.Tensor, correct: torch.Tensor, g
     return {key: value for key, value in values.items() if value is not None}
 
 
-def step_metrics(batch, problems: list, grams: Sequence[str], world: bool, relative: "RelativeToFirst") -> dict[str, float]:
+def step_metrics(batch, problems: list, grams: Sequence[str], world: bool, relative: "RelativeToFirst",
+                 per_sequence_loss: bool = False) -> dict[str, float]:
     """The figures of one training step's rollouts (train.StepBatch): reward, rollout_metrics relative to
-    step 0, on the built-in world (`world`) its error types and strategy metrics, and the share of
-    completion tokens whose advantage --algo amplified. problems: one per completion."""
+    step 0, on the built-in world (`world`) its error types and strategy metrics, the planning tokens' share
+    of the policy-gradient signal, and the share of completion tokens (and of the signal) whose advantage
+    --algo amplified. problems: one per completion; per_sequence_loss: --loss-agg seq-mean-token-mean."""
     correct = batch.rewards >= 1.0  # [B]
     texts = batch.rollout.texts
     record = {"reward": batch.rewards.mean().item(), "reward_errors": batch.reward_errors}
@@ -149,9 +177,17 @@ def step_metrics(batch, problems: list, grams: Sequence[str], world: bool, relat
     record.update(relative(rollout_metrics(batch.rollout, batch.planning_mask, correct, grams, error_types=error_types)))
     if world:
         record.update(world_strategy_metrics(problems, texts, correct.tolist()))
+    rollout = batch.rollout
+    selections = {"planning_signal_share": batch.planning_mask}
     if batch.amplified_mask is not None:
-        completion = batch.rollout.completion_mask.bool()  # [B, C]
+        completion = rollout.completion_mask.bool()  # [B, C]
         record["amplified_ratio"] = float((batch.amplified_mask & completion).sum()) / max(int(completion.sum()), 1)
+        selections["amplified_signal_share"] = batch.amplified_mask
+    for key, selected in selections.items():
+        share = gradient_signal_share(batch.token_advantages, rollout.old_logp, selected, rollout.completion_mask,
+                                      per_sequence_loss)
+        if share is not None:
+            record[key] = share
     return record
 
 

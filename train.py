@@ -19,6 +19,9 @@ One step (the loop in `train`):
                      non-strategic text of a corpus (grams.placebo_grams_for), written to RUN_DIR/placebo_grams.txt;
        random_spans  the HICRA amplification on random spans matched in count and length to each completion's
                      planning tokens (hicra.matched_random_mask): the same dose, placed without regard to meaning;
+       hicra_verl    the set the authors' VeRL code reportedly amplified (hicra.verl_recipe_mask, second-hand):
+                     in groups with a completion whose A > 0, all planning tokens, plus the top --entropy-top-q
+                     entropy tokens of the correct completions longer than their group's mean;
   5. the clipped surrogate over micro-batches, one optimizer step per --ppo-epochs pass (`policy_update`);
   6. log the step, evaluate on held-out problems every --eval-every steps, checkpoint every --save-every.
 
@@ -59,7 +62,7 @@ from config import parse_config as parse_args
 from data import Problem, load_problems
 from eval import evaluate, prompt_format_from_args
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
-from hicra import hicra_advantages, high_entropy_mask, matched_random_mask
+from hicra import hicra_advantages, high_entropy_mask, matched_random_mask, verl_recipe_mask
 from metrics import step_metrics
 from model_loading import choose_threads, load_policy
 from precision import FLOAT32, MixedPrecision
@@ -122,6 +125,9 @@ def shape_advantages(config: TrainConfig, advantages: torch.Tensor, rollout: Rol
         amplified = grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, placebo)
     elif config.algo == "random_spans":
         amplified = matched_random_mask(planning_mask, rollout.completion_mask)  # [B, C]
+    elif config.algo == "hicra_verl":
+        amplified = verl_recipe_mask(advantages, planning_mask, rollout.entropy, rollout.completion_mask,
+                                     config.group_size, config.entropy_top_q)  # [B, C]
     else:  # grpo, entropy_reg: no token amplified
         amplified = None
     if amplified is None:
@@ -360,7 +366,8 @@ def train(config: TrainConfig) -> Path:
             check_weights_finite(config, model, step, batch.rewards)
             # Step 6: log, evaluate, save.
             group_problems = [p for p in problems for _ in range(config.group_size)]
-            record = {"step": step, **step_metrics(batch, group_problems, grams, world, relative), **update, "lr": lr,
+            record = {"step": step, **step_metrics(batch, group_problems, grams, world, relative,
+                                                   config.loss_agg == "seq-mean-token-mean"), **update, "lr": lr,
                       "rollout_seconds": rollout_seconds, "step_seconds": time.time() - started}
             log.log(record)
             nonfinite_streak = count_nonfinite(config, nonfinite_streak, update, step, batch.rewards)
