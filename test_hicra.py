@@ -629,12 +629,12 @@ def test_token_capped_micro_batches_keep_a_group_together_and_count_its_prompt_o
 
 def test_hicra_with_alpha_zero_trains_exactly_as_grpo(tmp_path):
     """alpha = 0 is GRPO by construction: same rollouts, losses and weights, bit for bit (on the world, where
-    planning tokens exist; only HICRA's amplified_ratio bookkeeping differs)."""
+    planning tokens exist; only HICRA's bookkeeping of what it amplified differs)."""
     flags = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "48",
              "--eval-every", "0", "--threads", "1", "--seed", "3"]
     train.main([*flags, "--algo", "grpo", "--out", str(tmp_path / "grpo")])
     train.main([*flags, "--algo", "hicra", "--alpha", "0", "--out", str(tmp_path / "alpha0")])
-    timing = {"rollout_seconds", "step_seconds", "amplified_ratio"}
+    timing = {"rollout_seconds", "step_seconds", "amplified_ratio", "amplified_signal_share"}
     grpo, alpha0 = ([{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / name)]
                     for name in ("grpo", "alpha0"))
     assert grpo == alpha0 and any(r["grad_norm"] > 0 for r in grpo)  # and the updates did move the weights
