@@ -627,21 +627,6 @@ def test_token_capped_micro_batches_keep_a_group_together_and_count_its_prompt_o
 
 
 
-def test_hicra_with_alpha_zero_trains_exactly_as_grpo(tmp_path):
-    """alpha = 0 is GRPO by construction: same rollouts, losses and weights, bit for bit (on the world, where
-    planning tokens exist; only HICRA's bookkeeping of what it amplified differs)."""
-    flags = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "48",
-             "--eval-every", "0", "--threads", "1", "--seed", "3"]
-    train.main([*flags, "--algo", "grpo", "--out", str(tmp_path / "grpo")])
-    train.main([*flags, "--algo", "hicra", "--alpha", "0", "--out", str(tmp_path / "alpha0")])
-    timing = {"rollout_seconds", "step_seconds", "amplified_ratio", "amplified_signal_share"}
-    grpo, alpha0 = ([{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / name)]
-                    for name in ("grpo", "alpha0"))
-    assert grpo == alpha0 and any(r["grad_norm"] > 0 for r in grpo)  # and the updates did move the weights
-    weights = [load_file(tmp_path / name / "checkpoint" / "model.safetensors") for name in ("grpo", "alpha0")]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-
-
 def test_matched_random_spans_have_the_planning_spans_count_and_lengths():
     planning = torch.tensor([[1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     completion = torch.tensor([[1.0] * 12, [1.0] * 9 + [0.0] * 3])
@@ -668,7 +653,7 @@ def test_alpha_zero_is_grpo_bit_for_bit(tmp_path):
 
     def steps(run_dir):
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds") and k != "amplified_ratio"}
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_seconds") and not k.startswith("amplified_")}
                 for line in lines]
 
     def weights(run_dir):
