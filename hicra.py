@@ -102,8 +102,26 @@ def verl_recipe_mask(advantages: torch.Tensor, planning_mask: torch.Tensor, entr
     real = completion_mask.bool()  # [B, T]
     grouped_advantages = advantages.view(-1, group_size)  # [N, G]
     touched = (grouped_advantages > 0).any(dim=1, keepdim=True).expand_as(grouped_advantages).reshape(-1)  # [B]
-    lengths = completion_mask.sum(-1).view(-1, group_size)  # [N, G]
+    lengths = completion_mask.sum(-1).float().view(-1, group_size)  # [N, G]
     longer = (lengths > lengths.mean(dim=1, keepdim=True)).reshape(-1)  # [B]
     long_and_right = touched & (advantages > 0) & longer  # [B]
     high_entropy = high_entropy_mask(entropy, completion_mask, top_q)  # [B, T]
     return real & ((touched[:, None] & planning_mask.bool()) | (long_and_right[:, None] & high_entropy))  # [B, T]
+
+
+def amplified_mask(algo: str, advantages: torch.Tensor, planning_mask: torch.Tensor, entropy: torch.Tensor | None,
+                   completion_mask: torch.Tensor, group_size: int, top_q: float) -> torch.Tensor | None:
+    """The tokens whose advantage --algo amplifies (bool [B, T]), or None for algorithms that amplify none.
+
+    planning_mask [B, T]: the strategic grams' tokens (the placebo grams' for algo placebo); entropy [B, T]
+    for high_entropy and hicra_verl; advantages [B] and group_size for hicra_verl.
+    """
+    if algo in ("hicra", "placebo"):
+        return planning_mask
+    if algo == "high_entropy":
+        return high_entropy_mask(entropy, completion_mask, top_q)
+    if algo == "random_spans":
+        return matched_random_mask(planning_mask, completion_mask)
+    if algo == "hicra_verl":
+        return verl_recipe_mask(advantages, planning_mask, entropy, completion_mask, group_size, top_q)
+    return None

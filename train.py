@@ -62,7 +62,7 @@ from config import parse_config as parse_args
 from data import Problem, load_problems
 from eval import evaluate, prompt_format_from_args
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
-from hicra import hicra_advantages, high_entropy_mask, matched_random_mask, verl_recipe_mask
+from hicra import amplified_mask, hicra_advantages
 from metrics import step_metrics
 from model_loading import choose_threads, load_policy
 from precision import FLOAT32, MixedPrecision
@@ -117,19 +117,11 @@ def shape_advantages(config: TrainConfig, advantages: torch.Tensor, rollout: Rol
     Returns (token advantages, the tokens amplified or None, the entropy bonus coefficient). HICRA and its
     controls differ only in which tokens get A + alpha * |A| (Sec. 3); entropy_reg adds a bonus to the loss.
     """
-    if config.algo == "hicra":
-        amplified = planning_mask  # [B, C] bool
-    elif config.algo == "high_entropy":
-        amplified = high_entropy_mask(rollout.entropy, rollout.completion_mask, config.entropy_top_q)  # [B, C]
-    elif config.algo == "placebo":
-        amplified = grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, placebo)
-    elif config.algo == "random_spans":
-        amplified = matched_random_mask(planning_mask, rollout.completion_mask)  # [B, C]
-    elif config.algo == "hicra_verl":
-        amplified = verl_recipe_mask(advantages, planning_mask, rollout.entropy, rollout.completion_mask,
-                                     config.group_size, config.entropy_top_q)  # [B, C]
-    else:  # grpo, entropy_reg: no token amplified
-        amplified = None
+    selection = planning_mask  # [B, C] bool
+    if config.algo == "placebo":
+        selection = grams_lib.batch_planning_mask(tokenizer, rollout.completion_ids, rollout.completion_mask, placebo)
+    amplified = amplified_mask(config.algo, advantages, selection, rollout.entropy, rollout.completion_mask,
+                               config.group_size, config.entropy_top_q)  # [B, C] bool or None (grpo, entropy_reg)
     if amplified is None:
         token_advantages = advantages[:, None].expand_as(rollout.completion_mask)  # [B, C]: A_i on every token
     else:

@@ -21,8 +21,10 @@ seeds, the mean and 95% Student-t interval of these pre-declared metrics:
           execution accuracy, execution perplexity and entropy) and planning metrics (sound-strategy share,
           semantic entropy) reach 80% of their total change (built-in world);
 
-with, for information, the mean share of completion tokens whose advantage was amplified (train.py's
-`amplified_ratio`: hicra, placebo, high_entropy) and the seconds of training steps and evaluations;
+with, for information, run means over steps of the share of completion tokens whose advantage was amplified
+(`amplified_ratio`), of the policy-gradient signal on the amplified tokens (`amplified_signal_share`, the
+effective dose: metrics.gradient_signal_share) and on the planning tokens (`planning_signal_share`, every
+arm, GRPO included), and the seconds of training steps and evaluations;
 
 and, for every arm against the --baseline algorithm with the same flag values, the paired difference
 (arm - baseline) over their common seeds with its t interval. With --set, it also compares each
@@ -48,10 +50,15 @@ from cli import InputError, OneLineParser, flag_name
 from cli import report as report_error
 from config import saved_settings
 from metrics import mean_confidence_interval, phase_summary
+from runlog import ENVIRONMENT, describe_environment
 
 EVAL_KEY = "eval/pass@1"
 OUTCOMES = ("final", "auc", "steps_to_target", "t80/execution", "t80/planning")
-INFORMATIVE = ("amplified", "seconds")  # shown per arm, not compared: share of tokens amplified, run time
+# shown per arm, not compared: the share of tokens amplified, the shares of the policy-gradient signal on the
+# amplified and on the planning tokens (the effective dose, metrics.gradient_signal_share), run time
+INFORMATIVE = ("amplified", "amplified_signal", "planning_signal", "seconds")
+SIGNAL_KEYS = {"amplified": "amplified_ratio", "amplified_signal": "amplified_signal_share",
+               "planning_signal": "planning_signal_share"}  # INFORMATIVE name -> per-step metrics key
 TRAIN_SCRIPT = Path(__file__).parent.parent / "train.py"
 
 
@@ -213,8 +220,9 @@ def run_outcome(job: Job, records: list[dict], target: float) -> Outcome:
     phases = phase_summary([r for r in records if not is_eval(r)])
     values["t80/execution"] = phases.get("t80/execution")
     values["t80/planning"] = phases.get("t80/planning")
-    amplified = [r["amplified_ratio"] for r in records if "amplified_ratio" in r]
-    values["amplified"] = sum(amplified) / len(amplified) if amplified else None
+    for name, key in SIGNAL_KEYS.items():  # run means over the steps that logged them
+        logged = [r[key] for r in records if key in r]
+        values[name] = sum(logged) / len(logged) if logged else None
     values["seconds"] = sum(r.get("step_seconds", 0.0) + r.get("eval/wall_s", 0.0) for r in records)
     return Outcome(job, values)
 
@@ -229,6 +237,18 @@ def collect(jobs: list[Job], out: Path, target: float) -> list[Outcome]:
         else:
             print(f"  skipped (not finished): {run_dir}")
     return outcomes
+
+
+def environments(jobs: list[Job], out: Path) -> list[str]:
+    """The distinct environments the sweep's runs ran in (each run's environment.jsonl), with their run counts.
+    Per-seed values repeat only in the same environment; the spread over seeds is what carries over."""
+    counts: dict[str, int] = {}
+    for job in jobs:
+        path = job.run_dir(out) / ENVIRONMENT
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        for where in {describe_environment(json.loads(line)) for line in lines if line.strip()} or {"not recorded"}:
+            counts[where] = counts.get(where, 0) + 1
+    return [f"{where}: {count} run(s)" for where, count in counts.items()]
 
 
 def summarize(values: list[float | None]) -> dict:
@@ -312,12 +332,14 @@ def markdown_report(arms: dict[str, dict], paired: list[dict], best: list[dict],
     titles = [METRIC_TITLES[m].format(target=target) for m in OUTCOMES]
     lines = [header, "", "Per arm: mean [95% Student-t interval] over seeds; (k/n): only k of n runs have a value "
              "(steps to target: runs that reached it).", "",
-             "| arm | seeds | " + " | ".join(titles) + " | amplified tokens | s per run (steps + evals) |",
-             "|---|---|" + "---|" * (len(OUTCOMES) + 2)]
+             "| arm | seeds | " + " | ".join(titles) + " | amplified tokens | amplified signal | planning signal "
+             "| s per run (steps + evals) |",
+             "|---|---|" + "---|" * (len(OUTCOMES) + 4)]
     for name, arm in arms.items():
         seeds = ",".join(map(str, sorted(arm["seeds"])))
         lines.append(f"| {name} | {seeds} | " + " | ".join(cell(arm[m], DIGITS[m]) for m in OUTCOMES)
-                     + f" | {cell(arm['amplified'])} | {arm['seconds']['mean']:.0f} |")
+                     + f" | {cell(arm['amplified'])} | {cell(arm['amplified_signal'])} | {cell(arm['planning_signal'])}"
+                     + f" | {arm['seconds']['mean']:.0f} |")
     for title, rows in (("Paired differences, arm - baseline at the same flag values, over common seeds", paired),
                         ("Each algorithm at its best flag value (by mean final pass@1), paired against the "
                          "baseline's best", best)):
@@ -356,6 +378,8 @@ def report(jobs: list[Job], out: Path, target: float, baseline: str, header: str
     arms = arm_table(outcomes)
     paired = paired_comparisons(outcomes, baseline)
     best = best_settings(outcomes, arms, baseline) if any(job.settings for job in jobs) else []
+    header += "\n\nRan on (per-seed values repeat only on the same CPU type, threads and versions):\n" + "".join(
+        f"\n- {line}" for line in environments(jobs, out))
     text = markdown_report(arms, paired, best, target, header)
     (out / "results.md").write_text(text, encoding="utf-8")
     (out / "results.json").write_text(json.dumps({"arms": arms, "paired": paired, "best": best}, indent=1),

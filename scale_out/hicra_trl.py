@@ -9,6 +9,9 @@ turns it into per-token advantages [B, C] with *our* functions, so both paths sh
   hicra         hicra.hicra_advantages: A_i + alpha * |A_i| on planning tokens (grams.planning_token_mask)
   high_entropy  the same amplification on the top-q entropy tokens (hicra.high_entropy_mask)
   placebo       hicra with a gram file of non-strategic n-grams in place of the strategic grams
+  random_spans  the amplification on random spans matched to the planning tokens (hicra.matched_random_mask)
+  hicra_verl    the set the authors' VeRL code reportedly amplified (hicra.verl_recipe_mask)
+The choice of tokens is hicra.amplified_mask, the function train.py calls.
 
 `HicraGRPOConfig` defaults are those of train.py: mean-centred advantages without std scaling
 (scale_rewards="none" is our --advantage center), clip-higher (epsilon 0.2 / epsilon_high 0.28), token-mean
@@ -30,12 +33,14 @@ Private methods may change in any TRL release: after upgrading, run `pytest test
 Departures from train.py, all TRL's:
 - the std-scaled advantage (--advantage std, scale_rewards="group") divides by std + 1e-4, not + 1e-6;
 - with use_vllm, TRL's importance-sampling correction between vLLM and the trainer's log-probs is on;
-- high_entropy picks the top-q tokens among this process's completions, not the whole global batch;
+- high_entropy and hicra_verl pick the top-q tokens among this process's completions, not the whole global
+  batch, and hicra_verl's groups are consecutive runs of num_generations completions of this process's
+  slice (so its completions per process must be a multiple of num_generations);
 - text-only models (the entropy forward below passes no image inputs).
 
 Cost: planning/execution entropy (and the high_entropy mask) need the sampling policy's per-token entropy,
 one extra no-grad forward over the generation batch, as train.py's old-log-prob pass; `entropy_metrics=False`
-skips it unless algo is high_entropy.
+skips it unless the algo needs it (high_entropy, hicra_verl).
 """
 
 from collections import Counter
@@ -47,9 +52,10 @@ from trl import GRPOConfig, GRPOTrainer
 
 import grams as grams_lib
 from cli import InputError
-from hicra import PAPER_ALPHA, hicra_advantages, high_entropy_mask
+from hicra import PAPER_ALPHA, amplified_mask, hicra_advantages
 
-ALGOS = ("grpo", "hicra", "high_entropy", "placebo")
+ALGOS = ("grpo", "hicra", "high_entropy", "placebo", "random_spans", "hicra_verl")
+ENTROPY_ALGOS = ("high_entropy", "hicra_verl")  # need the sampling policy's per-token entropy
 LOSS_TYPES = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
 ADVANTAGE_SCALES = {"center": "none", "std": "group"}  # our --advantage -> TRL's scale_rewards
 
@@ -65,7 +71,7 @@ class HicraGRPOConfig(GRPOConfig):
         metadata={"help": "strategic grams: preset (paper, world) or a file, one gram per line; for "
                           "algo=placebo a file of non-strategic n-grams"},
     )
-    entropy_top_q: float = field(default=0.3, metadata={"help": "fraction of tokens amplified by high_entropy"})
+    entropy_top_q: float = field(default=0.3, metadata={"help": "fraction of highest-entropy tokens: amplified by high_entropy, hicra_verl's threshold"})
     entropy_metrics: bool = field(
         default=True, metadata={"help": "log planning/execution entropy (one extra no-grad forward per generation)"}
     )
@@ -87,17 +93,20 @@ class HicraGRPOConfig(GRPOConfig):
 
 def token_advantages(
     algo: str, advantages: torch.Tensor, planning_mask: torch.Tensor, completion_mask: torch.Tensor,
-    entropy: torch.Tensor | None, alpha: float, top_q: float,
+    entropy: torch.Tensor | None, alpha: float, top_q: float, group_size: int,
 ) -> torch.Tensor:
-    """Per-token advantages [B, C] for `algo` from per-completion advantages [B] (as train.token_advantages).
+    """Per-token advantages [B, C] for `algo` from per-completion advantages [B] (as train.shape_advantages).
 
-    planning_mask: bool [B, C] (the placebo grams' mask for algo placebo); entropy [B, C], for high_entropy.
+    planning_mask: bool [B, C] (the placebo grams' mask for algo placebo); entropy [B, C], for high_entropy
+    and hicra_verl.
     """
-    if algo in ("hicra", "placebo"):
-        return hicra_advantages(advantages, planning_mask, alpha)  # [B, C]
-    if algo == "high_entropy":
-        return hicra_advantages(advantages, high_entropy_mask(entropy, completion_mask, top_q), alpha)  # [B, C]
-    return advantages[:, None].expand(planning_mask.shape).clone()  # [B, C]
+    if algo == "hicra_verl" and len(advantages) % group_size:
+        raise ValueError(f"hicra_verl needs whole groups: {len(advantages)} completions on this process is not a "
+                         f"multiple of num_generations = {group_size}")
+    amplified = amplified_mask(algo, advantages, planning_mask, entropy, completion_mask, group_size, top_q)
+    if amplified is None:
+        return advantages[:, None].expand(planning_mask.shape).clone()  # [B, C]
+    return hicra_advantages(advantages, amplified, alpha)  # [B, C]
 
 
 class HicraGRPOTrainer(GRPOTrainer):
@@ -118,11 +127,11 @@ class HicraGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]  # [B, C], [B, C]
         loss_mask = completion_mask * output["tool_mask"] if "tool_mask" in output else completion_mask  # [B, C]
         planning = grams_lib.batch_planning_mask(self.tokenizer, completion_ids, completion_mask, self.grams)  # [B, C]
-        needs_entropy = self.args.entropy_metrics or self.args.algo == "high_entropy"
+        needs_entropy = self.args.entropy_metrics or self.args.algo in ENTROPY_ALGOS
         entropy = self._sampling_entropy(output) if needs_entropy else None  # [B, C]
         output["advantages"] = token_advantages(
             self.args.algo, output["advantages"], planning, loss_mask, entropy, self.args.hicra_alpha,
-            self.args.entropy_top_q,
+            self.args.entropy_top_q, self.num_generations,
         )  # [B, C]
         self._log_rollout_metrics(completion_ids, loss_mask, planning, entropy)
         return output

@@ -21,7 +21,7 @@ from conftest import build_model  # noqa: E402
 from data import InputError  # noqa: E402
 from grams import batch_planning_mask  # noqa: E402
 from grpo import aggregate_loss, clipped_policy_loss, group_advantages  # noqa: E402
-from hicra import hicra_advantages  # noqa: E402
+from hicra import hicra_advantages, verl_recipe_mask  # noqa: E402
 from scale_out.hicra_trl import LOSS_TYPES, HicraGRPOConfig, HicraGRPOTrainer  # noqa: E402
 from rollout import completion_logprobs  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -171,6 +171,20 @@ def test_high_entropy_amplifies_the_top_q_tokens(tmp_path, tokenizer):
     group_a = group_advantages(torch.tensor(REWARDS), GROUP, "center")[:, None]  # [B, 1], never 0 here
     amplified = (batch["advantages"] != group_a) & batch["completion_mask"].bool()
     assert int(amplified.sum()) == math.ceil(0.3 * int(batch["completion_mask"].sum()))
+
+
+def test_hicra_verl_amplifies_the_set_train_py_amplifies(tmp_path, tokenizer):
+    """The TRL path shapes hicra_verl's advantages with hicra.verl_recipe_mask on TRL's own batch: the
+    planning tokens of both groups (each has a correct completion) plus the high-entropy tokens of the
+    correct completions longer than their group's mean."""
+    trainer = make_trainer(tmp_path, tokenizer, build_model(tokenizer).train(), algo="hicra_verl", entropy_top_q=0.3)
+    batch = generation_batch(trainer)
+    advantages = group_advantages(torch.tensor(REWARDS), GROUP, "center")  # [B]
+    planning = batch_planning_mask(tokenizer, batch["completion_ids"], batch["completion_mask"], GRAMS)  # [B, C]
+    mask = verl_recipe_mask(advantages, planning, trainer._sampling_entropy(batch), batch["completion_mask"], GROUP,
+                            0.3)  # [B, C]
+    assert (mask & ~planning).any()  # some high-entropy tokens beyond the planning ones
+    torch.testing.assert_close(batch["advantages"], hicra_advantages(advantages, mask, trainer.args.hicra_alpha))
 
 
 def test_grpo_hands_trl_the_sequence_advantage_on_every_token(tmp_path, tokenizer):
