@@ -35,7 +35,8 @@ from grpo import ADVANTAGE_MODES, AGGREGATIONS
 from hicra import PAPER_ALPHA
 from model_loading import check_model_flags
 from precision import ACCELERATE_NAMES
-from reward import REWARD_HELP, REWARD_TIMEOUT_S
+from grading import REWARD_TIMEOUT_S
+from reward import REWARD_HELP
 from rollout import DEFAULT_INSTRUCTION
 import run_folder
 from run_folder import write_atomically
@@ -101,8 +102,9 @@ class TrainConfig(PromptFlags, ModelFlags):
                                        "another name: none, and no held-out evaluation)", "data")
     eval_limit: int = flag(500, "held-out problems per evaluation (the first N)", "data", AT_LEAST_ONE)
     reward: str = flag("boxed", REWARD_HELP, "data")
-    reward_timeout: float = flag(REWARD_TIMEOUT_S, "seconds a grading may run (custom rewards too); one still running "
-                                                   "then scores 0, counted as a reward error", "data", POSITIVE)
+    reward_timeout: float = flag(REWARD_TIMEOUT_S, "seconds a step's grading may run (custom rewards too); every grading "
+                                                   "still running then scores 0, counted as a reward error", "data",
+                                 POSITIVE)
 
     prompts_per_step: int = flag(16, "problems sampled per step", "sampling", AT_LEAST_ONE)
     group_size: int = flag(8, "completions per problem (G >= 2)", "sampling",

@@ -40,7 +40,8 @@ from config import ModelFlags, PromptFlags, add_flags, read_settings
 from data import Problem, load_problems, read_examples
 from metrics import standard_error
 from model_loading import check_model_flags, choose_threads, load_model
-from reward import REWARD_HELP, boxed_reward, extract_boxed, grade_batch, load_reward
+from grading import grade_batch
+from reward import REWARD_HELP, boxed_reward, extract_boxed, load_reward
 from rollout import PromptFormat, check_prompts_fit, format_prompt, generate_rollouts
 from run_folder import in_use, is_run, lock_holder, write_atomically, writing
 from world.tasks import check_world_model
@@ -112,7 +113,7 @@ def new_record(problem: Problem, prompt: str) -> dict:
 
 
 def add_completion(record: dict, text: str, length: int, truncated: bool, graded: tuple[float, str | None]) -> None:
-    """Append one completion and its grading (reward.grade's (reward, failure)) to its problem's record."""
+    """Append one completion and its grading (grading.grade's (reward, failure)) to its problem's record."""
     reward, failure = graded
     record["completions"].append(text)
     record["extracted"].append(extract_boxed(text))

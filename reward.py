@@ -12,17 +12,14 @@ Choices, and where they come from:
 - Timeouts: math-verify's own timeouts use `signal.alarm`, which only works on the
   main thread, so they are disabled here. Each math-verify comparison runs in a
   forked child process that is killed after `timeout_s`; a timeout raises
-  `GradingTimeout` (the completion scores 0 and `grade` reports it as a timeout).
+  `GradingTimeout` (the completion scores 0 and grading.grade reports it as a timeout).
   A process, not a thread, because a runaway sympy computation cannot be stopped
   from another thread and would keep eating CPU.
-- A batch is graded GRADING_WORKERS completions at a time (`grade_batch`, threads that
-  each wait on their child process), so a model that writes exponent towers costs a
-  step about one timeout, not one per completion. A custom reward function must
-  therefore be safe to call from several threads at once (pure functions are).
-- A reward function that raises, times out, or returns NaN, an infinity or a
-  non-number scores 0 and is counted (`grade`, train.py's `reward_errors`). Every
-  grading, a custom function's too, has a deadline (`grade_batch`, --reward-timeout,
-  REWARD_TIMEOUT_S by default): one still running then scores 0 as a timeout.
+- grading.py runs a reward over a batch, several completions at a time (threads that
+  each wait on their child process) under one deadline for the batch, and counts a
+  reward that raises, times out or returns no sane number as a scored-0 failure. A
+  custom reward function must therefore be safe to call from several threads at once
+  (pure functions are).
 - `gsm8k_reward` is the lenient GSM8K grader: the boxed answer if there is one,
   else the last number of the text, compared as a number.
 - Model output is only parsed, never executed.
@@ -31,13 +28,9 @@ Choices, and where they come from:
 import importlib
 import importlib.util
 import logging
-import math
 import multiprocessing
-import queue
 import re
 import sys
-import threading
-import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -46,8 +39,6 @@ from math_verify import parse, verify
 from cli import InputError
 
 DEFAULT_TIMEOUT_S = 5.0
-GRADING_WORKERS = 8  # gradings of a batch in flight at once (each mostly waits on its child process)
-REWARD_TIMEOUT_S = 10.0  # a grading running longer scores 0 (--reward-timeout); above math-verify's DEFAULT_TIMEOUT_S
 # "fork" keeps a comparison cheap (~20 ms): the child inherits math-verify's parsers.
 FORK = multiprocessing.get_context("fork")
 # A number as written in an answer: thousands commas only in groups of three.
@@ -231,93 +222,6 @@ def _import_reward_module(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def grade(fn, completion: str, answer: str) -> tuple[float, str | None]:
-    """(reward, failure); a failed grading scores 0. failure is None, "timeout", "error" (`fn` raised)
-    or "invalid" (`fn` returned NaN, an infinity, or something that is not a number, such as a string)."""
-    try:
-        value = fn(completion, answer)
-    except GradingTimeout:
-        return 0.0, "timeout"
-    except Exception:  # a grader bug must not stop training; it is counted instead
-        return 0.0, "error"
-    if isinstance(value, (str, bytes)) or value is None:
-        return 0.0, "invalid"
-    try:
-        reward = float(value)
-    except (TypeError, ValueError):
-        return 0.0, "invalid"
-    return (reward, None) if math.isfinite(reward) else (0.0, "invalid")
-
-
-def grade_batch(fn, completions: list[str], answers: list[str], workers: int = GRADING_WORKERS,
-                timeout_s: float = REWARD_TIMEOUT_S) -> list[tuple[float, str | None]]:
-    """`grade` of each (completion, answer) pair, in order, with up to `workers` gradings in flight at once.
-
-    A grading still running `timeout_s` seconds after it started scores 0 as a "timeout" (`--reward-timeout`):
-    its thread, a daemon, is left to finish or hang on its own and a fresh one takes its place, so a reward
-    that hangs costs a batch about one timeout and never holds up Ctrl-C or the end of the process.
-    """
-    pairs = list(zip(completions, answers, strict=True))
-    results: list[tuple[float, str | None] | None] = [None] * len(pairs)
-    started: dict[int, float] = {}  # index -> when its grading began
-    todo, lock = queue.SimpleQueue(), threading.Lock()
-    for index in range(len(pairs)):
-        todo.put(index)
-
-    def work() -> None:
-        while True:
-            try:
-                index = todo.get_nowait()
-            except queue.Empty:
-                return
-            with lock:
-                started[index] = time.monotonic()
-            graded = grade(fn, *pairs[index])
-            with lock:
-                if results[index] is None:  # not already given up on as a timeout
-                    results[index] = graded
-
-    def start_worker() -> None:
-        threading.Thread(target=work, daemon=True).start()
-
-    for _ in range(min(max(workers, 1), len(pairs))):
-        start_worker()
-    while True:
-        with lock:
-            now = time.monotonic()
-            for index, began in started.items():
-                if results[index] is None and now - began > timeout_s:
-                    results[index] = (0.0, "timeout")
-                    start_worker()  # the stuck thread keeps its slot busy: replace it
-            if all(result is not None for result in results):
-                return results
-        time.sleep(0.002)
-
-
-def describe_failure(fn, completion: str, answer: str, timeout_s: float = REWARD_TIMEOUT_S) -> str:
-    """What `fn` does on one pair, in a few words, for an error message: "raised ValueError: ...",
-    "returned 'abc'", "ran over N s". Runs `fn` once more, in a daemon thread, under the same deadline."""
-    outcome: list[str] = []
-
-    def call() -> None:
-        try:
-            outcome.append(f"returned {fn(completion, answer)!r:.80}")
-        except Exception as error:  # the user's function may fail in any way
-            outcome.append(f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:120])
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return outcome[0] if outcome else f"ran over --reward-timeout {timeout_s:g} s"
-
-
-def score_completions(fn, completions: list[str], answers: list[str],
-                      timeout_s: float = REWARD_TIMEOUT_S) -> tuple[list[float], int]:
-    """Rewards of `fn` for each (completion, answer) pair, and how many gradings failed (scored 0)."""
-    graded = grade_batch(fn, completions, answers, timeout_s=timeout_s)
-    return [reward for reward, _ in graded], sum(failure is not None for _, failure in graded)
 
 
 # math-verify warns that its timeouts are off; this module times comparisons itself.

@@ -66,7 +66,8 @@ from hicra import amplified_mask, hicra_advantages
 from metrics import step_metrics
 from model_loading import choose_threads, load_policy
 from precision import FLOAT32, MixedPrecision
-from reward import describe_failure, load_reward, score_completions
+from grading import describe_failure, score_completions
+from reward import load_reward
 from run_folder import write_atomically
 from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,
                      format_prompt, generate_rollouts, micro_batches)

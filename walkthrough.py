@@ -32,7 +32,8 @@ from data import load_problems
 from grams import batch_planning_mask, load_grams
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages
 from model_loading import load_model
-from reward import boxed_reward, score_completions
+from grading import score_completions
+from reward import boxed_reward
 from rollout import completion_logprobs, format_prompt, generate_rollouts
 from train import policy_update, prompts_for_step, shape_advantages
 

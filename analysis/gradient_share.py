@@ -26,7 +26,8 @@ from grams import batch_planning_mask, load_grams
 from grpo import group_advantages
 from hicra import PAPER_ALPHA, hicra_advantages
 from model_loading import load_model
-from reward import boxed_reward, score_completions
+from grading import score_completions
+from reward import boxed_reward
 from rollout import format_prompt, generate_rollouts
 from train import prompts_for_step
 from world.tasks import DEFAULT_MODEL_DIR

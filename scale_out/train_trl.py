@@ -33,7 +33,8 @@ from config import BOUNDS, TrainConfig, add_flags, default_grams, flag
 from data import load_problems
 from model_loading import USE_HUB_KERNELS, dequantized_folder, resolve_device_and_dtype
 from precision import ACCELERATE_NAMES
-from reward import REWARDS, score_completions
+from grading import score_completions
+from reward import REWARDS
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE
 
 try:  # the optional requirements: a one-line error, not a traceback, when they are missing

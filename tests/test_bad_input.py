@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 import cli
 import config
 import eval as evaluation
+import grading
 import grams
 import model_loading
 import reward
@@ -378,11 +380,43 @@ def test_a_reward_that_raises_or_returns_no_finite_number_scores_zero_and_is_cou
     assert record["reward"] == 0.0 and record["reward_errors"] == 4 and math.isfinite(record["loss"])
 
 
+class FloatFails:
+    def __float__(self):
+        raise RuntimeError("no float")
+
+
+def interrupts(completion, answer):
+    raise KeyboardInterrupt
+
+
 def test_grade_tells_failures_apart():
-    assert reward.grade(lambda c, a: 1, "x", "1") == (1.0, None)
-    assert reward.grade(lambda c, a: math.nan, "x", "1") == (0.0, "invalid")
-    assert reward.grade(lambda c, a: "1", "x", "1") == (0.0, "invalid")
-    assert reward.grade(lambda c, a: 1 / 0, "x", "1") == (0.0, "error")
+    assert grading.grade(lambda c, a: 1, "x", "1") == (1.0, None)
+    assert grading.grade(lambda c, a: -grading.REWARD_LIMIT, "x", "1") == (-grading.REWARD_LIMIT, None)
+    for value in (math.nan, "1", 10 ** 400, 1e300, -2 * grading.REWARD_LIMIT, FloatFails()):
+        assert grading.grade(lambda c, a: value, "x", "1") == (0.0, "invalid"), value
+    assert grading.grade(lambda c, a: 1 / 0, "x", "1") == (0.0, "error")
+    assert grading.grade(interrupts, "x", "1") == (0.0, "error")  # from a worker thread it is no Ctrl-C
+    assert grading.grade(lambda c, a: sys.exit(3), "x", "1") == (0.0, "exit")
+
+
+def test_describe_failure_names_what_the_reward_did():
+    assert grading.describe_failure(lambda c, a: sys.exit(3), "x", "1") == "called sys.exit(3)"
+    assert grading.describe_failure(interrupts, "x", "1") == "raised KeyboardInterrupt"
+    assert grading.describe_failure(lambda c, a: 1e300, "x", "1") == "returned 1e+300 (not a number within +-1e+06)"
+    assert grading.describe_failure(lambda c, a: 10 ** 5000, "x", "1") == (
+        "returned a int with no printable value (not a number within +-1e+06)")
+    assert grading.describe_failure(lambda c, a: time.sleep(5), "x", "1", timeout_s=0.2) == (
+        "ran over --reward-timeout 0.2 s")
+
+
+def test_the_deadline_bounds_the_whole_batch():
+    """A reward that always hangs costs a batch one --reward-timeout, not one per GRADING_WORKERS completions."""
+    release = threading.Event()
+    started = time.monotonic()
+    graded = grading.grade_batch(lambda c, a: release.wait(60), ["x"] * 64, ["1"] * 64, timeout_s=0.5)
+    elapsed = time.monotonic() - started
+    release.set()
+    assert graded == [(0.0, "timeout")] * 64 and elapsed < 3.0
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_do(finished_run, tmp_path, capsys):
@@ -424,23 +458,23 @@ def short_timeout_reward(completion: str, answer: str) -> float:
 
 def test_a_slow_answer_times_out_while_the_rest_of_the_batch_is_graded():
     completions = [TOWER, "\\boxed{42}", TOWER, "\\boxed{\\frac{84}{2}}", "\\boxed{41}"]
-    graded = reward.grade_batch(short_timeout_reward, completions, ["42"] * len(completions))
+    graded = grading.grade_batch(short_timeout_reward, completions, ["42"] * len(completions))
     assert graded == [(0.0, "timeout"), (1.0, None), (0.0, "timeout"), (1.0, None), (0.0, None)]
 
 
 def test_a_batch_is_graded_concurrently():
     """Every grading waits at a barrier for all the others: graded one at a time, the barrier would break."""
-    size = reward.GRADING_WORKERS
+    size = grading.GRADING_WORKERS
     barrier = threading.Barrier(size)
 
     def waits_for_the_whole_batch(completion, answer):
         barrier.wait(timeout=60)
         return 1.0
 
-    graded = reward.grade_batch(waits_for_the_whole_batch, ["x"] * size, ["x"] * size)
+    graded = grading.grade_batch(waits_for_the_whole_batch, ["x"] * size, ["x"] * size)
     assert graded == [(1.0, None)] * size
 
 
 def test_timeouts_are_counted_by_score_completions():
-    rewards, failures = reward.score_completions(short_timeout_reward, [TOWER, "\\boxed{7}"], ["7", "7"])
+    rewards, failures = grading.score_completions(short_timeout_reward, [TOWER, "\\boxed{7}"], ["7", "7"])
     assert rewards == [0.0, 1.0] and failures == 1

@@ -13,16 +13,8 @@ import model_loading
 from conftest import build_model
 from cli import InputError
 from data import load_problems
-from reward import (
-    GradingTimeout,
-    answers_match,
-    boxed_reward,
-    extract_boxed,
-    format_reward,
-    grade,
-    gsm8k_reward,
-    score_completions,
-)
+from grading import grade, score_completions
+from reward import GradingTimeout, answers_match, boxed_reward, extract_boxed, format_reward, gsm8k_reward
 
 # An answer whose comparison makes sympy compute a tower of powers: it never finishes in time.
 RUNAWAY_ANSWER = "2^{2^{2^{2^{2^{100}}}}}!"

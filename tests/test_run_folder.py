@@ -181,6 +181,7 @@ def test_resume_with_another_learning_rate_applies_and_records_it(finished, tmp_
 
 
 REWARDS = '''
+import sys
 import time
 
 
@@ -191,6 +192,18 @@ def slow(completion, answer):
 
 def broken(completion, answer):
     raise ValueError("no answer field")
+
+
+def interrupts(completion, answer):
+    raise KeyboardInterrupt
+
+
+def exits(completion, answer):
+    sys.exit(3)
+
+
+def huge(completion, answer):
+    return 1e300
 '''
 
 
@@ -213,6 +226,19 @@ def test_a_reward_failing_on_every_completion_stops_the_run_naming_it(tmp_path):
     assert code == 1
     assert last_line(stderr) == (f"error: --reward {spec}: every grading failed on 3 steps in a row (to step 2); on "
                                  "the first completion it raised ValueError: no answer field")
+
+
+@pytest.mark.parametrize("name, what", [("interrupts", "raised KeyboardInterrupt"), ("exits", "called sys.exit(3)"),
+                                        ("huge", "returned 1e+300 (not a number within +-1e+06)")])
+def test_a_reward_raising_keyboardinterrupt_or_exiting_or_out_of_range_is_one_line(tmp_path, name, what):
+    """Raised in the grading threads, neither is the user's Ctrl-C: each grading counts as failed, no
+    traceback is printed per completion, and the run stops after 3 such steps naming what the reward did."""
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    spec = f"{tmp_path / 'my_rewards.py'}:{name}"
+    code, stderr = train(*TINY, "--steps", "10", "--reward", spec, "--out", tmp_path / "run")
+    assert code == 1 and "Traceback" not in stderr and "Exception in thread" not in stderr, stderr
+    assert last_line(stderr) == (f"error: --reward {spec}: every grading failed on 3 steps in a row (to step 2); on "
+                                 f"the first completion it {what}")
 
 
 def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path):
