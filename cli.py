@@ -74,6 +74,20 @@ def check_bounds(args: argparse.Namespace, bounds: dict[str, Bound]) -> None:
             raise InputError(f"{flag_name(dest)}: must be {wanted}, got {value}")
 
 
+def check_text(settings) -> None:
+    """Raise InputError for the first string setting (or string in a list setting) that is not text a tokenizer
+    can take: bytes that were not UTF-8 on the command line (`--instruction $'\\xff'`, which Python keeps as
+    surrogate escapes) or a lone surrogate from a JSON or YAML escape (\\ud800)."""
+    for dest, value in vars(settings).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise InputError(f"{flag_name(dest)}: not valid text: character {error.start} is "
+                                     f"{item[error.start]!r} (bytes that are not UTF-8, or a lone surrogate escape)") from None
+
+
 def check_output_file(path: str, flag: str) -> None:
     """Raise InputError unless `path` can be written as a file: not a folder, in a folder that exists."""
     target = Path(path)

@@ -30,7 +30,7 @@ from pathlib import Path
 from data import WORLD_SPLITS
 import cli
 from cli import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bound, InputError, OneLineParser,
-                 check_bounds, flag_name)
+                 check_bounds, check_text, flag_name)
 from grpo import ADVANTAGE_MODES, AGGREGATIONS
 from hicra import PAPER_ALPHA
 from model_loading import check_model_flags
@@ -344,6 +344,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if config.out is None:
         config.out = f"runs/{config.algo}-seed{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     check_bounds(config, BOUNDS)
+    check_text(config)
     check_model_flags(config)
     check_world_model(config.model, {"--data": config.data, "--eval-data": config.eval_data})
     if config.lora_rank > 0 and importlib.util.find_spec("peft") is None:

@@ -85,10 +85,16 @@ def read_text_lines(path: Path) -> list[str]:
 
 
 def read_json(text: str, where: str):
-    """json.loads, with an InputError naming `where` (FILE or FILE:LINE) for text that is not JSON, or that Python
-    cannot hold (an integer of more digits than it converts, nesting deeper than its recursion limit)."""
+    """json.loads, with an InputError naming `where` (FILE or FILE:LINE) for text that is not JSON, that Python
+    cannot hold (an integer of more digits than it converts, nesting deeper than its recursion limit), or whose
+    strings are not text (a lone surrogate escape such as \\ud800, which no tokenizer takes)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: a string holds {e.object[e.start:e.end]!r}, a lone surrogate escape, "
+                         "not text") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: malformed JSON ({e.msg})") from None
     except ValueError as e:  # sys.get_int_max_str_digits

@@ -35,7 +35,7 @@ import transformers
 from tqdm import tqdm
 
 import cli
-from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, report
+from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, check_text, report
 from config import ModelFlags, PromptFlags, add_flags, read_settings
 from data import Problem, load_problems, read_examples
 from metrics import standard_error
@@ -235,6 +235,7 @@ def check_args(args: argparse.Namespace) -> list[int]:
         args.samples = PAPER_SAMPLES.get(args.benchmark, args.samples)
         args.temperature = PAPER_TEMPERATURE
     check_bounds(args, EVAL_BOUNDS)
+    check_text(args)
     check_model_flags(args)
     check_world_model(args.model, {"--benchmark": args.benchmark})
     try:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
-from cli import AT_LEAST_ONE, FRACTION, InputError, OneLineParser, check_bounds, report
+from cli import AT_LEAST_ONE, FRACTION, InputError, OneLineParser, check_bounds, check_text, report
 from config import BOUNDS, TrainConfig, add_flags, default_grams, flag
 from data import load_problems
 from model_loading import USE_HUB_KERNELS, dequantized_folder, resolve_device_and_dtype
@@ -105,6 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Raise InputError for a flag out of bounds or a batch that does not split over micro-batches and
     processes; algo and the gram file are checked by HicraGRPOConfig."""
     check_bounds(args, TRL_BOUNDS)
+    check_text(args)
     batch, per_pass = args.prompts_per_step * args.group_size, args.micro_batch_size * processes()
     if batch % per_pass:
         raise InputError(f"--prompts-per-step x --group-size ({batch}) must be a multiple of "

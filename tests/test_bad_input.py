@@ -142,6 +142,11 @@ CASES = [
     Case("data-problem-too-long", TRAIN, "--data {dir}/long_problem.jsonl", ("--max-new-tokens", "1024 positions")),
     Case("data-huge-number", TRAIN, "--data {dir}/huge_number.jsonl", ("--data", "huge_number.jsonl:1:", "unreadable")),
     Case("data-deeply-nested", TRAIN, "--data {dir}/deep.jsonl", ("--data", "deep.jsonl:1:", "nested too deeply")),
+    # text no tokenizer takes: bytes that were not UTF-8 on the command line, lone surrogate escapes in files
+    Case("instruction-not-utf8", TRAIN, "--instruction \udcff", ("--instruction", "not valid text", "'\\udcff'")),
+    Case("eval-instruction-not-utf8", EVAL, "--instruction \udcff", ("--instruction", "not valid text")),
+    Case("data-lone-surrogate", TRAIN, "--data {dir}/surrogate.jsonl", ("--data", "surrogate.jsonl:1:", "lone surrogate")),
+    Case("config-lone-surrogate", TRAIN, "--config {dir}/surrogate.yaml", ("--instruction", "not valid text")),
     # eval.py shares the checks of the flags it shares
     Case("eval-missing-benchmark", EVAL, "--model {dir}/model --out {out}", ("required", "--benchmark"), bare=True),
     Case("eval-limit-zero-eval", EVAL, "--limit 0", ("error: --limit:", ">= 1")),
@@ -189,6 +194,8 @@ def inputs(tmp_path_factory) -> Path:
         "long_problem.jsonl": json.dumps({"problem": "what is " + " plus ".join(["2"] * 400) + "?", "answer": "800"}) + "\n",
         "huge_number.jsonl": '{"problem": "1 + 1?", "answer": ' + "9" * 5000 + "}\n",
         "deep.jsonl": '{"problem": "1 + 1?", "answer": "2", "x": ' + "[" * 40_000 + "]" * 40_000 + "}\n",
+        "surrogate.jsonl": '{"problem": "1 + 1? \\ud800", "answer": "2"}\n',
+        "surrogate.yaml": 'instruction: "think \\uD800"\n',
     }
     (folder / "cut_run").mkdir()
     for name, text in files.items():
