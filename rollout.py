@@ -26,6 +26,8 @@ Choices, and the quirks that bite:
   vocabulary-sized tensor is [chunk_size, V] whatever the batch's rows and lengths.
 """
 
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -395,13 +397,46 @@ def check_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
                          f"exceeds the model's {positions} positions; lower --max-new-tokens or shorten the problems")
 
 
+TEMPLATE_DEADLINE_S = 10.0  # a chat template rendering 16 prompts slower than this is refused (a runaway loop)
+
+
+class TemplateTimeout(Exception):
+    """The chat template ran past TEMPLATE_DEADLINE_S."""
+
+
+def formatted_with_deadline(tokenizer, problems: list[str], prompt_format: PromptFormat) -> list[str]:
+    """format_prompt of each problem; InputError (naming --model, whose tokenizer holds the template) for a chat
+    template that fails (a Jinja error, raise_exception) or runs past TEMPLATE_DEADLINE_S. The deadline is a
+    SIGALRM timer, so it holds on the main thread only (elsewhere the prompts are formatted without one)."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+
+    def give_up(signum, frame):
+        raise TemplateTimeout
+
+    previous = signal.signal(signal.SIGALRM, give_up) if on_main_thread else None
+    try:
+        if on_main_thread:
+            signal.setitimer(signal.ITIMER_REAL, TEMPLATE_DEADLINE_S)
+        return [format_prompt(tokenizer, problem, prompt_format) for problem in problems]
+    except TemplateTimeout:
+        raise InputError(f"--model: its chat template ran over {TEMPLATE_DEADLINE_S:g} s on {len(problems)} "
+                         "prompts; a template must not loop for long") from None
+    except Exception as error:  # jinja2.TemplateError, or what the template's raise_exception raises
+        message = str(error).splitlines()[0][:160] if str(error).strip() else ""
+        raise InputError(f"--model: its chat template fails on a prompt: {type(error).__name__}: {message}") from None
+    finally:
+        if on_main_thread:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
 def check_prompts_fit(model, tokenizer, problems: list[str], prompt_format: PromptFormat, max_new_tokens: int,
                       longest: int = 16) -> None:
     """check_context for the `longest` problems (by characters) of a data set, before any sampling: cheap,
-    and it catches a problem far too long for the model or a huge --max-new-tokens. (generate_rollouts
-    checks every batch exactly.)"""
+    and it catches a problem far too long for the model or a huge --max-new-tokens, and a chat template that
+    fails or loops. (generate_rollouts checks every batch exactly.)"""
     candidates = sorted(problems, key=len, reverse=True)[:longest]
-    prompts = [format_prompt(tokenizer, problem, prompt_format) for problem in candidates]
+    prompts = formatted_with_deadline(tokenizer, candidates, prompt_format)
     tokens = max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]), default=0)
     check_context(model, tokens, max_new_tokens)
 

@@ -147,6 +147,11 @@ CASES = [
     Case("eval-instruction-not-utf8", EVAL, "--instruction \udcff", ("--instruction", "not valid text")),
     Case("data-lone-surrogate", TRAIN, "--data {dir}/surrogate.jsonl", ("--data", "surrogate.jsonl:1:", "lone surrogate")),
     Case("config-lone-surrogate", TRAIN, "--config {dir}/surrogate.yaml", ("--instruction", "not valid text")),
+    # a model's chat template that does not render
+    Case("model-template-syntax-error", TRAIN, "--model {dir}/bad_template",
+         ("--model", "chat template fails", "TemplateSyntaxError")),
+    Case("eval-model-template-raises", EVAL, "--model {dir}/raising_template",
+         ("--model", "chat template fails", "no system role here")),
     # eval.py shares the checks of the flags it shares
     Case("eval-missing-benchmark", EVAL, "--model {dir}/model --out {out}", ("required", "--benchmark"), bare=True),
     Case("eval-limit-zero-eval", EVAL, "--limit 0", ("error: --limit:", ">= 1")),
@@ -203,6 +208,12 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "latin1.jsonl").write_bytes((lines[0] + '\n{"problem": "caf\xe9: 1 + 1?", "answer": "2"}\n').encode("latin-1"))
     (folder / "utf16.jsonl").write_text(lines[0] + "\n", encoding="utf-16")  # Notepad's "Unicode"
     (folder / "latin1_grams.txt").write_bytes("wait\nr\xe9sum\xe9 the plan\n".encode("latin-1"))
+    for name, template in (("bad_template", "{% for message in messages %}{{ message.content }"),
+                           ("raising_template", "{{ raise_exception('no system role here') }}")):
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(folder / name)
+        build_model(tokenizer).save_pretrained(folder / name)
+    tokenizer.chat_template = None
     for name in ("no_model_type", "truncated_model", "bad_config"):
         shutil.copytree(folder / "model", folder / name)
     (folder / "no_model_type" / "config.json").write_text("{}")
@@ -414,6 +425,18 @@ def test_describe_failure_names_what_the_reward_did():
         "returned a int with no printable value (not a number within +-1e+06)")
     assert grading.describe_failure(lambda c, a: time.sleep(5), "x", "1", timeout_s=0.2) == (
         "ran over --reward-timeout 0.2 s")
+
+
+def test_a_chat_template_that_loops_is_refused_at_its_deadline(monkeypatch):
+    import rollout  # noqa: PLC0415
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    monkeypatch.setattr(rollout, "TEMPLATE_DEADLINE_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(InputError, match="--model: its chat template ran over 0.3 s on 1 prompts"):
+        rollout.formatted_with_deadline(tokenizer, ["1 + 1?"], rollout.PromptFormat())
+    assert time.monotonic() - started < 5
 
 
 def test_the_deadline_bounds_the_whole_batch():
