@@ -229,6 +229,35 @@ def settle_checkpoints(run_dir: Path) -> Path | None:
     return run_dir / CHECKPOINT
 
 
+OPTIMIZER_SWITCHES = ("amsgrad", "maximize", "capturable", "differentiable", "fused", "foreach")
+
+
+def check_optimizer_state(optimizer, per_parameter: dict[int, dict[str, torch.Tensor]], groups: list[dict]) -> None:
+    """ValueError unless a saved AdamW state fits `optimizer` (this run's, over this model's parameters): the
+    same parameter groups and switches (amsgrad, ...), and for every parameter the fresh optimizer's state
+    names with tensors of the parameter's shape. torch's load_state_dict checks none of it; the first step
+    would fail, or train with moments that belong to other weights."""
+    fresh = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in fresh]:
+        raise ValueError(f"parameter groups of {[len(g['params']) for g in groups]} parameters, this model's optimizer "
+                         f"has {[len(g['params']) for g in fresh]}")
+    for saved, own in zip(groups, fresh):
+        for switch in OPTIMIZER_SWITCHES:
+            if saved.get(switch) != own.get(switch):
+                raise ValueError(f"AdamW {switch} {saved.get(switch)!r}, this run's optimizer has {own.get(switch)!r}")
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = {"exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if fresh[0].get("amsgrad") else set())
+    for index, values in per_parameter.items():
+        if not 0 <= index < len(parameters):
+            raise ValueError(f"optimizer state for parameter {index}, this model has {len(parameters)}")
+        if set(values) != moments | {"step"}:
+            raise ValueError(f"optimizer state of parameter {index} holds {sorted(values)}, not {sorted(moments | {'step'})}")
+        for name in moments:
+            if values[name].shape != parameters[index].shape:
+                raise ValueError(f"optimizer {name} of parameter {index} has shape {list(values[name].shape)}, the "
+                                 f"parameter {list(parameters[index].shape)}")
+
+
 def restore_checkpoint(folder: Path, optimizer, scaler) -> tuple[int, RelativeToFirst, int]:
     """Restore optimizer, loss-scaler and RNG state (no pickle: safetensors and JSON only).
 
@@ -250,6 +279,7 @@ def restore_checkpoint(folder: Path, optimizer, scaler) -> tuple[int, RelativeTo
                 _, index, name = key.split("/")
                 per_parameter.setdefault(int(index), {})[name] = tensor
         groups = [{**group, "betas": tuple(group["betas"])} for group in state["optimizer_param_groups"]]  # JSON lists
+        check_optimizer_state(optimizer, per_parameter, groups)
         optimizer.load_state_dict({"state": per_parameter, "param_groups": groups})
         if state.get("grad_scaler") and scaler.is_enabled():  # a float16 run's scale (absent before float16 trained)
             scaler.load_state_dict(state["grad_scaler"])
@@ -263,7 +293,8 @@ def restore_checkpoint(folder: Path, optimizer, scaler) -> tuple[int, RelativeTo
             torch.cuda.set_rng_state_all(cuda_states)
         return state["step"], RelativeToFirst(state["relative_baseline"]), state["nonfinite_streak"]
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
-        raise InputError(f"{folder}: trainer state does not fit this run ({str(error).splitlines()[0]})") from None
+        raise InputError(f"{folder}: trainer state does not fit this run's model ({str(error).splitlines()[0]}); "
+                         "nothing was changed") from None
 
 
 def metrics_record(line: str, where: str) -> dict:

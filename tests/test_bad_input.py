@@ -458,6 +458,49 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(finished_run, tmp_p
     assert snapshot(run_dir)["metrics.jsonl"] == before["metrics.jsonl"]
 
 
+def transpose_a_moment(run_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    path = run_dir / "checkpoint" / "trainer_state.safetensors"
+    tensors = load_file(path)
+    key = next(k for k, v in tensors.items() if k.endswith("/exp_avg") and v.dim() == 2 and v.shape[0] != v.shape[1])
+    save_file({**tensors, key: tensors[key].t().contiguous()}, path)
+    keep_the_marker_true(path)
+
+
+def switch_amsgrad_on(run_dir: Path) -> None:
+    path = run_dir / "checkpoint" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state["optimizer_param_groups"][0]["amsgrad"] = True
+    path.write_text(json.dumps(state))
+    keep_the_marker_true(path)
+
+
+def keep_the_marker_true(path: Path) -> None:
+    """Record an edited checkpoint file's new size in complete.json (a damage the size check cannot see)."""
+    marker = path.parent / "complete.json"
+    complete = json.loads(marker.read_text())
+    complete["files"][path.name] = path.stat().st_size
+    marker.write_text(json.dumps(complete))
+
+
+@pytest.mark.parametrize("damage, message", [(transpose_a_moment, "exp_avg of parameter"),
+                                             (switch_amsgrad_on, "AdamW amsgrad True, this run's optimizer has False")])
+def test_trainer_state_that_does_not_fit_the_model_is_refused_before_anything_changes(
+        finished_run, tmp_path, capsys, damage, message):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(finished_run, run_dir)
+    damage(run_dir)
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--resume", str(run_dir), "--steps", "3"])
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]
+    assert stop.value.code == 2 and error.startswith("error: ") and "trainer state does not fit" in error, stderr
+    assert message in error and "Traceback" not in stderr
+    assert snapshot(run_dir) == before
+
+
 def test_colour_only_on_a_terminal_and_never_with_no_color(tmp_path, capsys, monkeypatch):
     class Terminal:
         def isatty(self):
