@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cli import InputError
-from metrics import RelativeToFirst, is_eval_record
+from metrics import RelativeToFirst, is_eval_record, metrics_record
 from run_folder import write_atomically
 
 CHECKPOINT = "checkpoint"  # RUN_DIR/checkpoint: the newest complete checkpoint
@@ -295,18 +295,6 @@ def restore_checkpoint(folder: Path, optimizer, scaler) -> tuple[int, RelativeTo
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise InputError(f"{folder}: trainer state does not fit this run's model ({str(error).splitlines()[0]}); "
                          "nothing was changed") from None
-
-
-def metrics_record(line: str, where: str) -> dict:
-    """One line of metrics.jsonl; a line that is not a record of this run is an InputError naming file and line."""
-    try:
-        record = json.loads(line)
-    except (ValueError, RecursionError):
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        raise InputError(f"{where}: not a metrics record (edited by hand?); remove the line, or the file to log "
-                         "from the checkpoint on")
-    return record
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -37,6 +37,7 @@ import torch
 
 from cli import InputError, OneLineParser, check_output_file
 from data import read_text_lines
+from run_folder import write_atomically
 
 PRESET_FILES = {"paper": Path(__file__).parent / "data" / "grams" / "listing1.txt"}
 PRESET_NAMES = ("paper", "world")
@@ -542,7 +543,7 @@ def extract_main(args: argparse.Namespace) -> None:
     clusters = extract_strategic_grams(docs, embed, args.n_min, args.n_max, args.min_df, args.threshold,
                                        args.top_fraction)
     grams = sorted({gram for cluster in clusters for gram in cluster.members})
-    Path(args.out).write_text("".join(f"{gram}\n" for gram in grams), encoding="utf-8")
+    write_atomically(Path(args.out), "".join(f"{gram}\n" for gram in grams))
     print_clusters(clusters, len(docs), args.show)
     print(f"kept {len(clusters)} clusters, {len(grams)} grams -> {args.out} ({time.perf_counter() - started:.0f} s)")
 

@@ -17,9 +17,12 @@ import dataclasses
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from cli import InputError
+from data import read_json, read_text_lines
 from grams import batch_gram_counts, find_gram_spans, semantic_entropy
 from hicra import high_entropy_mask
 from world.tasks import STRATEGIES, classify_error, detect_strategy
@@ -210,6 +213,24 @@ def world_strategy_metrics(problems: list, texts: list[str], correct: list[bool]
 def is_eval_record(record: dict) -> bool:
     """Whether a metrics.jsonl record is a held-out evaluation (its keys start with "eval/") or a training step."""
     return any(key.startswith("eval/") for key in record)
+
+
+def metrics_record(line: str, where: str) -> dict:
+    """One line of a run's metrics.jsonl: a JSON object with an integer "step"; InputError naming `where`
+    (FILE:LINE) otherwise."""
+    try:
+        record = read_json(line, where)
+    except InputError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        raise InputError(f"{where}: not a metrics record (edited by hand, or cut short?)")
+    return record
+
+
+def metrics_records(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl file (train.py's, one per step or evaluation), blank lines skipped."""
+    return [metrics_record(line, f"{path}:{number}") for number, line in enumerate(read_text_lines(path), 1)
+            if line.strip()]
 
 
 class RelativeToFirst:

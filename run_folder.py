@@ -189,15 +189,15 @@ def writing(folder: Path, flag: str):
         os.close(descriptor)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: a fresh temporary file (created exclusively, a random name, so a
-    planted link is never opened) in the same folder, flushed to disk, then renamed over `path` (a link at
-    `path` is replaced, not followed)."""
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Write `path` whole or not at all (text as UTF-8): a fresh temporary file (created exclusively, a random
+    name, so a planted link is never opened) in the same folder, flushed to disk, then renamed over `path` (a
+    link at `path` is replaced, not followed). Every file the project's scripts write goes through here."""
     descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(descriptor, 0o666 & ~current_umask())  # mkstemp makes it private; a run's files are as open() makes them
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(content.encode("utf-8") if isinstance(content, str) else content)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)

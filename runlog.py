@@ -31,7 +31,7 @@ from tqdm import tqdm
 import grams as grams_lib
 from checkpoint import fault_point
 from cli import InputError, use_colour, visible
-from metrics import is_eval_record, standard_error
+from metrics import is_eval_record, metrics_records, standard_error
 from run_folder import append_line, write_atomically
 
 SAMPLES_SHOWN = 3  # completions printed (coloured) and written to HTML at each evaluation
@@ -157,7 +157,7 @@ def print_summary(run_dir: Path) -> None:
     path = run_dir / METRICS
     if not path.exists():
         return
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    records = metrics_records(path)
     evals = [r for r in records if is_eval_record(r)]
     steps = [r for r in records if not is_eval_record(r)]
     window = min(SUMMARY_WINDOW, len(steps))

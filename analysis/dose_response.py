@@ -19,9 +19,11 @@ import re
 import sys
 from pathlib import Path
 
-from analysis.sweep import Job, is_eval, read_records, run_finished, run_outcome
+from analysis.plots import save
+from analysis.sweep import Job, read_records, run_finished, run_outcome
 from cli import OneLineParser
-from metrics import mean_confidence_interval
+from metrics import is_eval_record, mean_confidence_interval
+from run_folder import write_atomically
 
 LAST_STEPS = 10  # training steps averaged for the end-of-run dynamics metrics
 DYNAMICS = ("semantic_entropy", "share_sound", "exec_acc_sound")
@@ -39,7 +41,7 @@ def read_runs(folders: list[Path], target: float) -> list[dict]:
             config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
             records = read_records(run_dir)
             outcome = run_outcome(Job(config["algo"], config["seed"]), records, target).values
-            steps = [r for r in records if not is_eval(r)][-LAST_STEPS:]
+            steps = [r for r in records if not is_eval_record(r)][-LAST_STEPS:]
             alpha = 0.0 if config["algo"] == "grpo" else float(config["alpha"])
             runs.append({"algo": config["algo"], "alpha": alpha, "seed": config["seed"], "final": outcome["final"],
                          "auc": outcome["auc"], "run": str(run_dir),
@@ -172,8 +174,7 @@ def figure(result: dict, path: Path) -> None:
         ax.set_xlabel("alpha")
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main(argv: list[str]) -> None:
@@ -195,9 +196,9 @@ def main(argv: list[str]) -> None:
     report = Path(args.report)
     report.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
-    (report / "results.md").write_text(text)
+    write_atomically(report / "results.md", text)
     keyed = {key: {str(k): v for k, v in result[key].items()} for key in ("per_alpha", "versus_alpha_0")}
-    (report / "results.json").write_text(json.dumps({**result, **keyed}, indent=2))
+    write_atomically(report / "results.json", json.dumps({**result, **keyed}, indent=2))
     figure(result, report / "dose_response.png")
     print(text)
 

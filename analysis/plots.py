@@ -35,11 +35,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
-from cli import InputError
 
-from data import read_json, read_text_lines
+from data import read_json
 from metrics import (EXECUTION_PHASE_KEYS, PHASE_FRACTION, PHASE_WINDOW, PLANNING_PHASE_KEYS, mean_confidence_interval,
-                     moving_average, phase_summary)
+                     metrics_records, moving_average, phase_summary)
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -69,7 +68,7 @@ def load_run(run_dir: str) -> Run:
     metrics_file = path / "metrics.jsonl"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} does not exist")
-    rows = [read_json(line, f"{metrics_file}:{n}") for n, line in enumerate(read_text_lines(metrics_file), 1) if line.strip()]
+    rows = metrics_records(metrics_file)
     config_file = path / "config.json"
     config = read_json(config_file.read_text(encoding="utf-8"), str(config_file)) if config_file.is_file() else {}
     return Run(path, str(config.get("algo", path.name)), config.get("seed", "?"), rows)

@@ -49,7 +49,9 @@ from pathlib import Path
 from cli import InputError, OneLineParser, flag_name
 from cli import report as report_error
 from config import saved_settings
-from metrics import mean_confidence_interval, phase_summary
+from data import read_json
+from metrics import is_eval_record, mean_confidence_interval, metrics_records, phase_summary
+from run_folder import write_atomically
 from runlog import ENVIRONMENT, describe_environment
 
 EVAL_KEY = "eval/pass@1"
@@ -106,14 +108,18 @@ def parse_settings(items: list[str]) -> list[tuple[tuple[str, str], ...]]:
 
 
 def read_records(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records (none before its first step); a corrupt line is an InputError naming it."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return metrics_records(path) if path.is_file() else []
 
 
-def is_eval(record: dict) -> bool:
-    return any(key.startswith("eval/") for key in record)
+def read_config(run_dir: Path) -> dict:
+    """A run's config.json; one that is not a JSON object of settings is an InputError naming it."""
+    path = run_dir / "config.json"
+    settings = read_json(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    if not isinstance(settings, dict) or not isinstance(settings.get("steps"), int):
+        raise InputError(f"{path}: not a train.py run config; remove that run folder")
+    return settings
 
 
 def run_finished(run_dir: Path) -> bool:
@@ -121,11 +127,11 @@ def run_finished(run_dir: Path) -> bool:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         return False
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_config(run_dir)
     records = read_records(run_dir)
     steps = config["steps"]
-    trained = any(not is_eval(r) and r["step"] == steps - 1 for r in records)
-    evaluated = not config.get("eval_every") or any(is_eval(r) and r["step"] == steps for r in records)
+    trained = any(not is_eval_record(r) and r["step"] == steps - 1 for r in records)
+    evaluated = not config.get("eval_every") or any(is_eval_record(r) and r["step"] == steps for r in records)
     return trained and evaluated
 
 
@@ -155,7 +161,7 @@ def check_jobs(jobs: list[Job], out: Path, train_flags: list[str]) -> None:
         config_path = job.run_dir(out) / "config.json"
         if not config_path.is_file():
             continue
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        saved = read_config(job.run_dir(out))
         differ = [key for key, value in saved_settings(wanted).items() if key in saved and saved[key] != value
                   and key not in ("out", "threads") and value is not None  # None: chosen by the run at its start
                   and not (key == "model" and same_folder_contents(saved[key], value))]
@@ -217,7 +223,7 @@ def run_outcome(job: Job, records: list[dict], target: float) -> Outcome:
     if len(curve) >= 2:
         area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(curve, curve[1:]))
         values["auc"] = area / (curve[-1][0] - curve[0][0])
-    phases = phase_summary([r for r in records if not is_eval(r)])
+    phases = phase_summary([r for r in records if not is_eval_record(r)])
     values["t80/execution"] = phases.get("t80/execution")
     values["t80/planning"] = phases.get("t80/planning")
     for name, key in SIGNAL_KEYS.items():  # run means over the steps that logged them
@@ -381,14 +387,13 @@ def report(jobs: list[Job], out: Path, target: float, baseline: str, header: str
     header += "\n\nRan on (per-seed values repeat only on the same CPU type, threads and versions):\n" + "".join(
         f"\n- {line}" for line in environments(jobs, out))
     text = markdown_report(arms, paired, best, target, header)
-    (out / "results.md").write_text(text, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"arms": arms, "paired": paired, "best": best}, indent=1),
-                                      encoding="utf-8")
+    write_atomically(out / "results.md", text)
+    write_atomically(out / "results.json", json.dumps({"arms": arms, "paired": paired, "best": best}, indent=1))
     written = [out / "results.md", out / "results.json", *write_figures(outcomes, out)]
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
         for path in written:
-            shutil.copy(path, copy_to / path.name)
+            write_atomically(copy_to / path.name, path.read_bytes())
     return text
 
 
@@ -425,6 +430,8 @@ def main(argv: list[str] | None = None) -> str:
         # seed-major order: a sweep stopped early still holds whole seeds of every arm
         jobs = [Job(algo, seed, settings) for seed in args.seeds for settings in parse_settings(args.set)
                 for algo in args.algos]
+        if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+            raise InputError(f"--report: {args.report} is a file, not a folder for the results and figures")
         check_jobs(jobs, out, train_flags)
     except InputError as error:
         sys.exit(report_error(error))
@@ -435,7 +442,10 @@ def main(argv: list[str] | None = None) -> str:
     if not args.report_only:
         header += (f"\n\nThis invocation: {time.time() - started:.0f} s wall on {os.cpu_count()} CPUs, 1-minute load "
                    f"average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end.")
-    text = report(jobs, out, args.target, args.baseline, header, Path(args.report) if args.report else None)
+    try:
+        text = report(jobs, out, args.target, args.baseline, header, Path(args.report) if args.report else None)
+    except InputError as error:  # a run's metrics.jsonl or config.json damaged after it finished
+        sys.exit(report_error(error))
     print(text)
     if failed:
         sys.exit(f"error: {len(failed)} run(s) failed: " + ", ".join(j.run_dir(out).name for j in failed))

@@ -9,7 +9,7 @@ from scipy.stats import t as student_t
 
 from analysis import sweep
 from conftest import build_model, build_tokenizer
-from metrics import mean_confidence_interval, phase_summary, step_of_fraction, strategy_metrics
+from metrics import is_eval_record, mean_confidence_interval, phase_summary, step_of_fraction, strategy_metrics
 
 STEPS = 4  # training steps of the hand-made runs; evaluations after 0, 2 and 4 steps
 
@@ -128,7 +128,7 @@ def test_two_run_three_step_sweep_end_to_end_and_resumable(tmp_path):
     for algo in ("grpo", "hicra"):
         run_dir = out / f"{algo}-seed0"
         assert sweep.run_finished(run_dir)
-        evals = [r["step"] for r in sweep.read_records(run_dir) if sweep.is_eval(r)]
+        evals = [r["step"] for r in sweep.read_records(run_dir) if is_eval_record(r)]
         assert evals == [0, 2, 3]
         assert any("share_sound" in r for r in sweep.read_records(run_dir))  # strategy metrics on the world
     assert "| hicra - grpo |" in text
@@ -224,3 +224,30 @@ def test_dose_response_names_a_missing_runs_folder_in_one_line(tmp_path, capsys)
     assert stop.value.code == 2 and "\n" not in error
     assert error.startswith(f"error: --runs: {tmp_path / 'missing'} is not a folder")
     assert not (tmp_path / "report").exists()
+
+
+def test_a_damaged_run_in_a_sweep_is_named_in_one_line(tmp_path):
+    write_run(tmp_path, "grpo", 0, {0: 0.3, 2: 0.4, 4: 0.5})
+    write_run(tmp_path, "grpo", 1, {0: 0.3, 2: 0.4, 4: 0.5})
+    write_run(tmp_path, "grpo", 2, {0: 0.3, 2: 0.4, 4: 0.5})
+    metrics = sweep.Job("grpo", 0).run_dir(tmp_path) / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "reward": 0.5}\n{"step": 1, "rew\n')
+    config = sweep.Job("grpo", 1).run_dir(tmp_path) / "config.json"
+    config.write_text('{"algo": ')
+    with pytest.raises(sweep.InputError, match=r"grpo-seed0/metrics.jsonl:2: not a metrics record"):
+        sweep.collect([sweep.Job("grpo", 0)], tmp_path, target=0.5)
+    with pytest.raises(sweep.InputError, match=r"grpo-seed1/config.json: malformed JSON"):
+        sweep.collect([sweep.Job("grpo", 1)], tmp_path, target=0.5)
+    config.write_text('["not", "settings"]')
+    with pytest.raises(sweep.InputError, match=r"grpo-seed1/config.json: not a train.py run config"):
+        sweep.collect([sweep.Job("grpo", 1)], tmp_path, target=0.5)
+
+
+def test_a_report_folder_that_is_a_file_is_refused_before_any_run(tmp_path, capsys):
+    report = tmp_path / "results.md"
+    report.write_text("mine\n")
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--seeds", "0", "--out", str(tmp_path / "sweep"), "--report", str(report)])
+    error = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and error.startswith("error: --report:") and "is a file" in error and "\n" not in error
+    assert report.read_text() == "mine\n" and not (tmp_path / "sweep").exists()

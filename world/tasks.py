@@ -41,6 +41,7 @@ from pathlib import Path
 
 from cli import InputError, OneLineParser, check_output_file
 from data import WORLD_SPLITS, Problem
+from run_folder import write_atomically
 
 WORLDS = {"v2": ("sum", "mul", "packs"), "v1": ("sum", "mul", "change")}  # the families of each version
 FAMILIES = WORLDS["v2"]
@@ -339,21 +340,22 @@ def drill_solution(a: int, b: int) -> str:
 
 def write_drill(path: str, split: str, n: int, seed: int) -> None:
     """A JSONL file of `n` drill problems (problem, answer, solution): train.py/eval.py data or --few-shot file."""
-    with open(path, "w", encoding="utf-8") as out:
-        for p in drill_problems(split, n, seed):
-            out.write(json.dumps({"problem": p.problem, "answer": p.answer, "solution": p.meta["solution"]}) + "\n")
+    write_atomically(Path(path), "".join(json.dumps({"problem": p.problem, "answer": p.answer,
+                                                     "solution": p.meta["solution"]}) + "\n"
+                                         for p in drill_problems(split, n, seed)))
 
 
 def write_traces(path: str, n: int, seed: int) -> None:
     """A JSONL corpus of `n` correct reference traces (field `solution`), strategies drawn uniformly and half
     of the `check` traces with a caught slip: the input of `python grams.py extract` for the world."""
     rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as out:
-        for problem in world_problems("train", n, seed):
-            strategy = rng.choice(STRATEGIES)
-            slip = strategy == "check" and rng.random() < 0.5
-            trace = reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
-            out.write(json.dumps({"problem": problem.problem, "answer": problem.answer, "solution": trace}) + "\n")
+    lines = []
+    for problem in world_problems("train", n, seed):
+        strategy = rng.choice(STRATEGIES)
+        slip = strategy == "check" and rng.random() < 0.5
+        trace = reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
+        lines.append(json.dumps({"problem": problem.problem, "answer": problem.answer, "solution": trace}) + "\n")
+    write_atomically(Path(path), "".join(lines))
 
 
 def main() -> None:
