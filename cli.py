@@ -130,8 +130,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler or `kill` stopping the run): handled as Ctrl-C is."""
 
 
-def stop_on_sigterm(signum, frame) -> None:
-    raise Terminated
+def stop_once(signum, frame) -> None:
+    """The first SIGINT (Ctrl-C) or SIGTERM stops the run (KeyboardInterrupt / Terminated); any later one is
+    ignored while it stops, so a second Ctrl-C a millisecond later cannot break the cleanup into a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def escape_unprintable_output() -> None:
@@ -146,7 +150,8 @@ def run_to_exit_code(work: Callable[[], object], resume_hint: Callable[[], str |
     2 bad input (InputError), 1 a run that had to stop (TrainingError) or could not write (OSError: disk full,
     no permission), 130 Ctrl-C, 143 SIGTERM, 141 the reader of stdout left. `resume_hint()` is the command that
     continues the run, or None when there is nothing to continue."""
-    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, stop_once)
+    signal.signal(signal.SIGINT, stop_once)
     try:
         work()
     except KeyboardInterrupt as error:
@@ -167,5 +172,7 @@ def run_to_exit_code(work: Callable[[], object], resume_hint: Callable[[], str |
         hint = resume_hint()
         print(f"error: {where}{error.strerror or error}" + (f"; continue with  {hint}" if hint else ""), file=sys.stderr)
         sys.exit(1)
+    else:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
     finally:
         signal.signal(signal.SIGTERM, previous)

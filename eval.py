@@ -22,13 +22,18 @@ Choices, and where they come from:
   --max-new-tokens come from RUN_DIR/config.json unless given on the command line (`RUN_SETTINGS`).
 """
 
-import argparse
-import json
-import math
-import re
+import signal
 import sys
-import time
-from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch and transformers load: exit 130 quietly, not an import's traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import argparse  # noqa: E402  (the handler above comes first)
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch
 import transformers
@@ -38,9 +43,9 @@ import cli
 from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, check_text, report
 from config import ModelFlags, PromptFlags, add_flags, read_settings
 from data import Problem, load_problems, read_examples
+from grading import grade_batch
 from metrics import standard_error
 from model_loading import check_model_flags, choose_threads, load_model
-from grading import grade_batch
 from reward import REWARD_HELP, boxed_reward, extract_boxed, load_reward
 from rollout import PromptFormat, check_prompts_fit, format_prompt, generate_rollouts
 from run_folder import in_use, is_run, lock_holder, write_atomically, writing
@@ -319,7 +324,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """CLI entry: `plot RUN_DIR ...` goes to plots.main, anything else evaluates."""
+    """CLI entry: `plot RUN_DIR ...` goes to plots.main, anything else evaluates. Returns the exit code: 0, 2 bad
+    input, 130 Ctrl-C (nothing is written: results are written whole at the end)."""
+    signal.signal(signal.SIGINT, cli.stop_once)
     try:
         if argv[:1] == ["plot"]:
             if len(argv) < 2:
@@ -335,6 +342,10 @@ def main(argv: list[str]) -> int:
         return report(error)
     except FileNotFoundError as error:  # plots: a RUN_DIR without metrics.jsonl
         return report(InputError(str(error)))
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
     return 0
 
 

@@ -39,12 +39,17 @@ metrics.jsonl, samples and trackers in runlog.py, exit codes in cli.py. Bad inpu
 `error: ...` on stderr and exit code 2, before anything is written (docs/failures.md lists every case).
 """
 
-import math
-import os
-import random
-import shlex
+import signal
 import sys
-import time
+
+if __name__ == "__main__":  # Ctrl-C while torch and transformers load: exit 130 quietly, not an import's traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import math  # noqa: E402  (the handler above comes first)
+import os  # noqa: E402
+import random  # noqa: E402
+import shlex  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +66,12 @@ from config import TrainConfig, record_changed_settings, saved_settings, write_c
 from config import parse_config as parse_args
 from data import Problem, load_problems
 from eval import evaluate, prompt_format_from_args
+from grading import describe_failure, score_completions
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
 from hicra import amplified_mask, hicra_advantages
 from metrics import step_metrics
 from model_loading import choose_threads, load_policy
 from precision import FLOAT32, MixedPrecision
-from grading import describe_failure, score_completions
 from reward import load_reward
 from run_folder import write_atomically
 from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,

@@ -356,3 +356,49 @@ def test_a_fifo_in_a_run_folder_is_refused_instead_of_waited_on(tmp_path):
         worker.join(timeout=30)
         assert not worker.is_alive(), f"waiting on a FIFO at {name}"
         assert outcome and name in outcome[0] and "not a regular file" in outcome[0], outcome
+
+
+def fresh_process(script: str, *argv, stderr_path: Path) -> subprocess.Popen:
+    """`python SCRIPT ARGV` in a fresh interpreter (its imports included), stderr to a file."""
+    return subprocess.Popen([sys.executable, script, *map(str, argv)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=open(stderr_path, "w"))
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback(tmp_path, script):
+    argv = (["--steps", "1"] if script == "train.py" else ["--model", "world/models/tiny-world", "--benchmark", "world"])
+    process = fresh_process(script, *argv, "--out", tmp_path / "out", stderr_path=tmp_path / "stderr.txt")
+    time.sleep(0.3)  # importing torch and transformers takes seconds
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    assert "Traceback" not in (tmp_path / "stderr.txt").read_text() and not (tmp_path / "out").exists()
+
+
+def test_a_burst_of_ctrl_c_stops_a_run_once_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    process = train(*TINY, "--steps", "400", "--out", run, wait=False)
+    while not (run / "checkpoint").exists() and process.poll() is None:
+        time.sleep(0.05)
+    for _ in range(5):  # a key held down: signals a millisecond apart, some while the first one is being handled
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.001)
+    assert process.wait(timeout=120) == 130, process.signal_state()
+    stderr = process.stderr()
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert stderr.count("interrupted: continue with") == 1
+
+
+def test_ctrl_c_during_an_evaluation_writes_nothing(tmp_path):
+    stderr_path = tmp_path / "stderr.txt"
+    process = fresh_process("eval.py", "--model", "world/models/tiny-world", "--benchmark", "world", "--samples", "64",
+                            "--max-new-tokens", "128",
+                            "--out", tmp_path / "eval", stderr_path=stderr_path)
+    while "completion/s" not in stderr_path.read_text() and process.poll() is None:
+        time.sleep(0.05)
+    for _ in range(3):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.001)
+    assert process.wait(timeout=120) == 130
+    stderr = stderr_path.read_text()
+    assert "Traceback" not in stderr and stderr.count("interrupted: nothing was written") == 1, stderr[-500:]
+    assert not (tmp_path / "eval").exists()
