@@ -49,6 +49,9 @@ APOSTROPHES = "'\u2019\u2018\u02bc"  # ASCII, right and left single quotation ma
 TO_ASCII_APOSTROPHE = str.maketrans(dict.fromkeys(APOSTROPHES, "'"))
 
 
+MAX_GRAMS = 2_000  # 8x the paper's list; one regex alternation costs time per gram at every text position
+
+
 def load_grams(preset_or_path: str) -> list[str]:
     """The strategic-gram list of a preset name ("paper", "world") or of a file with one gram per line."""
     if preset_or_path == "world":
@@ -65,6 +68,9 @@ def load_grams(preset_or_path: str) -> list[str]:
     grams = [g for g in grams if g]
     if not grams:
         raise InputError(f"--grams: {path} holds no grams")
+    if len(grams) > MAX_GRAMS:
+        raise InputError(f"--grams: {path} holds {len(grams):,} grams, over the {MAX_GRAMS:,} this matcher takes (its "
+                         "time grows with every gram: 2,000 already cost ~1 s per step of 128 completions)")
     return grams
 
 

@@ -147,6 +147,7 @@ CASES = [
     Case("eval-instruction-not-utf8", EVAL, "--instruction \udcff", ("--instruction", "not valid text")),
     Case("data-lone-surrogate", TRAIN, "--data {dir}/surrogate.jsonl", ("--data", "surrogate.jsonl:1:", "lone surrogate")),
     Case("config-lone-surrogate", TRAIN, "--config {dir}/surrogate.yaml", ("--instruction", "not valid text")),
+    Case("grams-too-many", TRAIN, "--grams {dir}/many_grams.txt", ("--grams", "many_grams.txt holds 2,001 grams")),
     # a model's chat template that does not render
     Case("model-template-syntax-error", TRAIN, "--model {dir}/bad_template",
          ("--model", "chat template fails", "TemplateSyntaxError")),
@@ -199,6 +200,7 @@ def inputs(tmp_path_factory) -> Path:
         "long_problem.jsonl": json.dumps({"problem": "what is " + " plus ".join(["2"] * 400) + "?", "answer": "800"}) + "\n",
         "huge_number.jsonl": '{"problem": "1 + 1?", "answer": ' + "9" * 5000 + "}\n",
         "deep.jsonl": '{"problem": "1 + 1?", "answer": "2", "x": ' + "[" * 40_000 + "]" * 40_000 + "}\n",
+        "many_grams.txt": "".join(f"gram number {i}\n" for i in range(2001)),
         "surrogate.jsonl": '{"problem": "1 + 1? \\ud800", "answer": "2"}\n',
         "surrogate.yaml": 'instruction: "think \\uD800"\n',
     }
