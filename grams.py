@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from cli import InputError, OneLineParser, check_output_file
-from data import read_text_lines
+from data import check_line_length, read_json, read_text_lines
 from run_folder import write_atomically
 
 PRESET_FILES = {"paper": Path(__file__).parent / "data" / "grams" / "listing1.txt"}
@@ -385,12 +385,11 @@ def read_corpus(path: str, field: str, correct_field: str | None) -> list[str]:
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{line_number}: malformed JSON ({e.msg})") from None
+        where = f"--corpus: {path}:{line_number}"
+        check_line_length(line, where, "a corpus line")
+        row = read_json(line, where)
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise InputError(f"{path}:{line_number}: no text field '{field}'")
+            raise InputError(f"{where}: no text field '{field}'")
         if correct_field is None or row.get(correct_field):
             docs.append(row[field])
     if not docs:
