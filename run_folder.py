@@ -212,13 +212,27 @@ def current_umask() -> int:
     return mask
 
 
-def append_line(path: Path, line: str) -> None:
-    """Append one line to `path`, never through a symbolic link (O_NOFOLLOW)."""
+def open_for_append(path: Path):
+    """`path` opened to append text, never through a symbolic link (O_NOFOLLOW), never a FIFO or device (opened
+    without blocking, then checked to be a regular file) nor a file with another name (a hard link)."""
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise InputError(f"{path}: a symbolic link where train.py keeps its own file (remove it)") from None
+            raise InputError(f"{path}: a symbolic link where the project keeps its own file (remove it)") from None
+        if error.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise InputError(f"{path}: a FIFO where the project keeps its own file (remove it)") from None
         raise
-    with os.fdopen(descriptor, "a", encoding="utf-8") as file:
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:
+        os.close(descriptor)
+        what = "a hard link to another file" if stat.S_ISREG(status.st_mode) else "not a regular file"
+        raise InputError(f"{path}: {what} where the project keeps its own file (remove it)")
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "a", encoding="utf-8")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to `path` (open_for_append)."""
+    with open_for_append(path) as file:
         file.write(line + "\n")

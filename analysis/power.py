@@ -1,6 +1,7 @@
 """How many seeds a paired comparison needs, and what one interval means among several.
 
     python -m analysis.power --delta 0.017 --sd 0.026 --seeds 8 12 22
+    python -m analysis.power --sd 0.026 --seeds 8          # the difference 8 seeds detect with 80% power
     python -m analysis.power --interval 0.023 0.002 0.043 --seeds 5 --comparisons 8
 
 The experiments compare two arms run with the same seeds by the paired t interval of their difference.
@@ -37,6 +38,15 @@ def pairs_for_power(delta: float, sd: float, power: float = 0.8, level: float = 
     return pairs
 
 
+def detectable_difference(sd: float, pairs: int, power: float = 0.8, level: float = 0.95) -> float:
+    """The smallest true difference the paired test detects with probability `power` (bisection on paired_power)."""
+    low, high = 0.0, 20 * sd
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if paired_power(middle, sd, pairs, level) < power else (low, middle)
+    return high
+
+
 def bonferroni_interval(mean: float, low: float, high: float, pairs: int, comparisons: int) -> tuple[float, float]:
     """The level-(1 - 0.05/k) t interval from a 95% one over n pairs: the same standard error
     (half-width / t_{0.975, n-1}) times t_{1 - 0.025/k, n-1}."""
@@ -57,9 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.seeds) < 2 or args.comparisons < 1:
         parser.error("--seeds must be >= 2 and --comparisons >= 1")
+    if args.sd is not None and not args.sd > 0:
+        parser.error("--sd must be > 0")
+    if args.delta is None and args.sd is not None:
+        for pairs in args.seeds:
+            print(f"sd {args.sd:.3f}, {pairs} seeds: 80% power for a difference of {detectable_difference(args.sd, pairs):.3f}")
     if args.delta is not None:
-        if args.sd is None or not args.sd > 0:
-            parser.error("--delta needs --sd > 0")
+        if args.sd is None:
+            parser.error("--delta needs --sd")
         for pairs in args.seeds:
             print(f"delta {args.delta:+.3f}, sd {args.sd:.3f}, {pairs} seeds: power {paired_power(args.delta, args.sd, pairs):.2f}")
         print(f"80% power needs {pairs_for_power(args.delta, args.sd)} seeds")

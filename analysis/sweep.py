@@ -51,7 +51,7 @@ from cli import report as report_error
 from config import saved_settings
 from data import read_json
 from metrics import is_eval_record, mean_confidence_interval, metrics_records, phase_summary
-from run_folder import write_atomically
+from run_folder import open_for_append, write_atomically
 from runlog import ENVIRONMENT, describe_environment
 
 EVAL_KEY = "eval/pass@1"
@@ -181,7 +181,7 @@ def launch(job: Job, out: Path, train_flags: list[str]) -> tuple[Job, int, float
         command = [sys.executable, str(TRAIN_SCRIPT), *job_flags(job, train_flags), "--out", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     started = time.time()
-    with open(job.log(out), "a", encoding="utf-8") as log:
+    with open_for_append(job.log(out)) as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
@@ -437,7 +437,10 @@ def main(argv: list[str] | None = None) -> str:
         sys.exit(report_error(error))
     out.mkdir(parents=True, exist_ok=True)
     started, load_before = time.time(), os.getloadavg()[0]
-    failed = [] if args.report_only else run_grid(jobs, out, train_flags, args.workers)
+    try:  # a run folder damaged or booby-trapped (a link planted as a log) while the sweep runs
+        failed = [] if args.report_only else run_grid(jobs, out, train_flags, args.workers)
+    except InputError as error:
+        sys.exit(report_error(error))
     header = f"# Sweep {out.name}\n\n`python -m analysis.sweep {' '.join(argv if argv is not None else sys.argv[1:])}`"
     if not args.report_only:
         header += (f"\n\nThis invocation: {time.time() - started:.0f} s wall on {os.cpu_count()} CPUs, 1-minute load "

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis.power import bonferroni_interval, paired_power, pairs_for_power
+from analysis.power import bonferroni_interval, detectable_difference, paired_power, pairs_for_power
 
 
 def test_paired_power_matches_a_simulated_t_test():
@@ -25,3 +25,8 @@ def test_bonferroni_over_one_comparison_is_the_interval_itself_and_widens_with_m
     assert bonferroni_interval(0.023, 0.002, 0.043, 5, 1) == pytest.approx((0.0025, 0.0435))
     low, high = bonferroni_interval(0.023, 0.002, 0.043, 5, 8)
     assert low < 0.0 < high
+
+
+def test_the_detectable_difference_has_the_asked_power():
+    difference = detectable_difference(0.026, 8)
+    assert paired_power(difference, 0.026, 8) == pytest.approx(0.8, abs=1e-6)

@@ -402,3 +402,20 @@ def test_ctrl_c_during_an_evaluation_writes_nothing(tmp_path):
     stderr = stderr_path.read_text()
     assert "Traceback" not in stderr and stderr.count("interrupted: nothing was written") == 1, stderr[-500:]
     assert not (tmp_path / "eval").exists()
+
+
+def test_appending_refuses_links_fifos_and_hard_links_without_blocking(tmp_path):
+    import run_folder  # noqa: PLC0415
+    from cli import InputError  # noqa: PLC0415
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "symbolic.log").symlink_to(victim)
+    os.link(victim, tmp_path / "hard.log")
+    os.mkfifo(tmp_path / "fifo.log")
+    for name, what in [("symbolic.log", "symbolic link"), ("hard.log", "hard link"), ("fifo.log", "FIFO")]:
+        with pytest.raises(InputError, match=what):
+            run_folder.append_line(tmp_path / name, "planted")
+    assert victim.read_text() == "keep me\n"
+    run_folder.append_line(tmp_path / "own.log", "fine")
+    assert (tmp_path / "own.log").read_text() == "fine\n"

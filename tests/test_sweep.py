@@ -251,3 +251,15 @@ def test_a_report_folder_that_is_a_file_is_refused_before_any_run(tmp_path, caps
     error = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and error.startswith("error: --report:") and "is a file" in error and "\n" not in error
     assert report.read_text() == "mine\n" and not (tmp_path / "sweep").exists()
+
+
+def test_a_link_planted_as_a_run_log_is_not_written_through(tmp_path, capsys):
+    out, victim = tmp_path / "sweep", tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    out.mkdir()
+    (out / "grpo-seed0.log").symlink_to(victim)
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(["--algos", "grpo", "--seeds", "0", "--out", str(out), "--", "--steps", "1", "--eval-every", "0"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and error.startswith("error: ") and "symbolic link" in error
+    assert victim.read_text() == "keep me\n"
