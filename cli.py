@@ -5,7 +5,7 @@ line, with exit code 2 (USAGE_ERROR), and no traceback:
 - argparse's own errors (unknown flag, `--steps abc`) come out of OneLineParser without the usage block;
 - numbers are checked up front, before any file is written, against a table of bounds per script
   (`check_bounds`): finite (argparse's `float` accepts "nan" and "inf") and in range;
-- files (data, grams) and model folders raise data.InputError where they are read (data.py, grams.py,
+- files (data, grams) and model folders raise cli.InputError where they are read (data.py, grams.py,
   model_loading.load_model); each script's `main` prints it as the one line.
 """
 

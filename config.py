@@ -270,7 +270,7 @@ def short(value, limit: int = 80) -> str:
 
 
 def read_settings(path: str, flag: str) -> dict:
-    """The settings of a JSON file, or of a YAML file (.yaml, .yml), each checked by check_setting.
+    """The settings of a JSON file, or of a YAML file (.yaml, .yml), each checked by checked_setting.
 
     JSON is read as JSON: PyYAML (YAML 1.1) would read JSON's 1e-05 as a string.
     """

@@ -146,7 +146,7 @@ MODEL_BOUNDS = {"threads": NON_NEGATIVE}  # numeric model flags, shared by eval.
 
 
 def check_model_flags(args) -> None:
-    """The shared model flags (add_model_flags), checked before anything loads; raises InputError."""
+    """The shared model flags (config.ModelFlags), checked before anything loads; raises InputError."""
     check_bounds(args, MODEL_BOUNDS)
     resolve_device_and_dtype(args.device, args.dtype)
 

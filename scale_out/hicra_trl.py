@@ -16,7 +16,7 @@ The choice of tokens is hicra.amplified_mask, the function train.py calls.
 `HicraGRPOConfig` defaults are those of train.py: mean-centred advantages without std scaling
 (scale_rewards="none" is our --advantage center), clip-higher (epsilon 0.2 / epsilon_high 0.28), token-mean
 loss (loss_type "dapo"), no KL (beta 0). LOSS_TYPES maps our --loss-agg names to TRL's loss types; the
-cross-check in test_hicra_trl.py pins TRL's loss and gradient to grpo.clipped_policy_loss + aggregate_loss.
+cross-check in tests/test_hicra_trl.py pins TRL's loss and gradient to grpo.clipped_policy_loss + aggregate_loss.
 
 Supported TRL: 1.16.x (tested with 1.16.0; requirements-trl.txt pins it). The subclass leans on private
 parts of GRPOTrainer, checked against the 1.16.0 source:
@@ -28,7 +28,7 @@ parts of GRPOTrainer, checked against the 1.16.0 source:
   aggregation; the buffer split / shuffle between generation and loss index dim 0 only;
 - `_get_per_token_logps_and_entropies(..., compute_entropy=True)` returns (logps, entropies, aux_loss);
 - `self._metrics[mode][name]` lists are averaged by `log()` and reach every `report_to` backend.
-Private methods may change in any TRL release: after upgrading, run `pytest test_hicra_trl.py`.
+Private methods may change in any TRL release: after upgrading, run `pytest tests/test_hicra_trl.py`.
 
 Departures from train.py, all TRL's:
 - the std-scaled advantage (--advantage std, scale_rewards="group") divides by std + 1e-4, not + 1e-6;
