@@ -178,7 +178,7 @@ CASES = [
          ("--corpus", "surrogate.jsonl:1:", "lone surrogate"), bare=True),
     Case("grams-compare-latin1", "grams.py", "compare --grams {dir}/latin1_grams.txt", ("--grams", "latin1_grams.txt:2:"),
          bare=True),
-    Case("eval-plot-cut-metrics-line", EVAL, "plot {dir}/cut_run", ("cut_run/metrics.jsonl:2:", "malformed JSON"),
+    Case("eval-plot-cut-metrics-line", EVAL, "plot {dir}/cut_run", ("cut_run/metrics.jsonl:2:", "not a metrics record"),
          bare=True),
 ]
 
