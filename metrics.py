@@ -217,11 +217,8 @@ def is_eval_record(record: dict) -> bool:
 
 def metrics_record(line: str, where: str) -> dict:
     """One line of a run's metrics.jsonl: a JSON object with an integer "step"; InputError naming `where`
-    (FILE:LINE) otherwise."""
-    try:
-        record = read_json(line, where)
-    except InputError:
-        record = None
+    (FILE:LINE) otherwise (a line cut short reads as malformed JSON)."""
+    record = read_json(line, where)  # its InputError says what is wrong with the JSON
     if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
         raise InputError(f"{where}: not a metrics record (edited by hand, or cut short?)")
     return record

@@ -132,7 +132,7 @@ CASES = [
     Case("resume-config-tracker-string", TRAIN, "--resume {run}", ("--report-to: expected a list of names",),
          bare=True, config_edit='{"report_to": "tensorboard"}'),
     Case("resume-corrupt-metrics-line", TRAIN, "--resume {run}", ("metrics.jsonl:1:", "not a metrics record"),
-         bare=True, metrics_line='{"step": "zero"'),
+         bare=True, metrics_line='{"step": "zero"}'),
     Case("resume-not-a-run", TRAIN, "--resume {dir}/model", ("--resume", "not a train.py run folder"), bare=True),
     # run folders: never clobbered
     Case("out-not-a-run", TRAIN, "--out {out}", ("--out", "not empty and not a train.py run folder")),
@@ -178,7 +178,7 @@ CASES = [
          ("--corpus", "surrogate.jsonl:1:", "lone surrogate"), bare=True),
     Case("grams-compare-latin1", "grams.py", "compare --grams {dir}/latin1_grams.txt", ("--grams", "latin1_grams.txt:2:"),
          bare=True),
-    Case("eval-plot-cut-metrics-line", EVAL, "plot {dir}/cut_run", ("cut_run/metrics.jsonl:2:", "not a metrics record"),
+    Case("eval-plot-cut-metrics-line", EVAL, "plot {dir}/cut_run", ("cut_run/metrics.jsonl:2:", "malformed JSON"),
          bare=True),
 ]
 

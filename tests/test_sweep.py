@@ -234,7 +234,7 @@ def test_a_damaged_run_in_a_sweep_is_named_in_one_line(tmp_path):
     metrics.write_text('{"step": 0, "reward": 0.5}\n{"step": 1, "rew\n')
     config = sweep.Job("grpo", 1).run_dir(tmp_path) / "config.json"
     config.write_text('{"algo": ')
-    with pytest.raises(sweep.InputError, match=r"grpo-seed0/metrics.jsonl:2: not a metrics record"):
+    with pytest.raises(sweep.InputError, match=r"grpo-seed0/metrics.jsonl:2: malformed JSON"):
         sweep.collect([sweep.Job("grpo", 0)], tmp_path, target=0.5)
     with pytest.raises(sweep.InputError, match=r"grpo-seed1/config.json: malformed JSON"):
         sweep.collect([sweep.Job("grpo", 1)], tmp_path, target=0.5)
