@@ -263,3 +263,19 @@ def test_a_link_planted_as_a_run_log_is_not_written_through(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and error.startswith("error: ") and "symbolic link" in error
     assert victim.read_text() == "keep me\n"
+
+
+def test_compare_pairs_arms_of_different_sweeps_by_seed_with_one_bonferroni_rule(tmp_path, capsys):
+    from analysis import compare  # noqa: PLC0415
+
+    for seed, (a, b) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.70, 0.69)]):
+        write_run(tmp_path / "one", "grpo", seed, {0: 0.3, 2: 0.4, 4: a})
+        write_run(tmp_path / "two", "hicra", seed, {0: 0.3, 2: 0.4, 4: b})
+    text = compare.main(["--arm", f"g={tmp_path / 'one' / 'grpo'}", "--arm", f"h={tmp_path / 'two' / 'hicra'}",
+                         "--seeds", "0", "1", "2", "--pairs", "h-g", "--target", "0.5"])
+    mean, low, high = mean_confidence_interval([0.05, 0.02, -0.01])
+    assert f"| h - g | final | 3 | {mean:+.3f} [{low:+.3f}, {high:+.3f}] |" in text
+    assert "Bonferroni over 2" in text and "| g | 3 | 0.600 [" in text
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["--arm", f"g={tmp_path / 'one' / 'grpo'}", "--seeds", "0", "1", "--pairs", "g-x"])
+    assert stop.value.code == 2 and "--pairs 'g-x'" in capsys.readouterr().err
