@@ -159,19 +159,50 @@ def rollout_step(config: TrainConfig, model, ref_model, tokenizer, problems: lis
     return StepBatch(rollout, rewards, reward_errors, token_advantages, planning_mask, amplified, entropy_coef, ref_logp)
 
 
+def micro_batch_loss(config: TrainConfig, model, batch: StepBatch, rows: torch.Tensor, first_pass: bool,
+                     precision: MixedPrecision = FLOAT32) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of the micro-batch `rows` [b] (its share of the whole batch's loss, so the shares' gradients add
+    up to the full-batch gradient) and its statistics, each already divided by --ppo-epochs.
+
+    Per token: the clipped surrogate (grpo.clipped_policy_loss) + beta * KL - entropy_coef * entropy,
+    normalised by --loss-agg over the whole batch. Under mixed precision the forward runs under autocast and
+    the first pass's log-probs become pi_old (written into the rollout: the weights have not moved yet, and the
+    sampler's cached decode rounds differently).
+    """
+    rollout, epochs = batch.rollout, config.ppo_epochs
+    batch_tokens = rollout.completion_mask.sum().clamp(min=1)
+    mask = rollout.completion_mask[rows]  # [b, C]
+    with precision.autocast():
+        logp, entropy = completion_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                            rollout.completion_ids[rows], mask, config.temperature,
+                                            config.logprob_chunk)  # [b, C], [b, C] float32
+    if precision.mixed and first_pass:
+        rollout.old_logp[rows] = logp.detach()
+    old_logp, advantages = rollout.old_logp[rows], batch.token_advantages[rows]  # [b, C], [b, C]
+    per_token = clipped_policy_loss(logp, old_logp, advantages, config.eps_low, config.eps_high)  # [b, C]
+    stats = {}
+    if batch.ref_logp is not None:
+        kl = kl_k3(logp, batch.ref_logp[rows])  # [b, C]
+        per_token = per_token + config.beta * kl
+        stats["kl"] = ((kl * mask).sum() / batch_tokens).item() / epochs
+    if batch.entropy_coef:
+        per_token = per_token - batch.entropy_coef * entropy  # [b, C]
+    loss = aggregate_loss(per_token, mask, config.loss_agg, batch_tokens, len(rollout.texts), config.max_new_tokens)
+    clipped = clip_fractions(logp, old_logp, advantages, mask, config.eps_low, config.eps_high)
+    share = mask.sum() / batch_tokens / epochs  # of the batch's loss-carrying tokens, per epoch
+    stats.update(loss=loss.item() / epochs, clip_low=(clipped.low * share).item(), clip_high=(clipped.high * share).item())
+    return loss, stats
+
+
 def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch,
                   precision: MixedPrecision = FLOAT32) -> dict[str, float]:
     """Step 5: --ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches.
 
-    Per token: the clipped surrogate (grpo.clipped_policy_loss) + beta * KL - entropy_coef * entropy,
-    normalised by --loss-agg over the whole batch. An optimizer step whose loss or gradient norm is not
-    finite is skipped (gradients dropped) and counted in "nonfinite_updates": one NaN would otherwise spread
-    to every weight. Under mixed precision (precision.py) the forward runs under autocast, pi_old is the first
-    pass's own log-probs (the weights have not moved yet; the sampler's cached decode rounds differently), and
-    float16's loss is scaled for the backward and its gradients unscaled before the clip.
+    An optimizer step whose loss or gradient norm is not finite is skipped (gradients dropped) and counted in
+    "nonfinite_updates": one NaN would otherwise spread to every weight. float16's loss is scaled for the
+    backward and its gradients unscaled before the clip (precision.py).
     """
     rollout = batch.rollout
-    batch_tokens = rollout.completion_mask.sum().clamp(min=1)
     totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0, "nonfinite_updates": 0}
     row_groups = micro_batches(rollout.lengths, rollout.group_size, rollout.prompt_ids.shape[1], config.micro_batch_size,
                                config.micro_batch_tokens or 0, shared_prompts=not activation_checkpointing(model))
@@ -179,29 +210,11 @@ def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch,
     for epoch in range(config.ppo_epochs):
         finite_loss = True
         for rows in row_groups:  # [b] row indices
-            mask = rollout.completion_mask[rows]  # [b, C]
-            with precision.autocast():
-                logp, entropy = completion_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
-                                                    rollout.completion_ids[rows], mask, config.temperature,
-                                                    config.logprob_chunk)  # [b, C], [b, C] float32
-            if precision.mixed and epoch == 0:  # pi_old = this pass's own log-probs (see the docstring)
-                rollout.old_logp[rows] = logp.detach()
-            old_logp, advantages = rollout.old_logp[rows], batch.token_advantages[rows]  # [b, C], [b, C]
-            per_token = clipped_policy_loss(logp, old_logp, advantages, config.eps_low, config.eps_high)  # [b, C]
-            if batch.ref_logp is not None:
-                kl = kl_k3(logp, batch.ref_logp[rows])  # [b, C]
-                per_token = per_token + config.beta * kl
-                totals["kl"] += ((kl * mask).sum() / batch_tokens).item() / config.ppo_epochs
-            if batch.entropy_coef:
-                per_token = per_token - batch.entropy_coef * entropy  # [b, C]
-            loss = aggregate_loss(per_token, mask, config.loss_agg, batch_tokens, len(rollout.texts), config.max_new_tokens)
+            loss, stats = micro_batch_loss(config, model, batch, rows, epoch == 0, precision)
             precision.scaler.scale(loss).backward()
-            clipped = clip_fractions(logp, old_logp, advantages, mask, config.eps_low, config.eps_high)
-            share = mask.sum() / batch_tokens / config.ppo_epochs
-            finite_loss = finite_loss and math.isfinite(loss.item())
-            totals["loss"] += loss.item() / config.ppo_epochs
-            totals["clip_low"] += (clipped.low * share).item()
-            totals["clip_high"] += (clipped.high * share).item()
+            finite_loss = finite_loss and math.isfinite(stats["loss"])
+            for key, value in stats.items():
+                totals[key] += value
         precision.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    config.grad_clip if config.grad_clip > 0 else float("inf"))
