@@ -142,6 +142,9 @@ CASES = [
     Case("data-problem-too-long", TRAIN, "--data {dir}/long_problem.jsonl", ("--max-new-tokens", "1024 positions")),
     Case("data-huge-number", TRAIN, "--data {dir}/huge_number.jsonl", ("--data", "huge_number.jsonl:1:", "unreadable")),
     Case("data-deeply-nested", TRAIN, "--data {dir}/deep.jsonl", ("--data", "deep.jsonl:1:", "nested too deeply")),
+    Case("few-shot-huge-number", TRAIN, "--few-shot {dir}/huge_number.jsonl", ("huge_number.jsonl:1:", "unreadable JSON")),
+    Case("few-shot-deeply-nested", TRAIN, "--few-shot {dir}/deep.jsonl", ("deep.jsonl:1:", "nested too deeply")),
+    Case("few-shot-lone-surrogate", TRAIN, "--few-shot {dir}/surrogate.jsonl", ("surrogate.jsonl:1:", "lone surrogate")),
     # text no tokenizer takes: bytes that were not UTF-8 on the command line, lone surrogate escapes in files
     Case("instruction-not-utf8", TRAIN, "--instruction \udcff", ("--instruction", "not valid text", "'\\udcff'")),
     Case("eval-instruction-not-utf8", EVAL, "--instruction \udcff", ("--instruction", "not valid text")),
