@@ -6,8 +6,9 @@
 
 analysis.sweep pairs an arm with its baseline at the same flag values, within one sweep. This pairs any
 two arms by seed: an arm is LABEL=PREFIX, its runs PREFIX-seedN (a sweep's run folders). For each arm it
-prints the mean [95% t interval] of final held-out pass@1 and its AUC (analysis.sweep.run_outcome) and of
-the effective dose, and for each pair A-B the paired difference with its 95% interval and the interval
+prints the mean [95% t interval] of final held-out pass@1 and its AUC (analysis.sweep.run_outcome), of the
+share of tokens amplified, of the effective dose (their share of the policy-gradient signal) and of the
+planning tokens' share of the signal, and for each pair A-B the paired difference with its 95% interval and the interval
 adjusted by Bonferroni over every interval of the table (pairs x metrics; analysis.power.bonferroni_interval).
 """
 
@@ -66,9 +67,10 @@ def main(argv: list[str] | None = None) -> str:
                 raise InputError(f"--pairs {text!r}: expected A-B with A and B among {', '.join(arms)}")
     except InputError as error:
         raise SystemExit(report_error(error)) from None
-    lines = ["| arm | seeds | final pass@1 | AUC of pass@1 | amplified tokens | effective dose |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | final pass@1 | AUC of pass@1 | amplified tokens | effective dose | planning tokens' signal |",
+             "|---|---|---|---|---|---|---|"]
     for label, runs in arms.items():
-        cells = [arm_cell(runs, metric) for metric in ("final", "auc", "amplified", "amplified_signal")]
+        cells = [arm_cell(runs, metric) for metric in ("final", "auc", "amplified", "amplified_signal", "planning_signal")]
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     comparisons = len(pairs) * len(METRICS)
     lines += ["", f"| difference | metric | pairs | mean [95% t interval] | Bonferroni over {comparisons} |",
