@@ -155,6 +155,9 @@ def run_to_exit_code(work: Callable[[], object], resume_hint: Callable[[], str |
     try:
         work()
     except KeyboardInterrupt as error:
+        # An object the interrupt left half-built (a progress bar) fails in its destructor while the process
+        # exits: "Exception ignored in ..." with a traceback. Stopping on purpose, that is noise.
+        sys.unraisablehook = lambda unraisable: None
         hint = resume_hint()
         if hint:
             print(f"\ninterrupted: continue with  {hint}", file=sys.stderr)

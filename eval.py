@@ -343,6 +343,7 @@ def main(argv: list[str]) -> int:
     except FileNotFoundError as error:  # plots: a RUN_DIR without metrics.jsonl
         return report(InputError(str(error)))
     except KeyboardInterrupt:
+        sys.unraisablehook = lambda unraisable: None  # a half-built progress bar's destructor: noise (cli.py)
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
