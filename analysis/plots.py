@@ -23,9 +23,8 @@ probabilities (accuracies, pass@k) are clipped to [0, 1], and the figure says so
 note instead of a curve.
 """
 
+import io
 import math
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from matplotlib.lines import Line2D
 
 
 from data import read_json
+from run_folder import write_atomically
 from metrics import (EXECUTION_PHASE_KEYS, PHASE_FRACTION, PHASE_WINDOW, PLANNING_PHASE_KEYS, mean_confidence_interval,
                      metrics_records, moving_average, phase_summary)
 
@@ -337,20 +337,15 @@ def fig10_planning_vs_entropy(runs: list[Run], out: Path) -> Path:
 
 
 def save(fig, path: Path) -> Path:
-    """Write `fig` to `path` as a small PNG and free it: to a fresh temporary file renamed over `path`, so a
-    link planted at `path` is replaced, never written through."""
+    """Write `fig` to `path` as a small PNG and free it, whole and never through a planted link
+    (run_folder.write_atomically)."""
     fig.tight_layout()
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    image = io.BytesIO()
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            fig.savefig(file, dpi=DPI, format="png")
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        fig.savefig(image, dpi=DPI, format="png")
     finally:
         plt.close(fig)
+    write_atomically(path, image.getvalue())
     return path
 
 
