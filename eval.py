@@ -22,11 +22,12 @@ Choices, and where they come from:
   --max-new-tokens come from RUN_DIR/config.json unless given on the command line (`RUN_SETTINGS`).
 """
 
+import os
 import signal
 import sys
 
 if __name__ == "__main__":  # Ctrl-C while torch and transformers load: exit 130 quietly, not an import's traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # nothing written yet; no library can catch it
 
 import argparse  # noqa: E402  (the handler above comes first)
 import json  # noqa: E402
@@ -47,12 +48,13 @@ from grading import grade_batch
 from metrics import standard_error
 from model_loading import check_model_flags, choose_threads, load_model
 from reward import REWARD_HELP, boxed_reward, extract_boxed, load_reward
-from rollout import PromptFormat, check_prompts_fit, format_prompt, generate_rollouts
+from rollout import PromptFormat, check_prompts_fit, format_prompt, generate_rollouts, longest_prompt_tokens
 from run_folder import in_use, is_run, lock_holder, write_atomically, writing
 from world.tasks import check_world_model
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
 PAPER_TEMPERATURE = 0.6
+DEFAULT_MAX_NEW_TOKENS = 1024  # --max-new-tokens for a model with the positions for it
 CHECKPOINT_FOLDER = re.compile(r"checkpoint(-\d+)?")  # train.py's and TRL's checkpoint folder names
 # eval.py's setting <- the train.py setting of the run a checkpoint belongs to (run_settings)
 RUN_SETTINGS = {"benchmark": "eval_data", "instruction": "instruction", "system_prompt": "system_prompt",
@@ -191,7 +193,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     sampling.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
                           help="also run a greedy pass (one completion, temperature 0)")
     sampling.add_argument("--pass-k", default=None, help="comma-separated k for pass@k (None: every k <= K)")
-    sampling.add_argument("--max-new-tokens", type=int, default=1024, help="completion length limit")
+    sampling.add_argument("--max-new-tokens", type=int, default=None,
+                          help=f"completion length limit (None: {DEFAULT_MAX_NEW_TOKENS}, or what the model's "
+                               "positions leave after the longest prompt, if fewer)")
     sampling.add_argument("--batch-size", type=int, default=16, help="completions generated per call")
     sampling.add_argument("--seed", type=int, default=0, help="sampling seed")
     output = parser.add_argument_group("output")
@@ -232,6 +236,15 @@ def apply_run_settings(args: argparse.Namespace, argv: list[str]) -> None:
     if args.benchmark is None:
         raise InputError("--benchmark: required (a benchmark name or .jsonl file), unless --model is a train.py "
                          "run's checkpoint, whose held-out problems are then used")
+
+
+def fitting_max_new_tokens(model, tokenizer, problems: list[str], prompt_format: PromptFormat) -> int:
+    """--max-new-tokens when not given: DEFAULT_MAX_NEW_TOKENS, or the positions the model has left after the
+    longest prompt of all `problems` when that is fewer (the built-in world's model has 256 positions)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None or positions - longest_prompt_tokens(tokenizer, problems, prompt_format) >= DEFAULT_MAX_NEW_TOKENS:
+        return DEFAULT_MAX_NEW_TOKENS
+    return max(1, positions - longest_prompt_tokens(tokenizer, problems, prompt_format, longest=len(problems)))
 
 
 def check_args(args: argparse.Namespace) -> list[int]:
@@ -297,6 +310,8 @@ def run(args: argparse.Namespace) -> dict:
     problems = load_problems(args.benchmark, args.limit, args.seed, flag="--benchmark")
     reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
     model, tokenizer = load_model(args.model, args.dtype, args.device, args.gguf_file)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = fitting_max_new_tokens(model, tokenizer, [p.problem for p in problems], prompt_format)
     check_prompts_fit(model, tokenizer, [p.problem for p in problems], prompt_format, args.max_new_tokens)
     passes = {}
     if args.temperature > 0:

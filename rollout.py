@@ -430,15 +430,19 @@ def formatted_with_deadline(tokenizer, problems: list[str], prompt_format: Promp
             signal.signal(signal.SIGALRM, previous)
 
 
+def longest_prompt_tokens(tokenizer, problems: list[str], prompt_format: PromptFormat, longest: int = 16) -> int:
+    """Tokens in the longest formatted prompt among the `longest` problems (by characters) of a data set."""
+    candidates = sorted(problems, key=len, reverse=True)[:longest]
+    prompts = formatted_with_deadline(tokenizer, candidates, prompt_format)
+    return max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]), default=0)
+
+
 def check_prompts_fit(model, tokenizer, problems: list[str], prompt_format: PromptFormat, max_new_tokens: int,
                       longest: int = 16) -> None:
     """check_context for the `longest` problems (by characters) of a data set, before any sampling: cheap,
     and it catches a problem far too long for the model or a huge --max-new-tokens, and a chat template that
     fails or loops. (generate_rollouts checks every batch exactly.)"""
-    candidates = sorted(problems, key=len, reverse=True)[:longest]
-    prompts = formatted_with_deadline(tokenizer, candidates, prompt_format)
-    tokens = max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]), default=0)
-    check_context(model, tokens, max_new_tokens)
+    check_context(model, longest_prompt_tokens(tokenizer, problems, prompt_format, longest), max_new_tokens)
 
 
 def generate_rollouts(

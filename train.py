@@ -39,14 +39,14 @@ metrics.jsonl, samples and trackers in runlog.py, exit codes in cli.py. Bad inpu
 `error: ...` on stderr and exit code 2, before anything is written (docs/failures.md lists every case).
 """
 
+import os
 import signal
 import sys
 
 if __name__ == "__main__":  # Ctrl-C while torch and transformers load: exit 130 quietly, not an import's traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # nothing written yet; no library can catch it
 
 import math  # noqa: E402  (the handler above comes first)
-import os  # noqa: E402
 import random  # noqa: E402
 import shlex  # noqa: E402
 import time  # noqa: E402

@@ -260,6 +260,17 @@ def test_an_evaluation_longer_than_the_models_positions_fails_in_one_line_and_wr
     assert not out.exists()
 
 
+def test_without_max_new_tokens_a_small_model_gets_what_its_positions_leave(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["--model", "world/models/tiny-world", "--benchmark", "world", "--limit", "2", "--samples", "1",
+            "--no-greedy", "--quiet", "--out", str(out)]
+    assert evaluation.main(argv) == 0, capsys.readouterr().err
+    model, tokenizer = model_loading.load_model("world/models/tiny-world", "float32", "cpu", None)
+    problems = [p.problem for p in load_problems("world", 2, 0)]
+    prompt = evaluation.longest_prompt_tokens(tokenizer, problems, evaluation.PromptFormat(), longest=len(problems))
+    assert json.loads((out / "summary.json").read_text())["max_new_tokens"] == 256 - prompt < 1024
+
+
 def test_a_model_folder_asking_to_run_its_own_code_is_refused_in_one_line_and_runs_nothing(model_dir, tmp_path):
     crafted = tmp_path / "crafted"
     crafted.mkdir()
