@@ -13,16 +13,14 @@ Resuming (`settle_checkpoints`, `resume`): the newest complete folder among thes
 rename finished, incomplete leftovers deleted, and the metrics lines logged after that checkpoint dropped;
 with no complete checkpoint the run starts again from step 0.
 
-Test hook: HICRA_FAULT=POINT:STEP[:term] makes the process SIGKILL (or SIGTERM) itself at a named point (`fault_point`: the
-save:* points here, step:/eval: logging/logged in runlog.py); tests/test_faults.py kills a run at each and
-checks that the resumed run logs exactly what an uninterrupted one does.
+tests/test_faults.py kills a run between any two of these writes (and around each metrics line) and checks
+that the resumed run logs exactly what an uninterrupted one does.
 """
 
 import json
 import os
 import random
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
@@ -37,20 +35,6 @@ from run_folder import write_atomically
 
 CHECKPOINT = "checkpoint"  # RUN_DIR/checkpoint: the newest complete checkpoint
 COMPLETE_MARKER = "complete.json"  # written last into a checkpoint folder: {"step": ..., "files": {name: bytes}}
-FAULT_ENV = "HICRA_FAULT"  # test hook (tests/test_faults.py): "POINT:STEP" makes the process SIGKILL itself there
-
-
-def fault_point(point: str, step: int) -> None:
-    """Test hook: at `point` of `step`, kill this process with SIGKILL (as a crash or an out-of-memory kill
-    would) when HICRA_FAULT=point:step, or send it SIGTERM (as a scheduler stopping it would) when
-    HICRA_FAULT=point:step:term; nothing when HICRA_FAULT is unset. tests/test_faults.py resumes after each."""
-    fault = os.environ.get(FAULT_ENV)
-    if fault == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == f"{point}:{step}:term":
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def fsync_path(path: Path) -> None:
     """Flush a file, or a folder's entries (new names, renames), to disk; folders only where the OS allows."""
     if path.is_dir() and os.name == "nt":
@@ -124,25 +108,19 @@ def save(run_dir: Path, model, tokenizer, optimizer, scaler, step: int, relative
     temp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f"{CHECKPOINT}.tmp-"))  # new and ours: no planted link inside
     temp.chmod(0o755)
     try:
-        fault_point("save:start", step)
         model.save_pretrained(temp)
-        fault_point("save:model", step)
         tokenizer.save_pretrained(temp)
-        fault_point("save:tokenizer", step)
         write_trainer_state(temp, optimizer, scaler, step, relative, nonfinite_streak)
-        fault_point("save:state", step)
         write_complete_marker(temp, step)
-        fault_point("save:marker", step)
     except (OSError, SafetensorError) as error:  # disk full, no permission: the older checkpoints stand
         shutil.rmtree(temp, ignore_errors=True)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
         raise OSError(f"{run_dir}: the checkpoint of step {step} could not be written ({reason})") from None
-    promote_checkpoint(run_dir, temp, step)
+    promote_checkpoint(run_dir, temp)
     prune_checkpoints(run_dir, keep)
-    fault_point("save:pruned", step)
 
 
-def promote_checkpoint(run_dir: Path, source: Path, step: int) -> None:
+def promote_checkpoint(run_dir: Path, source: Path) -> None:
     """Rename the complete checkpoint `source` to checkpoint/; the one it replaces becomes checkpoint-N/."""
     final = run_dir / CHECKPOINT
     if final.exists():
@@ -153,10 +131,8 @@ def promote_checkpoint(run_dir: Path, source: Path, step: int) -> None:
             older = run_dir / f"{CHECKPOINT}-{previous + 1}"  # named by updates done, as HF Trainer does
             shutil.rmtree(older, ignore_errors=True)
             final.rename(older)
-    fault_point("save:between_renames", step)
     source.rename(final)
     fsync_path(run_dir)
-    fault_point("save:renamed", step)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -225,7 +201,7 @@ def settle_checkpoints(run_dir: Path) -> Path | None:
     if newest is None:
         return None
     if newest.name != CHECKPOINT:
-        promote_checkpoint(run_dir, newest, steps[newest])
+        promote_checkpoint(run_dir, newest)
     return run_dir / CHECKPOINT
 
 

@@ -42,6 +42,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"error: {message} (see --help)\n")
 
 
+def parser_with_commands(description: str) -> tuple[OneLineParser, Callable[[str, str], OneLineParser]]:
+    """A OneLineParser whose first argument names a command, and `add(name, help)` adding one command's
+    parser; both show defaults in --help."""
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> OneLineParser:
+        return commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    return parser, add
+
+
 def suppress_defaults(parser: argparse.ArgumentParser) -> None:
     """Make `parser` report only the flags given on the command line (how train.py and eval.py tell a flag given
     from a default): every default becomes SUPPRESS and nothing is required; --help still shows the defaults."""

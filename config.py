@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import WORLD_SPLITS
+from data import check_data_model, source_of
 import cli
 from cli import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, SEED, UNIT_INTERVAL, Bound, InputError, OneLineParser,
                  check_bounds, check_text, flag_name)
@@ -41,12 +41,12 @@ from rollout import DEFAULT_INSTRUCTION
 import run_folder
 from run_folder import write_atomically
 from runlog import TRACKERS
-from world.tasks import DEFAULT_MODEL_DIR, check_world_model
 
 ALGOS = ("grpo", "hicra", "entropy_reg", "high_entropy", "placebo", "random_spans", "hicra_verl")
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 GROUPS = ("model", "data", "prompt", "sampling", "algorithm", "optimisation", "logging", "run")
 MODEL_FLAGS = ("model", "gguf_file", "lora_rank", "lora_alpha")  # what is trained: fixed for the life of a run
+DEFAULT_DATA = "world_train"  # the built-in world's training problems (data.problem_sources)
 SESSION_FLAGS = ("resume", "config")  # how this process was started, not settings of the run: never saved
 
 
@@ -64,7 +64,9 @@ def flag(default, help: str, group: str, bound: Bound | None = None, choices: tu
 class ModelFlags:
     """How the model is loaded (model_loading.py): shared by train.py and eval.py."""
 
-    model: str = flag(DEFAULT_MODEL_DIR, "HF model folder or hub id (from_pretrained)", "model")
+    model: str | None = flag(None, "HF model folder or hub id (from_pretrained); unset: the model --data's problem "
+                                   "source ships (the built-in world's tiny model for world data and for files)",
+                             "model")
     gguf_file: str | None = flag(None, "GGUF file name inside the --model folder", "model")
     dtype: str = flag("auto", "weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise",
                       "model", choices=DTYPE_NAMES)
@@ -96,7 +98,7 @@ class TrainConfig(PromptFlags, ModelFlags):
     lora_rank: int = flag(0, "LoRA rank via peft; 0 trains all weights", "model", NON_NEGATIVE)
     lora_alpha: float = flag(32.0, "LoRA scaling numerator (alpha / rank)", "model", POSITIVE)
 
-    data: str = flag("world_train", "training problems: benchmark name or JSONL file", "data")
+    data: str = flag(DEFAULT_DATA, "training problems: benchmark name or JSONL file", "data")
     eval_data: str | None = flag(None, "held-out problems: benchmark name or JSONL file; unset: those of --data "
                                        "(world_train: world, world_v1_train: world_v1, gsm8k_train: gsm8k; a file or "
                                        "another name: none, and no held-out evaluation)", "data")
@@ -162,19 +164,33 @@ class TrainConfig(PromptFlags, ModelFlags):
                                     "on the command line override it", "run", metavar="FILE")
 
     def __post_init__(self):
-        """--eval-data and --grams follow --data when not set (HELD_OUT; the world's grams for world data)."""
+        """--model, --eval-data and --grams follow --data when not set (default_model, held_out, default_grams)."""
+        if self.model is None:
+            self.model = default_model(self.data)
         if self.eval_data is None:
-            self.eval_data = HELD_OUT.get(self.data)
+            self.eval_data = held_out(self.data)
         if self.grams is None:
             self.grams = default_grams(self.data)
 
 
-HELD_OUT = {"world_train": "world", "world_v1_train": "world_v1", "gsm8k_train": "gsm8k"}  # --data -> its held-out set
+HELD_OUT = {"gsm8k_train": "gsm8k"}  # a benchmark's training set -> its held-out set
+
+
+def held_out(data: str) -> str | None:
+    """The held-out set of an unset --eval-data: HELD_OUT's, or that of --data's problem source; else None."""
+    source = source_of(data)
+    return source.held_out.get(data) if source else HELD_OUT.get(data)
 
 
 def default_grams(data: str) -> str:
-    """The strategic grams of an unset --grams: the world's for the built-in world's data, the paper's otherwise."""
-    return "world" if data in WORLD_SPLITS else "paper"
+    """The strategic grams of an unset --grams: --data's problem source's (the world's), the paper's otherwise."""
+    source = source_of(data)
+    return source.grams_preset if source else "paper"
+
+
+def default_model(data: str) -> str:
+    """The model of an unset --model: the one --data's problem source ships, else DEFAULT_DATA's."""
+    return (source_of(data) or source_of(DEFAULT_DATA)).model
 
 # ---------------------------------------------------------------- derived: the command line
 
@@ -346,7 +362,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     check_bounds(config, BOUNDS)
     check_text(config)
     check_model_flags(config)
-    check_world_model(config.model, {"--data": config.data, "--eval-data": config.eval_data})
+    check_data_model(config.model, {"--data": config.data, "--eval-data": config.eval_data})
     if config.lora_rank > 0 and importlib.util.find_spec("peft") is None:
         raise InputError("--lora-rank: LoRA needs peft (pip install peft)")
     return config

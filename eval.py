@@ -43,14 +43,14 @@ from tqdm import tqdm
 import cli
 from cli import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, SEED, InputError, OneLineParser, check_bounds, check_text, report
 from config import ModelFlags, PromptFlags, add_flags, read_settings
-from data import Problem, load_problems, read_examples
+from data import Problem, check_data_model, load_problems, read_examples
 from grading import grade_batch
 from metrics import standard_error
-from model_loading import check_model_flags, choose_threads, load_model
+from machine import choose_threads
+from model_loading import check_model_flags, load_model
 from reward import REWARD_HELP, boxed_reward, extract_boxed, load_reward
 from rollout import PromptFormat, check_prompts_fit, format_prompt, generate_rollouts, longest_prompt_tokens
 from run_folder import in_use, is_run, lock_holder, write_atomically, writing
-from world.tasks import check_world_model
 
 PAPER_SAMPLES = {"aime24": 32, "aime25": 32, "amc23": 4}  # Sec. 5; any other benchmark keeps --samples
 PAPER_TEMPERATURE = 0.6
@@ -255,7 +255,7 @@ def check_args(args: argparse.Namespace) -> list[int]:
     check_bounds(args, EVAL_BOUNDS)
     check_text(args)
     check_model_flags(args)
-    check_world_model(args.model, {"--benchmark": args.benchmark})
+    check_data_model(args.model, {"--benchmark": args.benchmark})
     try:
         ks = [int(k) for k in args.pass_k.split(",")] if args.pass_k is not None else list(range(1, args.samples + 1))
     except ValueError:

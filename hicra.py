@@ -30,6 +30,13 @@ def validate_alpha(alpha: float) -> float:
     return alpha
 
 
+def validate_top_q(top_q: float) -> float:
+    """q, the share of tokens the high-entropy selections take, must lie in (0, 1]."""
+    if not 0.0 < top_q <= 1.0:
+        raise ValueError(f"--entropy-top-q must be in (0, 1], got {top_q}")
+    return top_q
+
+
 def hicra_advantages(advantages: torch.Tensor, planning_mask: torch.Tensor, alpha: float = PAPER_ALPHA) -> torch.Tensor:
     """A^H_{i,t} = A_i + alpha * |A_i| on planning tokens (t in S_i), A_i elsewhere (Sec. 3).
 
@@ -40,18 +47,22 @@ def hicra_advantages(advantages: torch.Tensor, planning_mask: torch.Tensor, alph
     return per_token + alpha * per_token.abs() * planning_mask.float()  # [B, T]
 
 
+def exact_ceiling(fraction: float, n: int) -> int:
+    """ceil(fraction * n) with `fraction` read as the decimal it prints as (str(0.28) = "0.28", the value a user
+    typed): float arithmetic gives ceil(0.28 * 25) = ceil(7.000000000000001) = 8, one too many."""
+    return math.ceil(Fraction(str(fraction)) * n)
+
+
 def high_entropy_mask(entropy: torch.Tensor, completion_mask: torch.Tensor, top_q: float) -> torch.Tensor:
     """The ceil(q * N) highest-entropy ("fork") tokens among the batch's N completion tokens, as a bool mask.
 
     entropy, completion_mask [B, T] -> bool [B, T]; padding is never selected, ties are broken arbitrarily.
     Used by the high-entropy ablation (Sec. 5) and by the Fig. 10 overlap metric (q = 0.3).
-    q is read as the decimal it prints as (str(0.28) = "0.28", the value the user typed), so the count is
-    exact: float arithmetic would give ceil(0.28 * 25) = ceil(7.000000000000001) = 8, one token too many.
+    The count is exact_ceiling(q, N): 0.28 of 25 tokens is 7, not the 8 float arithmetic gives.
     """
-    if not 0.0 < top_q <= 1.0:
-        raise ValueError(f"--entropy-top-q must be in (0, 1], got {top_q}")
+    validate_top_q(top_q)
     valid = completion_mask.bool().flatten()  # [B*T]
-    count = math.ceil(Fraction(str(top_q)) * int(valid.sum()))
+    count = exact_ceiling(top_q, int(valid.sum()))
     scores = entropy.flatten().masked_fill(~valid, -math.inf)  # [B*T]
     top = torch.zeros_like(valid)
     top[scores.topk(count).indices] = True

@@ -13,7 +13,6 @@ train.py calls `step_metrics` at every step, which computes `rollout_metrics` an
   NaN; consumers use `.get`.
 """
 
-import dataclasses
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -25,7 +24,6 @@ from cli import InputError
 from data import read_json, read_text_lines
 from grams import batch_gram_counts, find_gram_spans, semantic_entropy
 from hicra import high_entropy_mask
-from world.tasks import STRATEGIES, classify_error, detect_strategy
 
 CONTINUATION_WORDS = 3  # length k of the procedural n-gram that follows a strategic gram
 
@@ -121,7 +119,8 @@ def zero_variance_fraction(correct: torch.Tensor, group_size: int) -> float:
 
 def error_type_metrics(error_types: Sequence[str | None]) -> dict[str, float]:
     """Error types over training (Sec. 4, Fig. 5): counts of "strategy" and "execution" failures and
-    their rate over the batch (count / batch size). error_types: tasks.classify_error per completion."""
+    their rate over the batch (count / batch size). error_types: "strategy", "execution" or None (correct)
+    per completion, e.g. the built-in world's classifier."""
     counts = Counter(error_types)
     n = len(error_types)
     return {
@@ -133,11 +132,10 @@ def error_type_metrics(error_types: Sequence[str | None]) -> dict[str, float]:
 
 
 def rollout_metrics(batch, planning_mask: torch.Tensor, correct: torch.Tensor, grams: Sequence[str],
-                    error_types: Sequence[str | None] | None = None, top_entropy_q: float = 0.3) -> dict[str, float]:
+                    top_entropy_q: float = 0.3) -> dict[str, float]:
     """All per-step metrics of one rollout.RolloutBatch (Sec. 4). Keys over an empty set are omitted.
 
-    planning_mask: bool [B, C] (grams.batch_planning_mask); correct: bool [B]; error_types: one
-    tasks.classify_error result per completion (built-in world only).
+    planning_mask: bool [B, C] (grams.batch_planning_mask); correct: bool [B].
     """
     completion = batch.completion_mask.bool()  # [B, C]
     planning = planning_mask.bool() & completion  # [B, C]
@@ -162,24 +160,22 @@ def rollout_metrics(batch, planning_mask: torch.Tensor, correct: torch.Tensor, g
         "truncation_rate": float(batch.truncated.float().mean()),
     }
     values.update(planning_entropy_overlap(planning, high_entropy_mask(batch.entropy, completion, top_entropy_q)))
-    if error_types is not None:
-        values.update(error_type_metrics(error_types))
     return {key: value for key, value in values.items() if value is not None}
 
 
-def step_metrics(batch, problems: list, grams: Sequence[str], world: bool, relative: "RelativeToFirst",
-                 per_sequence_loss: bool = False) -> dict[str, float]:
+def step_metrics(batch, problems: list, grams: Sequence[str], relative: "RelativeToFirst",
+                 per_sequence_loss: bool = False, source_figures=None) -> dict[str, float]:
     """The figures of one training step's rollouts (train.StepBatch): reward, rollout_metrics relative to
-    step 0, on the built-in world (`world`) its error types and strategy metrics, the planning tokens' share
-    of the policy-gradient signal, and the share of completion tokens (and of the signal) whose advantage
-    --algo amplified. problems: one per completion; per_sequence_loss: --loss-agg seq-mean-token-mean."""
+    step 0, the figures of the data's own source (data.ProblemSource.batch_figures: the built-in world's
+    error types and strategy metrics), the planning tokens' share of the policy-gradient signal, and the
+    share of completion tokens (and of the signal) whose advantage --algo amplified.
+    problems: one per completion; per_sequence_loss: --loss-agg seq-mean-token-mean."""
     correct = batch.rewards >= 1.0  # [B]
     texts = batch.rollout.texts
     record = {"reward": batch.rewards.mean().item(), "reward_errors": batch.reward_errors}
-    error_types = [classify_error(p, text) for p, text in zip(problems, texts)] if world else None
-    record.update(relative(rollout_metrics(batch.rollout, batch.planning_mask, correct, grams, error_types=error_types)))
-    if world:
-        record.update(world_strategy_metrics(problems, texts, correct.tolist()))
+    record.update(relative(rollout_metrics(batch.rollout, batch.planning_mask, correct, grams)))
+    if source_figures is not None:
+        record.update(source_figures(problems, texts, correct.tolist()))
     rollout = batch.rollout
     selections = {"planning_signal_share": batch.planning_mask}
     if batch.amplified_mask is not None:
@@ -192,22 +188,6 @@ def step_metrics(batch, problems: list, grams: Sequence[str], world: bool, relat
         if share is not None:
             record[key] = share
     return record
-
-
-NEVER_AN_ANSWER = "not a number"  # a boxed integer never equals it, so classify_error always sees a failure
-
-
-def world_strategy_metrics(problems: list, texts: list[str], correct: list[bool]) -> dict[str, float]:
-    """Share and execution accuracy of each strategy of the built-in world (strategy_metrics).
-
-    A completion's plan is sound iff the world's classifier would call its failure an execution error
-    (tasks.classify_error asked with an answer no completion gives), so the set of sound strategies stays
-    the world's own.
-    """
-    strategies = [detect_strategy(problem, text) for problem, text in zip(problems, texts)]
-    sound = [classify_error(dataclasses.replace(problem, answer=NEVER_AN_ANSWER), text) == "execution"
-             for problem, text in zip(problems, texts)]
-    return strategy_metrics(strategies, sound, correct, STRATEGIES)
 
 
 def is_eval_record(record: dict) -> bool:
@@ -257,32 +237,6 @@ class RelativeToFirst:
         return out
 
 
-# --- Strategies of the built-in world (Sec. 4's two phases, made measurable) ---
-
-def strategy_metrics(strategies: Sequence[str | None], sound: Sequence[bool], correct: Sequence[bool],
-                     known: Sequence[str]) -> dict[str, float]:
-    """Share and execution accuracy of each strategy in one batch (built-in world; tasks.detect_strategy).
-
-    strategies: the strategy of each completion (None: missing or foreign plan); sound: whether that
-    strategy is a sound one (its failures are execution errors, tasks.classify_error); correct: reward 1.
-    Keys: `share_<s>` for every s in `known` and `share_none`; `exec_acc_<s>` = correct / count among the
-    completions following s (omitted when none does); `share_sound` and `exec_acc_sound` over all sound
-    completions: the planning side (how often a sound plan is chosen) and the execution side (how often a
-    sound plan is carried out without an arithmetic slip) of the same batch.
-    """
-    n = len(strategies)
-    out: dict[str, float] = {}
-    for name, chosen in [*((s, [x == s for x in strategies]) for s in known),
-                         ("none", [x is None for x in strategies]), ("sound", list(sound))]:
-        count = sum(chosen)
-        out[f"share_{name}"] = count / n
-        if count and name != "none":
-            out[f"exec_acc_{name}"] = sum(c for c, k in zip(correct, chosen) if k) / count
-    return out
-
-
-# --- Statistics over runs (sweep.py) ---
-
 def standard_error(values: Sequence[float]) -> float:
     """Standard error of the mean of `values`: sample standard deviation / sqrt(n); 0 for fewer than 2 values."""
     n = len(values)
@@ -290,76 +244,3 @@ def standard_error(values: Sequence[float]) -> float:
         return 0.0
     mean = sum(values) / n
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def mean_confidence_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t interval mean +- t_{(1+level)/2, n-1} * s / sqrt(n) of independent runs.
-
-    A t interval, not a bootstrap: with 3-5 seeds a bootstrap's percentile interval is too narrow.
-    One value gives (x, nan, nan); no value gives three nans.
-    """
-    from scipy.stats import t as student_t
-
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    mean = sum(values) / n
-    if n == 1:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = student_t.ppf((1 + level) / 2, n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-# --- Phases (Sec. 4): when does each metric make most of its move? ---
-
-PHASE_FRACTION = 0.8  # a metric has "moved" once it made 80% of its total change
-PHASE_WINDOW = 15  # centred moving-average window (steps) applied before locating that point
-EXECUTION_PHASE_KEYS = ("exec_acc_sound", "ppl_execution_rel", "entropy_execution")
-PLANNING_PHASE_KEYS = ("share_sound", "semantic_entropy")
-
-
-def moving_average(values: Sequence[float], window: int) -> list[float]:
-    """Centred moving average (the window shrinks at both ends so every point keeps its place)."""
-    half = window // 2
-    return [sum(values[max(0, i - half): i + half + 1]) / len(values[max(0, i - half): i + half + 1])
-            for i in range(len(values))]
-
-
-def step_of_fraction(steps: Sequence[float], values: Sequence[float], fraction: float = PHASE_FRACTION,
-                     window: int = 1) -> float | None:
-    """First step at which a curve has made `fraction` of its total change (Sec. 4's phases, measured).
-
-    The curve is smoothed (centred moving average of `window` points); its total change is
-    smoothed[-1] - smoothed[0]; the answer is the first step whose progress
-    (smoothed[t] - smoothed[0]) / total reaches `fraction`. None for fewer than two points or no change.
-    """
-    if len(values) < 2:
-        return None
-    smoothed = moving_average(list(values), window)
-    total = smoothed[-1] - smoothed[0]
-    if total == 0:
-        return None
-    return next(s for s, v in zip(steps, smoothed) if (v - smoothed[0]) / total >= fraction)
-
-
-def phase_summary(rows: Sequence[dict], window: int = PHASE_WINDOW, fraction: float = PHASE_FRACTION) -> dict[str, float]:
-    """Step at which each execution and planning metric reaches `fraction` of its total change.
-
-    rows: the training records of one run (metrics.jsonl without evaluation lines). Keys `t80/<metric>`
-    (named for the default fraction) for each of EXECUTION_PHASE_KEYS and PLANNING_PHASE_KEYS the run
-    logged, plus `t80/execution` and `t80/planning`, the mean over each group. The paper's account
-    (procedural consolidation, then strategic exploration) predicts t80/execution < t80/planning.
-    """
-    out: dict[str, float] = {}
-    for group, keys in (("execution", EXECUTION_PHASE_KEYS), ("planning", PLANNING_PHASE_KEYS)):
-        found = []
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            step = step_of_fraction(*zip(*points), fraction=fraction, window=window) if points else None
-            if step is not None:
-                out[f"t80/{key}"] = float(step)
-                found.append(step)
-        if found:
-            out[f"t80/{group}"] = sum(found) / len(found)
-    return out

@@ -7,16 +7,12 @@
   (`dequantized_folder`), so the model can also be trained and saved.
 - `load_policy`: what train.py trains: the policy (LoRA-wrapped with peft when --lora-rank > 0, from the
   run's checkpoint when resuming), its tokenizer, and the frozen reference model when --beta > 0.
-- `choose_micro_batch_tokens`: the default cap on the tokens of one training forward, from the model's size and
-  the machine's memory.
 - device "auto" = cuda when available; dtype "auto" = bfloat16 on a GPU that supports it, float32 otherwise
   (`resolve_device_and_dtype`, checked before anything loads).
 """
 
 import copy
 import json
-import os
-import time
 from pathlib import Path
 
 import torch
@@ -151,50 +147,11 @@ def check_model_flags(args) -> None:
     resolve_device_and_dtype(args.device, args.dtype)
 
 
-BUSY_SAMPLE_S = 0.2  # how long choose_threads watches the machine
-
-
-def cpus_busy_elsewhere(seconds: float = BUSY_SAMPLE_S) -> float | None:
-    """How many CPUs other programs keep busy right now: (1 - idle share) x CPUs over `seconds`, read from
-    /proc/stat while this process sleeps; None where there is no /proc/stat (not Linux)."""
-    def times() -> list[int]:
-        with open("/proc/stat") as stat:
-            return [int(field) for field in stat.readline().split()[1:]]  # the "cpu" line: all CPUs together
-
-    try:
-        before = times()
-        time.sleep(seconds)
-        after = times()
-    except OSError:
-        return None
-    spent = [b - a for a, b in zip(before, after)]
-    idle = spent[3] + (spent[4] if len(spent) > 4 else 0)  # idle + iowait
-    return (os.cpu_count() or 1) * (1 - idle / max(sum(spent), 1))
-
-
-def choose_threads(requested: int) -> tuple[int, str]:
-    """The CPU threads for torch and why: `requested` when set (--threads N); else torch's own choice (one per
-    core) minus the CPUs other programs keep busy, at least 1. On a busy machine more threads than free cores
-    is a collapse, not a speed-up: with two busy loops on two cores, 2 threads took 1.7x as long per step as 1
-    (benchmarks/bench_threads.py). One step's results differ in the last digits between thread counts, and
-    training amplifies that over tens of steps, so train.py records the count it chose in config.json (and
-    RUN_DIR/environment.jsonl) and a resumed run keeps it."""
-    if requested:
-        return requested, "--threads"
-    cores = torch.get_num_threads()
-    busy = cpus_busy_elsewhere()
-    if busy is None:
-        return cores, f"torch's choice for {cores} cores"
-    threads = max(1, min(cores, round(cores - busy)))
-    return threads, f"{cores} cores, {busy:.1f} busy with other programs; --threads N to choose"
-
-
 def load_policy(config, checkpoint: Path | None):
     """(policy, tokenizer, reference): the model train.py trains, optionally LoRA-wrapped (from the checkpoint
     when resuming), on --device, and the frozen reference model when --beta > 0. Trained weights are float32
     whatever --dtype (precision.py: mixed precision keeps float32 weights); weights that are never updated (the
-    reference, LoRA's base) are loaded in the compute dtype, --dtype resolved. An unset `config.micro_batch_tokens` is chosen here for
-    this model (choose_micro_batch_tokens) and the choice printed."""
+    reference, LoRA's base) are loaded in the compute dtype, --dtype resolved."""
     frozen_dtype = {v: k for k, v in DTYPES.items()}[resolve_device_and_dtype(config.device, config.dtype)[1]]
     if checkpoint is not None and config.lora_rank == 0:
         model, tokenizer = load_model(str(checkpoint), "float32", config.device)
@@ -215,56 +172,4 @@ def load_policy(config, checkpoint: Path | None):
             model = get_peft_model(model, lora)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    if config.micro_batch_tokens is None:  # kept in config.json, so a resumed run keeps the cap it started with
-        config.micro_batch_tokens, why = choose_micro_batch_tokens(model, config.micro_batch_size, config.max_new_tokens)
-        print(f"micro-batch token cap: {config.micro_batch_tokens or 'none'} ({why})", flush=True)
     return model, tokenizer, reference
-
-
-MIN_ACTIVATION_BUDGET = 256 * 2**20  # bytes: below this, capping a forward saves nothing worth its time
-
-
-def activation_bytes_per_token(model) -> int:
-    """Estimated bytes a training forward keeps for the backward per token: per layer about 8 hidden-wide vectors
-    (norm inputs, q, k, v, attention output, residuals) and 4 MLP-wide ones (gate, up, activation, their product),
-    in the weights' dtype. For SmolLM2-135M in float32 that is 30 x (8 x 576 + 4 x 1536) x 4 B = 1.29 MB, against
-    0.9-1.9 MiB per token of the cap measured (docs/speed.md, "Where the memory goes")."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = config.hidden_size
-    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
-    parameter = next(model.parameters())
-    return config.num_hidden_layers * (8 * hidden + 4 * mlp) * parameter.element_size()
-
-
-def available_memory_bytes() -> int | None:
-    """Memory the machine can still give (MemAvailable in /proc/meminfo); None where that cannot be read."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def choose_micro_batch_tokens(model, micro_batch_size: int, max_new_tokens: int) -> tuple[int, str]:
-    """The --micro-batch-tokens of a run that did not give one (0 = no cap), and why: no cap when a full
-    micro-batch's activations (rows x --max-new-tokens, estimated by activation_bytes_per_token) fit the budget,
-    and otherwise the tokens that fill it. The budget is the weights' bytes (at least MIN_ACTIVATION_BUDGET), and
-    at most a quarter of the memory still available: the activations then stay no larger than the model, next to
-    the weights, gradients and AdamW moments (4x the weights) that no cap can shrink. The gradient is the same
-    either way; only the summation order, and so the last digits, differ."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    budget = max(weights, MIN_ACTIVATION_BUDGET)
-    available = available_memory_bytes()
-    if available is not None:
-        budget = min(budget, available // 4)
-    per_token = activation_bytes_per_token(model)
-    full = micro_batch_size * max_new_tokens * per_token
-    if full <= budget:
-        return 0, (f"a full micro-batch's activations, about {full / 2**20:,.0f} MiB, fit the {budget / 2**20:,.0f} MiB "
-                   "budget; --micro-batch-tokens N to choose")
-    cap = max(1, budget // per_token)
-    return cap, (f"{per_token / 2**20:.2f} MiB of activations per token x {cap} = the {budget / 2**20:,.0f} MiB budget "
-                 "(the weights' size, at most a quarter of the free memory); --micro-batch-tokens N to choose")

@@ -29,7 +29,6 @@ import transformers
 from tqdm import tqdm
 
 import grams as grams_lib
-from checkpoint import fault_point
 from cli import InputError, use_colour, visible
 from metrics import is_eval_record, metrics_records, standard_error
 from run_folder import append_line, write_atomically
@@ -46,14 +45,10 @@ class RunLog:
         self.trackers = open_trackers(report_to, run_dir, settings, purge_from)
 
     def log(self, record: dict) -> None:
-        """One line to metrics.jsonl, then to the trackers. Test hooks (checkpoint.fault_point) around the write:
-        "step:logging"/"eval:logging" before it, "step:logged"/"eval:logged" after it, at the record's step."""
-        kind = "eval" if is_eval_record(record) else "step"
-        fault_point(f"{kind}:logging", record["step"])
+        """One line to metrics.jsonl, then to the trackers."""
         append_line(self.run_dir / METRICS, json.dumps(record))
         for tracker in self.trackers:
             tracker.log(record)
-        fault_point(f"{kind}:logged", record["step"])
         if record.get("truncation_rate") == 1.0 and not self.truncation_noted:  # scored as written, but worth a word
             tqdm.write(f"note: every completion of step {record['step']} hit --max-new-tokens {self.max_new_tokens} "
                        "before an end-of-sequence token; answers may be cut off")

@@ -33,9 +33,10 @@ first update pass's), so with one PPO epoch the ratio is 1 and the clip never ac
 Weights and AdamW state are float32; --dtype bfloat16 / float16 (the default on a GPU: bf16) is mixed precision,
 forward and backward under autocast (precision.py).
 
-Plumbing lives in named files: settings and flags in config.py, model loading in model_loading.py,
-checkpoints and kill-safe resume in checkpoint.py, the run folder's ownership in run_folder.py,
-metrics.jsonl, samples and trackers in runlog.py, exit codes in cli.py. Bad input exits with one line
+Plumbing lives in named files: settings and flags in config.py, the run's set-up (new or resumed) in
+training_run.py, the checks that stop a run in guards.py, model loading in model_loading.py, threads and
+memory caps in machine.py, checkpoints and kill-safe resume in checkpoint.py, the run folder's ownership in
+run_folder.py, metrics.jsonl, samples and trackers in runlog.py, exit codes in cli.py. Bad input exits with one line
 `error: ...` on stderr and exit code 2, before anything is written (docs/failures.md lists every case).
 """
 
@@ -53,34 +54,26 @@ import time  # noqa: E402
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
 
-import checkpoint
 import grams as grams_lib
-import run_folder
 from cli import InputError, TrainingError, escape_unprintable_output, report, run_to_exit_code
-from config import TrainConfig, record_changed_settings, saved_settings, write_config
+from config import TrainConfig
 from config import parse_config as parse_args
-from data import Problem, load_problems
-from eval import evaluate, prompt_format_from_args
-from grading import describe_failure, score_completions
+from data import Problem
+from eval import evaluate
+from grading import score_completions
 from grpo import aggregate_loss, clip_fractions, clipped_policy_loss, group_advantages, kl_k3
+from guards import check_weights_finite, nonfinite_causes
 from hicra import amplified_mask, hicra_advantages
 from metrics import step_metrics
-from model_loading import choose_threads, load_policy
 from precision import FLOAT32, MixedPrecision
-from reward import load_reward
-from run_folder import write_atomically
-from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, check_prompts_fit, completion_logprobs,
-                     format_prompt, generate_rollouts, micro_batches)
-from runlog import (PROGRESS_LEGEND, RunLog, check_installed, format_eval, print_summary, progress_figures,
-                    record_environment, show_samples)
-
-
-FAILED_REWARD_STEPS = 3  # steps in a row on which every grading failed: the reward is broken, not the model
+from rollout import (PromptFormat, RolloutBatch, activation_checkpointing, completion_logprobs, format_prompt,
+                     generate_rollouts, micro_batches)
+from runlog import PROGRESS_LEGEND, format_eval, print_summary, progress_figures, show_samples
+from training_run import TrainingRun, start_run
 
 
 @dataclass
@@ -95,12 +88,6 @@ class StepBatch:
     amplified_mask: torch.Tensor | None  # [B, C] bool, tokens whose advantage --algo amplifies; None: no amplification
     entropy_coef: float  # weight of the entropy bonus in the loss (--algo entropy_reg), else 0
     ref_logp: torch.Tensor | None  # [B, C], only when beta > 0
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def prompts_for_step(num_problems: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -159,24 +146,24 @@ def rollout_step(config: TrainConfig, model, ref_model, tokenizer, problems: lis
     return StepBatch(rollout, rewards, reward_errors, token_advantages, planning_mask, amplified, entropy_coef, ref_logp)
 
 
-def micro_batch_loss(config: TrainConfig, model, batch: StepBatch, rows: torch.Tensor, first_pass: bool,
+def micro_batch_loss(config: TrainConfig, model, batch: StepBatch, rows: torch.Tensor, refresh_old_logp: bool = False,
                      precision: MixedPrecision = FLOAT32) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of the micro-batch `rows` [b] (its share of the whole batch's loss, so the shares' gradients add
-    up to the full-batch gradient) and its statistics, each already divided by --ppo-epochs.
+    """The loss of the micro-batch `rows` [b]: its share of the whole batch's loss, so the shares' gradients add
+    up to the full-batch gradient, and its statistics (summed over micro-batches they are the batch's).
 
     Per token: the clipped surrogate (grpo.clipped_policy_loss) + beta * KL - entropy_coef * entropy,
-    normalised by --loss-agg over the whole batch. Under mixed precision the forward runs under autocast and
-    the first pass's log-probs become pi_old (written into the rollout: the weights have not moved yet, and the
-    sampler's cached decode rounds differently).
+    normalised by --loss-agg over the whole batch. `refresh_old_logp` (mixed precision, first pass): these
+    log-probs become pi_old, written into the rollout (the weights have not moved yet, and the sampler's
+    cached decode rounds differently).
     """
-    rollout, epochs = batch.rollout, config.ppo_epochs
+    rollout = batch.rollout
     batch_tokens = rollout.completion_mask.sum().clamp(min=1)
     mask = rollout.completion_mask[rows]  # [b, C]
     with precision.autocast():
         logp, entropy = completion_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
                                             rollout.completion_ids[rows], mask, config.temperature,
                                             config.logprob_chunk)  # [b, C], [b, C] float32
-    if precision.mixed and first_pass:
+    if refresh_old_logp:
         rollout.old_logp[rows] = logp.detach()
     old_logp, advantages = rollout.old_logp[rows], batch.token_advantages[rows]  # [b, C], [b, C]
     per_token = clipped_policy_loss(logp, old_logp, advantages, config.eps_low, config.eps_high)  # [b, C]
@@ -184,48 +171,51 @@ def micro_batch_loss(config: TrainConfig, model, batch: StepBatch, rows: torch.T
     if batch.ref_logp is not None:
         kl = kl_k3(logp, batch.ref_logp[rows])  # [b, C]
         per_token = per_token + config.beta * kl
-        stats["kl"] = ((kl * mask).sum() / batch_tokens).item() / epochs
+        stats["kl"] = ((kl * mask).sum() / batch_tokens).item()
     if batch.entropy_coef:
         per_token = per_token - batch.entropy_coef * entropy  # [b, C]
     loss = aggregate_loss(per_token, mask, config.loss_agg, batch_tokens, len(rollout.texts), config.max_new_tokens)
     clipped = clip_fractions(logp, old_logp, advantages, mask, config.eps_low, config.eps_high)
-    share = mask.sum() / batch_tokens / epochs  # of the batch's loss-carrying tokens, per epoch
-    stats.update(loss=loss.item() / epochs, clip_low=(clipped.low * share).item(), clip_high=(clipped.high * share).item())
+    share = mask.sum() / batch_tokens  # of the batch's loss-carrying tokens
+    stats.update(loss=loss.item(), clip_low=(clipped.low * share).item(), clip_high=(clipped.high * share).item())
     return loss, stats
 
 
 def policy_update(config: TrainConfig, model, optimizer, batch: StepBatch,
                   precision: MixedPrecision = FLOAT32) -> dict[str, float]:
-    """Step 5: --ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches.
+    """Step 5: --ppo-epochs optimizer steps over the batch, gradients accumulated over micro-batches; returns
+    the statistics averaged over the epochs, and "nonfinite_updates", the optimizer steps skipped.
 
-    An optimizer step whose loss or gradient norm is not finite is skipped (gradients dropped) and counted in
-    "nonfinite_updates": one NaN would otherwise spread to every weight. float16's loss is scaled for the
-    backward and its gradients unscaled before the clip (precision.py).
+    An optimizer step whose loss or gradient norm is not finite is skipped (gradients dropped): one NaN would
+    otherwise spread to every weight. float16's loss is scaled for the backward and its gradients unscaled
+    before the clip (precision.py).
     """
-    rollout = batch.rollout
-    totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0, "nonfinite_updates": 0}
-    row_groups = micro_batches(rollout.lengths, rollout.group_size, rollout.prompt_ids.shape[1], config.micro_batch_size,
-                               config.micro_batch_tokens or 0, shared_prompts=not activation_checkpointing(model))
+    rollout, epochs = batch.rollout, config.ppo_epochs
+    row_groups = micro_batches(rollout.lengths, rollout.group_size, rollout.prompt_ids.shape[1],
+                               config.micro_batch_size, config.micro_batch_tokens or 0,
+                               shared_prompts=not activation_checkpointing(model))
+    totals = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    skipped = 0
     model.train()
-    for epoch in range(config.ppo_epochs):
-        finite_loss = True
+    for epoch in range(epochs):
+        epoch_loss = 0.0
         for rows in row_groups:  # [b] row indices
-            loss, stats = micro_batch_loss(config, model, batch, rows, epoch == 0, precision)
+            loss, stats = micro_batch_loss(config, model, batch, rows, precision.mixed and epoch == 0, precision)
             precision.scaler.scale(loss).backward()
-            finite_loss = finite_loss and math.isfinite(stats["loss"])
+            epoch_loss += stats["loss"]
             for key, value in stats.items():
-                totals[key] += value
+                totals[key] += value / epochs
         precision.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   config.grad_clip if config.grad_clip > 0 else float("inf"))
-        totals["grad_norm"] += grad_norm.item() / config.ppo_epochs
-        if finite_loss and math.isfinite(grad_norm.item()):
+                                                   config.grad_clip if config.grad_clip > 0 else float("inf")).item()
+        totals["grad_norm"] += grad_norm / epochs
+        if math.isfinite(epoch_loss) and math.isfinite(grad_norm):
             optimizer_step(config, optimizer, batch, precision.scaler)
         else:
-            totals["nonfinite_updates"] += 1
+            skipped += 1
         precision.scaler.update()  # float16: a lower loss scale after an overflow (a no-op otherwise)
         optimizer.zero_grad(set_to_none=True)
-    return totals
+    return {**totals, "nonfinite_updates": skipped}
 
 
 def set_learning_rate(optimizer, config: TrainConfig, step: int) -> float:
@@ -249,151 +239,65 @@ def optimizer_step(config: TrainConfig, optimizer, batch: StepBatch, scaler: tor
                             f"likely cause: {nonfinite_causes(config, batch.rewards)}") from None
 
 
-def nonfinite_causes(config: TrainConfig, rewards: torch.Tensor) -> str:
-    """The likely causes of non-finite training, most specific first. rewards: [B]."""
-    causes = []
-    if not torch.isfinite(rewards).all():
-        causes.append("the reward function returned NaN or inf")
-    if config.dtype == "float16":
-        causes.append("--dtype float16 overflowing (try --dtype bfloat16, which has float32's range)")
-    causes.append(f"a learning rate too high (--lr {config.lr:g})")
-    return "; ".join(causes)
-
-
-def count_failed_rewards(config: TrainConfig, streak: int, step: int, batch: StepBatch, reward_fn,
-                         problems: list[Problem]) -> int:
-    """The count of steps in a row on which every grading failed (raised, timed out, returned no number);
-    FAILED_REWARD_STEPS of them stop the run, naming the reward and what it did on the first completion."""
-    streak = streak + 1 if batch.reward_errors == len(batch.rewards) else 0
-    if streak >= FAILED_REWARD_STEPS:
-        what = describe_failure(reward_fn, batch.rollout.texts[0], problems[0].answer, config.reward_timeout)
-        raise TrainingError(f"--reward {config.reward}: every grading failed on {streak} steps in a row (to step "
-                            f"{step}); on the first completion it {what}")
-    return streak
-
-
-def check_weights_finite(config: TrainConfig, model, step: int, rewards: torch.Tensor) -> None:
-    """A run never saves non-finite weights: an update that leaves one inf or NaN stops it (TrainingError)."""
-    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-        raise TrainingError(f"step {step}: the update made weights inf or NaN; they were not saved; likely cause: "
-                            f"{nonfinite_causes(config, rewards)}")
-
-
-def count_nonfinite(config: TrainConfig, streak: int, update: dict, step: int, rewards: torch.Tensor) -> int:
-    """The count of skipped (non-finite) steps in a row after this one; --max-nonfinite-steps of them stop the run."""
-    streak = streak + 1 if update["nonfinite_updates"] else 0
-    if streak >= config.max_nonfinite_steps:
-        raise TrainingError(f"{streak} steps in a row (to step {step}) had a non-finite loss or gradient norm and "
-                            f"were skipped; likely cause: {nonfinite_causes(config, rewards)}")
-    return streak
-
-
-def held_out_evaluation(config: TrainConfig, model, tokenizer, problems: list[Problem], grams: list[str], run_dir: Path,
-                        step: int, reward_fn, prompt_format, precision: MixedPrecision) -> dict:
+def held_out_evaluation(run: TrainingRun, step: int) -> dict:
     """Step 6: held-out pass@k after `step` updates (eval.evaluate); returns its record ("step", "eval/..." keys)."""
-    tqdm.write(f"evaluation after {step} steps: {len(problems)} held-out problems x {config.eval_samples} "
-               f"sample(s) at temperature {config.eval_temperature:g}; a few of them, planning tokens highlighted:")
-    with precision.autocast():
-        summary, records = evaluate(model, tokenizer, problems, samples=config.eval_samples,
+    config, inputs = run.config, run.inputs
+    tqdm.write(f"evaluation after {step} steps: {len(inputs.eval_problems)} held-out problems x "
+               f"{config.eval_samples} sample(s) at temperature {config.eval_temperature:g}; a few of them, "
+               "planning tokens highlighted:")
+    with run.precision.autocast():
+        summary, records = evaluate(run.model, run.tokenizer, inputs.eval_problems, samples=config.eval_samples,
                                     temperature=config.eval_temperature, max_new_tokens=config.max_new_tokens,
-                                    batch_size=config.prompts_per_step * config.group_size, reward_fn=reward_fn,
-                                    progress=False, prompt_format=prompt_format)
-    show_samples(run_dir, step, records, grams)
-    model.train()
+                                    batch_size=config.prompts_per_step * config.group_size,
+                                    reward_fn=inputs.reward_fn, progress=False, prompt_format=inputs.prompt_format)
+    show_samples(run.dir, step, records, inputs.grams)
+    run.model.train()
     record = {"step": step, **{f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}}
     tqdm.write(f"held-out after {step} steps: {format_eval(record)}")
     return record
 
 
-def train(config: TrainConfig) -> Path:
-    """Set up, then run the paper's step --steps times; returns the run directory."""
-    run_dir, resuming = Path(config.out), bool(config.resume)
-    run_folder.check_out(run_dir, resuming)
-    config.threads, why = choose_threads(config.threads)  # recorded in config.json: a resume keeps the count
-    torch.set_num_threads(config.threads)
-    tqdm.write(f"threads: {config.threads} ({why})")
-    precision = MixedPrecision(config.device, config.dtype)
-    tqdm.write(f"precision: {precision.describe()}")
-    seed_everything(config.seed)
-    # Inputs first (data, grams, and the model of a new run): one that does not load changes nothing on disk.
-    train_problems = load_problems(config.data, flag="--data")
-    if len(train_problems) < config.prompts_per_step:
-        tqdm.write(f"note: --data has {len(train_problems)} problems, fewer than --prompts-per-step "
-                   f"{config.prompts_per_step}: each step holds some of them more than once")
-    eval_problems = load_problems(config.eval_data, limit=config.eval_limit, flag="--eval-data") if config.eval_every \
-        else []
-    grams = grams_lib.load_grams(config.grams)
-    placebo = None
-    if config.algo == "placebo":
-        placebo = grams_lib.placebo_grams_for(config.data, train_problems, grams, config.seed)
-    reward_fn, prompt_format = load_reward(config.reward), prompt_format_from_args(config)
-    check_installed(config.report_to)
-    if not resuming:
-        model, tokenizer, ref_model = load_policy(config, checkpoint=None)
-        check_prompts_fit(model, tokenizer, [p.problem for p in train_problems + eval_problems], prompt_format,
-                          config.max_new_tokens)
-    with run_folder.claim(run_dir, resuming):  # one writer; a failed start leaves no folder behind
-        if not resuming:
-            write_config(run_dir, config)
-        if placebo is not None:
-            write_atomically(run_dir / "placebo_grams.txt", "".join(f"{g}\n" for g in placebo))
-        latest = checkpoint.settle_checkpoints(run_dir) if resuming else None
-        if resuming:
-            if latest is None:
-                print(f"--resume: {run_dir} has no complete checkpoint yet; starting it again from step 0", file=sys.stderr)
-            model, tokenizer, ref_model = load_policy(config, latest)
-            check_prompts_fit(model, tokenizer, [p.problem for p in train_problems + eval_problems], prompt_format,
-                              config.max_new_tokens)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                      weight_decay=config.weight_decay)
-        start_step, relative, nonfinite_streak = checkpoint.resume(run_dir, latest, optimizer, precision.scaler)
-        if resuming:
-            record_changed_settings(run_dir, config, start_step)
-        log = RunLog(run_dir, config.report_to, saved_settings(config), purge_from=start_step + (latest is not None),
-                     max_new_tokens=config.max_new_tokens)
-        record_environment(run_dir, start_step, precision.device)
-        if start_step >= config.steps:
-            tqdm.write(f"{run_dir} has already trained {start_step} steps (--steps {config.steps}): nothing to do; "
-                       "raise --steps to continue")
-        world, failed_rewards = config.data.startswith("world"), 0
+def every(interval: int, step: int, last: bool) -> bool:
+    """Whether an action done every `interval` steps (0: at the last step only) is due after `step`."""
+    return last or bool(interval and (step + 1) % interval == 0)
 
+
+def train(config: TrainConfig) -> Path:
+    """Set up the run (training_run.start_run: new, or resumed), then run the paper's step until --steps."""
+    with start_run(config) as run:
+        inputs = run.inputs
+        if config.eval_every and run.start_step == 0 and config.steps > 0:
+            run.log.log(held_out_evaluation(run, 0))
         tqdm.write(PROGRESS_LEGEND)
-        bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc=config.algo,
-                   dynamic_ncols=True)
+        bar = tqdm(range(run.start_step, config.steps), initial=run.start_step, total=config.steps,
+                   desc=config.algo, dynamic_ncols=True)
         for step in bar:
-            if config.eval_every and step == 0:
-                log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, 0, reward_fn,
-                                            prompt_format, precision))
             started = time.time()
             # Steps 1-4: G completions per problem, their rewards, group advantages, per-token shaping by --algo.
-            indices = prompts_for_step(len(train_problems), step, config.prompts_per_step, config.seed)
-            problems = [train_problems[i] for i in indices]
-            batch = rollout_step(config, model, ref_model, tokenizer, problems, grams, reward_fn, prompt_format, placebo,
-                                 precision)
+            indices = prompts_for_step(len(inputs.train_problems), step, config.prompts_per_step, config.seed)
+            problems = [inputs.train_problems[i] for i in indices]
+            batch = rollout_step(config, run.model, run.ref_model, run.tokenizer, problems, inputs.grams,
+                                 inputs.reward_fn, inputs.prompt_format, inputs.placebo, run.precision)
             rollout_seconds = time.time() - started
             # Step 5: the clipped surrogate, one optimizer step per PPO epoch.
-            lr = set_learning_rate(optimizer, config, step)
-            update = policy_update(config, model, optimizer, batch, precision)
-            check_weights_finite(config, model, step, batch.rewards)
+            lr = set_learning_rate(run.optimizer, config, step)
+            update = policy_update(config, run.model, run.optimizer, batch, run.precision)
+            check_weights_finite(config, run.model, step, batch.rewards)
             # Step 6: log, evaluate, save.
             group_problems = [p for p in problems for _ in range(config.group_size)]
-            record = {"step": step, **step_metrics(batch, group_problems, grams, world, relative,
-                                                   config.loss_agg == "seq-mean-token-mean"), **update, "lr": lr,
-                      "rollout_seconds": rollout_seconds, "step_seconds": time.time() - started}
-            log.log(record)
-            nonfinite_streak = count_nonfinite(config, nonfinite_streak, update, step, batch.rewards)
-            failed_rewards = count_failed_rewards(config, failed_rewards, step, batch, reward_fn, group_problems)
-            last_step = step == config.steps - 1
-            if config.eval_every and (last_step or (step + 1) % config.eval_every == 0):
-                log.log(held_out_evaluation(config, model, tokenizer, eval_problems, grams, run_dir, step + 1, reward_fn,
-                                            prompt_format, precision))
+            record = {"step": step, **step_metrics(batch, group_problems, inputs.grams, run.relative,
+                                                   config.loss_agg == "seq-mean-token-mean", inputs.source_figures),
+                      **update, "lr": lr, "rollout_seconds": rollout_seconds, "step_seconds": time.time() - started}
+            run.log.log(record)
+            run.guards.after_update(step, batch, update, inputs.reward_fn, group_problems)
+            last = step == config.steps - 1
+            if config.eval_every and every(config.eval_every, step, last):
+                run.log.log(held_out_evaluation(run, step + 1))
             bar.set_postfix(progress_figures(record))
-            if last_step or (config.save_every and (step + 1) % config.save_every == 0):
-                checkpoint.save(run_dir, model, tokenizer, optimizer, precision.scaler, step, relative, nonfinite_streak,
-                                config.keep_checkpoints)
-        log.close()
-    print_summary(run_dir)
-    return run_dir
+            if every(config.save_every, step, last):
+                run.save(step)
+    print_summary(run.dir)
+    return run.dir
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from analysis.power import bonferroni_interval
 from analysis.sweep import Job, read_records, run_finished, run_outcome
 from cli import InputError, OneLineParser
 from cli import report as report_error
-from metrics import mean_confidence_interval
+from analysis.stats import mean_confidence_interval
 
 METRICS = ("final", "auc")
 

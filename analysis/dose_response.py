@@ -22,7 +22,8 @@ from pathlib import Path
 from analysis.plots import save
 from analysis.sweep import Job, read_records, run_finished, run_outcome
 from cli import OneLineParser
-from metrics import is_eval_record, mean_confidence_interval
+from analysis.stats import mean_confidence_interval
+from metrics import is_eval_record
 from run_folder import write_atomically
 
 LAST_STEPS = 10  # training steps averaged for the end-of-run dynamics metrics

@@ -14,7 +14,7 @@ and "eval/..." on evaluation steps) and config.json ("algo", "seed"). PNGs go in
                                strategy, and held-out accuracy;
 - fig_phases.png               the two phases, measured (built-in world): share and execution accuracy of
                                each strategy, and the progress of execution vs planning metrics toward
-                               their total change with the step where each reaches 80% (metrics.phase_summary).
+                               their total change with the step where each reaches 80% (stats.phase_summary).
 
 Curves are smoothed with a trailing moving average over the last SMOOTH_STEPS steps, the same window for every
 run in every figure (so two runs with the same first steps draw them the same), with the raw values drawn
@@ -37,8 +37,9 @@ from matplotlib.lines import Line2D
 
 from data import read_json
 from run_folder import write_atomically
-from metrics import (EXECUTION_PHASE_KEYS, PHASE_FRACTION, PHASE_WINDOW, PLANNING_PHASE_KEYS, mean_confidence_interval,
-                     metrics_records, moving_average, phase_summary)
+from analysis.stats import (EXECUTION_PHASE_KEYS, PHASE_FRACTION, PHASE_WINDOW, PLANNING_PHASE_KEYS,
+                            mean_confidence_interval, moving_average, phase_summary)
+from metrics import metrics_records
 
 matplotlib.use("Agg")  # files only, no display
 
@@ -242,7 +243,7 @@ def fig_strategy_shift(runs: list[Run], out: Path, band: str = "minmax", name: s
 
 
 def progress(values: np.ndarray) -> np.ndarray:
-    """A curve smoothed as metrics.phase_summary smooths it, rescaled to its total change: 0 at the first
+    """A curve smoothed as stats.phase_summary smooths it, rescaled to its total change: 0 at the first
     point, 1 at the last."""
     smoothed = np.asarray(moving_average(values.tolist(), PHASE_WINDOW))
     total = smoothed[-1] - smoothed[0]
@@ -254,7 +255,7 @@ def fig_phases(runs: list[Run], out: Path, name: str = "fig_phases.png") -> Path
 
     Left: share of each strategy; middle: execution accuracy under each strategy (correct / completions
     that follow it), both smoothed as every curve here; right: progress of each execution and planning metric toward its total change, with
-    the mean step at which each group reaches PHASE_FRACTION of it (metrics.phase_summary, per run).
+    the mean step at which each group reaches PHASE_FRACTION of it (stats.phase_summary, per run).
     """
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     logged = sorted({key for run in runs for row in run.rows for key in row})

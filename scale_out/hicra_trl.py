@@ -52,7 +52,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 import grams as grams_lib
 from cli import InputError
-from hicra import PAPER_ALPHA, amplified_mask, hicra_advantages
+from hicra import PAPER_ALPHA, amplified_mask, hicra_advantages, validate_alpha, validate_top_q
 
 ALGOS = ("grpo", "hicra", "high_entropy", "placebo", "random_spans", "hicra_verl")
 ENTROPY_ALGOS = ("high_entropy", "hicra_verl")  # need the sampling policy's per-token entropy
@@ -81,11 +81,12 @@ class HicraGRPOConfig(GRPOConfig):
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise InputError(f"--algo must be one of {ALGOS}, got {self.algo!r}")
-        if not 0.0 <= self.hicra_alpha <= 1.0:
-            raise InputError(f"--alpha must be in [0, 1], got {self.hicra_alpha}")
-        if not 0.0 < self.entropy_top_q <= 1.0:
-            raise InputError(f"--entropy-top-q must be in (0, 1], got {self.entropy_top_q}")
-        if self.algo == "placebo" and self.grams in grams_lib.PRESET_NAMES:
+        try:
+            validate_alpha(self.hicra_alpha)
+            validate_top_q(self.entropy_top_q)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        if self.algo == "placebo" and self.grams in grams_lib.preset_grams():
             raise InputError(f"--grams: algo placebo needs a file of non-strategic grams, not the preset {self.grams!r}")
         grams_lib.load_grams(self.grams)  # a missing or empty gram file fails here, before any model is loaded
         super().__post_init__()

@@ -29,7 +29,7 @@ import torch
 from transformers import AutoTokenizer
 
 from cli import AT_LEAST_ONE, FRACTION, InputError, OneLineParser, check_bounds, check_text, report
-from config import BOUNDS, TrainConfig, add_flags, default_grams, flag
+from config import BOUNDS, TrainConfig, add_flags, default_grams, default_model, flag
 from data import load_problems
 from model_loading import USE_HUB_KERNELS, dequantized_folder, resolve_device_and_dtype
 from precision import ACCELERATE_NAMES
@@ -106,6 +106,8 @@ def check_args(args: argparse.Namespace) -> None:
     processes; algo and the gram file are checked by HicraGRPOConfig."""
     check_bounds(args, TRL_BOUNDS)
     check_text(args)
+    if args.model is None:
+        args.model = default_model(args.data)
     batch, per_pass = args.prompts_per_step * args.group_size, args.micro_batch_size * processes()
     if batch % per_pass:
         raise InputError(f"--prompts-per-step x --group-size ({batch}) must be a multiple of "

@@ -1,10 +1,12 @@
 """Failure behaviour of train.py: kills at any instant, damaged or planted run folders, non-finite training.
 
-The kill test runs each training in a child process that SIGKILLs itself at a named point
-(checkpoint.fault_point, through the HICRA_FAULT environment variable), resumes in the next child, and compares
-the final records with an uninterrupted run's. The children are forks of this test process, which has
-imported torch and transformers already, so no child pays for the imports again. Forking is safe only from a process with one thread (a lock held by another thread would
-stay held in the child forever): tqdm's monitor thread is stopped first, and the test checks there is no other.
+The kill test runs each training in a child process that SIGKILLs itself at a named point, resumes in the
+next child, and compares the final records with an uninterrupted run's. The points are put in from outside
+the code under test (`inject_fault` wraps the functions around each write in the child), so production code
+carries no test hook. The children are forks of this test process, which has imported torch and transformers
+already, so no child pays for the imports again. Forking is safe only from a process with one thread (a lock
+held by another thread would stay held in the child forever): tqdm's monitor thread is stopped first, and
+the test checks there is no other.
 """
 
 import itertools
@@ -14,15 +16,17 @@ import os
 import pickle
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 from tqdm._monitor import TMonitor
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import checkpoint
+import runlog
 import train
 
 STEPS = 10
@@ -54,11 +58,68 @@ TIMING_KEYS = {"rollout_seconds", "step_seconds", "eval/wall_s", "eval/s_per_pro
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill test forks")
 
 
+def inject_fault(fault: str) -> None:
+    """Make this process kill itself (SIGKILL, or SIGTERM for "POINT:STEP:term") at the named point of a step.
+
+    Points, each wrapping the function that does the write, in the order a step reaches them:
+    step:logging / step:logged (eval:...), before / after the step's (evaluation's) metrics line;
+    save:start, save:model, save:tokenizer, save:state, save:marker, before and between the writes of a
+    checkpoint's files; save:between_renames, save:renamed, around the rename that makes it checkpoint/
+    (also when a resume finishes that rename); save:pruned, after older checkpoints are deleted.
+    """
+    term = fault.endswith(":term")
+    point, step = fault.removesuffix(":term").rsplit(":", 1)
+    kill = signal.SIGTERM if term else signal.SIGKILL
+    current = {"step": None}
+
+    def at(name: str, at_step) -> None:
+        if name == point and at_step == int(step):
+            os.kill(os.getpid(), kill)
+
+    def wrap(owner, attribute: str, before: str | None = None, after: str | None = None, step_of=None) -> None:
+        original = getattr(owner, attribute)
+
+        def wrapped(*args, **kwargs):
+            if step_of is not None:
+                current["step"] = step_of(*args, **kwargs)
+            if before:
+                at(before, current["step"])
+            result = original(*args, **kwargs)
+            if after:
+                at(after, current["step"])
+            return result
+
+        setattr(owner, attribute, wrapped)
+
+    def append_line(path, line):
+        record = json.loads(line)
+        kind = "eval" if any(key.startswith("eval/") for key in record) else "step"
+        at(f"{kind}:logging", record["step"])
+        original_append(path, line)
+        at(f"{kind}:logged", record["step"])
+
+    original_append, runlog.append_line = runlog.append_line, append_line
+    wrap(checkpoint, "save", step_of=lambda run_dir, model, tokenizer, optimizer, scaler, step, *rest: step)
+    wrap(PreTrainedModel, "save_pretrained", before="save:start", after="save:model")
+    wrap(checkpoint, "write_trainer_state", before="save:tokenizer", after="save:state")
+    wrap(checkpoint, "write_complete_marker", after="save:marker")
+    wrap(checkpoint, "promote_checkpoint", after="save:renamed",
+         step_of=lambda run_dir, source: checkpoint.marked_step(source))
+    wrap(checkpoint, "prune_checkpoints", after="save:pruned")
+    original_rename = Path.rename
+
+    def rename(self, target):
+        if Path(target).name == checkpoint.CHECKPOINT:  # the complete checkpoint taking checkpoint/'s name
+            at("save:between_renames", current["step"])
+        return original_rename(self, target)
+
+    Path.rename = rename
+
+
 def fault_child(argv: list[str], fault: str | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ.pop(checkpoint.FAULT_ENV, None)
     if fault:
-        os.environ[checkpoint.FAULT_ENV] = fault
+        inject_fault(fault)
     train.main(argv)
 
 
@@ -71,7 +132,7 @@ def run_in_child(argv: list[str], fault: str | None = None) -> int:
     if child.exitcode is None:
         child.kill()
         child.join()
-        pytest.fail(f"training with {checkpoint.FAULT_ENV}={fault} hung")
+        pytest.fail(f"training with the fault {fault} hung")
     return child.exitcode
 
 

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from analysis import plots
-from grams import (clusters_kept, contains_gram, extract_strategic_grams, lexical_embeddings, placebo_grams,
-                   semantic_entropy, word_ngrams)
+from gram_sets.extraction import (clusters_kept, contains_gram, extract_strategic_grams, lexical_embeddings,
+                                  word_ngrams)
+from gram_sets.placebo import placebo_grams
+from grams import semantic_entropy
 from hicra import high_entropy_mask
-from metrics import (RelativeToFirst, conditional_entropy, group_pass_at_k, perplexity, planning_entropy_overlap,
-                     rollout_metrics, zero_variance_fraction)
+from metrics import (RelativeToFirst, conditional_entropy, error_type_metrics, group_pass_at_k, perplexity,
+                     planning_entropy_overlap, rollout_metrics, zero_variance_fraction)
 from rollout import RolloutBatch
 
 GRAMS = ["let me check", "so the answer is"]
@@ -92,7 +94,7 @@ def test_rollout_metrics_on_a_small_batch():
     )
     planning = torch.tensor([[True, False, False], [False, False, False], [True, False, False], [False] * 3])
     correct = torch.tensor([True, True, False, False])
-    m = rollout_metrics(batch, planning, correct, GRAMS, error_types=[None, None, "strategy", "execution"])
+    m = rollout_metrics(batch, planning, correct, GRAMS)
     assert m["entropy_planning"] == pytest.approx(1.5)  # tokens with entropy 1.0 and 2.0
     assert m["entropy_execution"] == pytest.approx(1.2 / 7)
     assert m["ppl_planning"] == pytest.approx(math.exp(1.5))
@@ -101,7 +103,8 @@ def test_rollout_metrics_on_a_small_batch():
     assert m["gram_occurrences"] == 3
     assert (m["length_mean"], m["length_max"]) == (2.25, 3.0)
     assert (m["accuracy"], m["pass_at_k"], m["zero_variance_frac"], m["truncation_rate"]) == (0.5, 0.5, 1.0, 0.25)
-    assert (m["errors_strategy"], m["errors_execution"], m["errors_strategy_rate"]) == (1.0, 1.0, 0.25)
+    errors = error_type_metrics([None, None, "strategy", "execution"])
+    assert (errors["errors_strategy"], errors["errors_execution"], errors["errors_strategy_rate"]) == (1.0, 1.0, 0.25)
     assert m["top_entropy_is_planning"] == pytest.approx(2 / 3)  # top 3 of 9: 2.0, 1.0, 0.5
     assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
     json.dumps(m)

@@ -19,7 +19,7 @@ from conftest import build_model
 from grpo import group_advantages
 from precision import FLOAT32, MixedPrecision
 from rollout import completion_logprobs, format_prompt, generate_rollouts
-from test_hicra import read_metrics, tiny_args, tiny_model_dir  # noqa: F401  (tiny_model_dir is a fixture)
+from conftest import read_metrics, tiny_args
 
 # bf16 keeps 8 bits of mantissa: the update's gradient under autocast lands near the float32 one (measured on this
 # test's 96-token batch, torch 2.13.0 CPU, one thread: relative error 0.30% bf16, 0.04% fp16). The tolerances

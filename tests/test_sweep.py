@@ -9,7 +9,9 @@ from scipy.stats import t as student_t
 
 from analysis import sweep
 from conftest import build_model, build_tokenizer
-from metrics import is_eval_record, mean_confidence_interval, phase_summary, step_of_fraction, strategy_metrics
+from analysis.stats import mean_confidence_interval, phase_summary, step_of_fraction
+from metrics import is_eval_record
+from world.source import strategy_metrics
 
 STEPS = 4  # training steps of the hand-made runs; evaluations after 0, 2 and 4 steps
 

@@ -1,4 +1,5 @@
-"""Prompt flags (instruction, system prompt, few-shot), --reward module:function, --report-to runlog."""
+"""Prompt flags (instruction, system prompt, few-shot), --reward module:function, --report-to
+runlog."""
 
 import importlib.machinery
 import json
@@ -11,13 +12,13 @@ from benchmarks import bench
 import eval as evaluation
 import train
 import runlog
-from conftest import build_model, build_tokenizer
-from cli import InputError
+from conftest import build_tokenizer, one_line_input_error, read_metrics, tiny_args
 from data import read_examples
 from reward import load_reward
 from rollout import DEFAULT_INSTRUCTION, PLAIN_TEMPLATE, PromptFormat, format_prompt
 
-EXAMPLES = (("What is 1 + 1?", "1 + 1 = 2. \\boxed{2}"), ("What is 2 + 3?", "2 + 3 = 5. \\boxed{5}"))
+EXAMPLES = (("What is 1 + 1?", "1 + 1 = 2. \\boxed{2}"),
+            ("What is 2 + 3?", "2 + 3 = 5. \\boxed{5}"))
 REWARD_MODULE = '''
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 NOT_A_FUNCTION = 3
 
 @dataclass
-class Score:  # a dataclass needs its module in sys.modules: loading from a file path must register it
+class Score:  # a dataclass needs its module in sys.modules: loading from a path must register it
     value: float = 1.0
 
 def always_one(completion, answer):
@@ -45,29 +46,19 @@ def plain_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def run_files(tmp_path_factory):
-    """A tiny model folder, a 4-problem JSONL file, a few-shot file and a reward module."""
-    folder = tmp_path_factory.mktemp("controls")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    rows = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(2, 2), (3, 4), (12, 30), (5, 6)]]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "shots.jsonl").write_text("".join(json.dumps({"problem": p, "solution": s}) + "\n" for p, s in EXAMPLES))
-    (folder / "my_rewards.py").write_text(REWARD_MODULE)
-    return folder
+def run_files(tiny_model_dir):
+    """The tiny model folder and its 4-problem JSONL file, plus a few-shot file and a reward
+    module."""
+    shots = "".join(json.dumps({"problem": p, "solution": s}) + "\n" for p, s in EXAMPLES)
+    (tiny_model_dir / "shots.jsonl").write_text(shots)
+    (tiny_model_dir / "my_rewards.py").write_text(REWARD_MODULE)
+    return tiny_model_dir
 
 
 def train_args(folder, out, *extra):
-    return [
-        "--model", str(folder / "model"), "--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "train.jsonl"),
-        "--grams", "paper", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
-        "--micro-batch-size", "4", "--eval-every", "0", "--steps", "1", "--out", str(out), "--threads", "1", *extra,
-    ]
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """tiny_args for one step on one thread, in micro-batches of 4 (the later flag wins)."""
+    return tiny_args(folder, out, "--micro-batch-size", "4", "--steps", "1", "--threads", "1",
+                     *extra)
 
 
 def one_line_error(stop: pytest.ExceptionInfo, capsys) -> str:
@@ -77,79 +68,91 @@ def one_line_error(stop: pytest.ExceptionInfo, capsys) -> str:
     return text
 
 
-def test_default_prompt_is_the_problem_then_the_instruction_in_one_user_turn(tokenizer, plain_tokenizer):
+def test_default_prompt_is_the_problem_then_the_instruction_in_one_user_turn(tokenizer,
+                                                                             plain_tokenizer):
     messages = [{"role": "user", "content": f"What is 2 + 2?\n{DEFAULT_INSTRUCTION}"}]
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert format_prompt(tokenizer, "What is 2 + 2?") == expected
-    assert format_prompt(plain_tokenizer, "What is 2 + 2?") == f"Question: What is 2 + 2?\n{DEFAULT_INSTRUCTION}\nAnswer:"
+    plain = f"Question: What is 2 + 2?\n{DEFAULT_INSTRUCTION}\nAnswer:"
+    assert format_prompt(plain_tokenizer, "What is 2 + 2?") == plain
 
 
-def test_chat_prompt_has_system_turn_then_examples_as_user_and_assistant_turns(tokenizer):
-    prompt = format_prompt(tokenizer, "What is 4 + 4?", PromptFormat("Box it.", "Be brief.", EXAMPLES))
-    assert prompt == (
-        "<|system|>Be brief.<|end|>"
-        "<|user|>What is 1 + 1?\nBox it.<|end|><|assistant|>1 + 1 = 2. \\boxed{2}<|end|>"
-        "<|user|>What is 2 + 3?\nBox it.<|end|><|assistant|>2 + 3 = 5. \\boxed{5}<|end|>"
-        "<|user|>What is 4 + 4?\nBox it.<|end|><|assistant|>"
-    )
-
-
-def test_plain_prompt_has_system_line_then_answered_question_blocks(plain_tokenizer):
-    prompt = format_prompt(plain_tokenizer, "What is 4 + 4?", PromptFormat("Box it.", "Be brief.", EXAMPLES))
-    assert prompt == (
-        "Be brief.\n\n"
-        "Question: What is 1 + 1?\nBox it.\nAnswer: 1 + 1 = 2. \\boxed{2}\n\n"
-        "Question: What is 2 + 3?\nBox it.\nAnswer: 2 + 3 = 5. \\boxed{5}\n\n"
-        "Question: What is 4 + 4?\nBox it.\nAnswer:"
-    )
+@pytest.mark.parametrize("template, expected", [
+    ("chat",  # a system turn, then the examples as user and assistant turns
+     "<|system|>Be brief.<|end|>"
+     "<|user|>What is 1 + 1?\nBox it.<|end|><|assistant|>1 + 1 = 2. \\boxed{2}<|end|>"
+     "<|user|>What is 2 + 3?\nBox it.<|end|><|assistant|>2 + 3 = 5. \\boxed{5}<|end|>"
+     "<|user|>What is 4 + 4?\nBox it.<|end|><|assistant|>"),
+    ("plain",  # a system line, then answered question blocks
+     "Be brief.\n\n"
+     "Question: What is 1 + 1?\nBox it.\nAnswer: 1 + 1 = 2. \\boxed{2}\n\n"
+     "Question: What is 2 + 3?\nBox it.\nAnswer: 2 + 3 = 5. \\boxed{5}\n\n"
+     "Question: What is 4 + 4?\nBox it.\nAnswer:"),
+], ids=["chat", "plain"])
+def test_prompt_has_the_system_prompt_then_the_examples_then_the_problem(tokenizer, plain_tokenizer,
+                                                                         template, expected):
+    chosen = tokenizer if template == "chat" else plain_tokenizer
+    prompt_format = PromptFormat("Box it.", "Be brief.", EXAMPLES)
+    assert format_prompt(chosen, "What is 4 + 4?", prompt_format) == expected
     assert PLAIN_TEMPLATE.format(content="x").endswith("Answer:")
 
 
 def test_empty_instruction_leaves_the_problem_alone(tokenizer, plain_tokenizer):
-    assert format_prompt(plain_tokenizer, "What is 4 + 4?", PromptFormat(instruction="")) == "Question: What is 4 + 4?\nAnswer:"
-    assert "<|user|>What is 4 + 4?<|end|>" in format_prompt(tokenizer, "What is 4 + 4?", PromptFormat(instruction=""))
+    no_instruction = PromptFormat(instruction="")
+    plain = format_prompt(plain_tokenizer, "What is 4 + 4?", no_instruction)
+    assert plain == "Question: What is 4 + 4?\nAnswer:"
+    chat = format_prompt(tokenizer, "What is 4 + 4?", no_instruction)
+    assert "<|user|>What is 4 + 4?<|end|>" in chat
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"problem": "1+1?", "solution": "2"}\n{"problem": "2+2?"}\n', ":2: expected a JSON object"),
+        ('{"problem": "1+1?", "solution": "2"}\n{"problem": "2+2?"}\n',
+         ":2: expected a JSON object"),
         ('{"problem": "1+1?", "solution": "2"\n', ":1: malformed JSON"),
         ("\n\n", "file is empty"),
     ],
 )
 def test_few_shot_file_errors_name_file_and_line(tmp_path, content, message):
-    path = tmp_path / "shots.jsonl"
-    path.write_text(content)
-    with pytest.raises(InputError, match=message):
-        read_examples(str(path))
+    assert message in one_line_input_error(tmp_path / "shots.jsonl", content, read_examples)
 
 
-def test_training_with_system_prompt_and_few_shot_records_them_and_prompts_with_them(run_files, tmp_path, monkeypatch):
+def test_training_with_system_prompt_and_few_shot_records_them_and_prompts_with_them(
+        run_files, tmp_path, monkeypatch):
     prompts_seen = []
     original = train.generate_rollouts
-    monkeypatch.setattr(train, "generate_rollouts", lambda m, t, prompts, *a: prompts_seen.extend(prompts) or original(m, t, prompts, *a))
+
+    def seen(m, t, prompts, *a):
+        return prompts_seen.extend(prompts) or original(m, t, prompts, *a)
+
+    monkeypatch.setattr(train, "generate_rollouts", seen)
     out = tmp_path / "run"
-    train.main(train_args(run_files, out, "--few-shot", str(run_files / "shots.jsonl"), "--system-prompt", "Be brief.",
-                          "--instruction", "Box it."))
+    train.main(train_args(run_files, out, "--few-shot", str(run_files / "shots.jsonl"),
+                          "--system-prompt", "Be brief.", "--instruction", "Box it."))
     config = json.loads((out / "config.json").read_text())
     assert (config["system_prompt"], config["instruction"]) == ("Be brief.", "Box it.")
     assert len(prompts_seen) == 2
-    assert all(p.startswith("<|system|>Be brief.<|end|><|user|>What is 1 + 1?\nBox it.<|end|>") for p in prompts_seen)
+    start = "<|system|>Be brief.<|end|><|user|>What is 1 + 1?\nBox it.<|end|>"
+    assert all(p.startswith(start) for p in prompts_seen)
 
 
 def test_eval_cli_uses_the_prompt_flags(run_files, tmp_path):
     out = tmp_path / "eval"
     code = evaluation.main([
-        "--model", str(run_files / "model"), "--benchmark", str(run_files / "train.jsonl"), "--limit", "2",
-        "--temperature", "0", "--max-new-tokens", "4", "--few-shot", str(run_files / "shots.jsonl"),
-        "--instruction", "", "--out", str(out), "--quiet",
+        "--model", str(run_files / "model"), "--benchmark", str(run_files / "train.jsonl"),
+        "--limit", "2", "--temperature", "0", "--max-new-tokens", "4",
+        "--few-shot", str(run_files / "shots.jsonl"), "--instruction", "", "--out", str(out),
+        "--quiet",
     ])
     assert code == 0
-    prompts = [json.loads(line)["prompt"] for line in (out / "results.jsonl").read_text().splitlines()]
-    assert prompts[0].startswith("<|user|>What is 1 + 1?<|end|><|assistant|>1 + 1 = 2. \\boxed{2}<|end|>")
+    results = (out / "results.jsonl").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in results]
+    first_shot = "<|user|>What is 1 + 1?<|end|><|assistant|>1 + 1 = 2. \\boxed{2}<|end|>"
+    assert prompts[0].startswith(first_shot)
     assert prompts[0].endswith("<|user|>What is 2 + 2?<|end|><|assistant|>")
-    assert json.loads((out / "summary.json").read_text())["few_shot"] == str(run_files / "shots.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["few_shot"] == str(run_files / "shots.jsonl")
 
 
 def test_resuming_a_run_from_before_the_prompt_flags_uses_their_defaults(run_files, tmp_path):
@@ -163,7 +166,8 @@ def test_resuming_a_run_from_before_the_prompt_flags_uses_their_defaults(run_fil
     assert [r["step"] for r in read_metrics(out)] == [0, 1]
 
 
-def test_reward_from_module_function_is_used_and_a_raising_one_scores_zero_and_is_counted(run_files, tmp_path):
+def test_reward_from_module_function_is_used_and_a_raising_one_scores_zero_and_is_counted(
+        run_files, tmp_path):
     module = run_files / "my_rewards.py"
     train.main(train_args(run_files, tmp_path / "one", "--reward", f"{module}:always_one"))
     assert read_metrics(tmp_path / "one")[0]["reward"] == 1.0
@@ -179,18 +183,22 @@ def test_reward_loads_a_dotted_module_name():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("no_such_module_xyz:score", "--reward: cannot import 'no_such_module_xyz': ModuleNotFoundError"),
+        ("no_such_module_xyz:score",
+         "--reward: cannot import 'no_such_module_xyz': ModuleNotFoundError"),
         ("MODULE:missing", "has no attribute 'missing'"),
         ("MODULE:NOT_A_FUNCTION", "is not callable (it is a int)"),
         ("nonsense", "--reward: unknown reward 'nonsense'"),
     ],
 )
-def test_reward_loading_errors_are_one_line_and_name_the_flag(run_files, tmp_path, capsys, spec, message):
+def test_reward_loading_errors_are_one_line_and_name_the_flag(run_files, tmp_path, capsys, spec,
+                                                              message):
     spec = spec.replace("MODULE", str(run_files / "my_rewards.py"))
     with pytest.raises(SystemExit) as stop:
         train.main(train_args(run_files, tmp_path / "run", "--reward", spec))
     assert message in one_line_error(stop, capsys)
-    assert evaluation.main(["--model", "unused", "--benchmark", str(run_files / "train.jsonl"), "--reward", spec]) == 2
+    eval_argv = ["--model", "unused", "--benchmark", str(run_files / "train.jsonl"),
+                 "--reward", spec]
+    assert evaluation.main(eval_argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
 
@@ -200,7 +208,8 @@ def test_tensorboard_gets_a_scalar_per_logged_key_on_a_two_step_run(run_files, t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    train.main(train_args(run_files, out, "--steps", "2", "--eval-every", "1", "--eval-limit", "2", "--report-to", "tensorboard"))
+    train.main(train_args(run_files, out, "--steps", "2", "--eval-every", "1", "--eval-limit", "2",
+                          "--report-to", "tensorboard"))
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     logged = {}
@@ -215,7 +224,8 @@ def test_tensorboard_gets_a_scalar_per_logged_key_on_a_two_step_run(run_files, t
 
 def test_wandb_tracker_logs_the_same_scalars_at_the_record_step(tmp_path, monkeypatch):
     calls = []
-    fake_run = types.SimpleNamespace(log=lambda values, step: calls.append((step, values)), finish=lambda: calls.append("finish"))
+    fake_run = types.SimpleNamespace(log=lambda values, step: calls.append((step, values)),
+                                     finish=lambda: calls.append("finish"))
     fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     fake.init = lambda **kwargs: calls.append(kwargs) or fake_run
@@ -228,7 +238,8 @@ def test_wandb_tracker_logs_the_same_scalars_at_the_record_step(tmp_path, monkey
     assert calls[1:] == [(3, {"train/reward": 0.5, "eval/pass@1": 0.25}), "finish"]
 
 
-def test_missing_tracker_package_is_a_one_line_error_before_training(run_files, tmp_path, monkeypatch, capsys):
+def test_missing_tracker_package_is_a_one_line_error_before_training(run_files, tmp_path,
+                                                                      monkeypatch, capsys):
     monkeypatch.setattr(runlog.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit) as stop:
         train.main(train_args(run_files, tmp_path / "run", "--report-to", "wandb"))
@@ -238,7 +249,8 @@ def test_missing_tracker_package_is_a_one_line_error_before_training(run_files, 
 
 def test_bench_times_a_step_with_the_prompt_and_reward_flags(run_files, tmp_path, capsys):
     reward = f"{run_files / 'my_rewards.py'}:always_one"
-    bench.main(train_args(run_files, tmp_path, "--few-shot", str(run_files / "shots.jsonl"), "--reward", reward, "--repeats", "1"))
+    bench.main(train_args(run_files, tmp_path, "--few-shot", str(run_files / "shots.jsonl"),
+                          "--reward", reward, "--repeats", "1"))
     assert "step 0: rollout" in capsys.readouterr().out
 
 
@@ -251,8 +263,10 @@ def test_bench_memory_poll_stops_with_its_block_so_a_later_fork_is_safe():
 
 
 def test_held_out_samples_show_the_reference_answer_beside_wrong(tmp_path, capsys):
-    records = [{"problem": "What is 40 + 2?", "answer": "42", "completions": ["\\boxed{41}"], "correct": [False]},
-               {"problem": "What is 1 + 1?", "answer": "2", "completions": ["\\boxed{2}"], "correct": [True]}]
+    records = [{"problem": "What is 40 + 2?", "answer": "42", "completions": ["\\boxed{41}"],
+                "correct": [False]},
+               {"problem": "What is 1 + 1?", "answer": "2", "completions": ["\\boxed{2}"],
+                "correct": [True]}]
     runlog.show_samples(tmp_path, 7, records, ["let's"])
     assert "--- wrong (the answer is 42): What is 40 + 2?" in capsys.readouterr().out
     page = (tmp_path / "samples_step00007.html").read_text()

@@ -32,15 +32,14 @@ Two versions of the world are kept, one per regime the paper names (docs/world.m
   (`git show f605995:tiny_model.py`); today's tiny_model.py builds v2 only.
 """
 
-import argparse
 import json
 import random
 import re
 import zlib
 from pathlib import Path
 
-from cli import InputError, OneLineParser, check_output_file
-from data import WORLD_SPLITS, Problem
+from cli import InputError, check_output_file, parser_with_commands
+from data import Problem
 from run_folder import write_atomically
 
 WORLDS = {"v2": ("sum", "mul", "packs"), "v1": ("sum", "mul", "change")}  # the families of each version
@@ -50,6 +49,9 @@ SPLITS = ("train", "test")
 MODEL_DIRS = {"v2": str(Path(__file__).parent / "models" / "tiny-world"),  # the base model tiny_model.py builds
               "v1": str(Path(__file__).parent / "models" / "tiny-world-v1")}
 DEFAULT_MODEL_DIR = MODEL_DIRS["v2"]
+# The data names of the world's problem sets (world/source.py): (split, default n, world version).
+WORLD_SPLITS = {"world": ("test", 500, "v2"), "world_train": ("train", 10_000, "v2"),
+                "world_v1": ("test", 500, "v1"), "world_v1_train": ("train", 10_000, "v1")}
 TEST_PERCENT = 20  # share of each family's operand space held out for the test split
 
 # Planning phrases: the plan that opens a trace, per family and strategy (`check` opens like `direct`).
@@ -345,30 +347,33 @@ def write_drill(path: str, split: str, n: int, seed: int) -> None:
                                          for p in drill_problems(split, n, seed)))
 
 
-def write_traces(path: str, n: int, seed: int) -> None:
-    """A JSONL corpus of `n` correct reference traces (field `solution`), strategies drawn uniformly and half
-    of the `check` traces with a caught slip: the input of `python grams.py extract` for the world."""
+def reference_traces(n: int, seed: int) -> list[Problem]:
+    """`n` train problems, each with a correct reference trace in meta["solution"]: strategies drawn uniformly,
+    half of the `check` traces with a caught slip."""
     rng = random.Random(seed)
-    lines = []
+    problems = []
     for problem in world_problems("train", n, seed):
         strategy = rng.choice(STRATEGIES)
         slip = strategy == "check" and rng.random() < 0.5
         trace = reference_trace(problem, strategy, slip=slip, seed=rng.randrange(2**31))
-        lines.append(json.dumps({"problem": problem.problem, "answer": problem.answer, "solution": trace}) + "\n")
-    write_atomically(Path(path), "".join(lines))
+        problems.append(Problem(problem.problem, problem.answer, {"solution": trace}))
+    return problems
+
+
+def write_traces(path: str, n: int, seed: int) -> None:
+    """A JSONL corpus of `n` reference traces (problem, answer, solution): the input of `python -m
+    gram_sets.extraction extract` for the world."""
+    write_atomically(Path(path), "".join(json.dumps({"problem": p.problem, "answer": p.answer, **p.meta}) + "\n"
+                                         for p in reference_traces(n, seed)))
 
 
 def main() -> None:
-    parser = OneLineParser(description="The built-in world: write a corpus of reference traces.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    traces = commands.add_parser("traces", help="write N reference traces as JSONL (problem, answer, solution)",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser, add_command = parser_with_commands("The built-in world: write a corpus of reference traces.")
+    traces = add_command("traces", "write N reference traces as JSONL (problem, answer, solution)")
     traces.add_argument("--n", type=int, default=2000, help="number of traces")
     traces.add_argument("--seed", type=int, default=0, help="seed of problems, strategies and slips")
     traces.add_argument("--out", required=True, help="output JSONL file")
-    drill = commands.add_parser("drill", help="write N two-digit addition problems as JSONL (problem, answer, solution)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    drill = add_command("drill", "write N two-digit addition problems as JSONL (problem, answer, solution)")
     drill.add_argument("--split", default="test", choices=SPLITS, help="operand split (train and test never overlap)")
     drill.add_argument("--n", type=int, default=500, help="number of problems")
     drill.add_argument("--seed", type=int, default=0, help="seed of the problems")
