@@ -1,8 +1,10 @@
-"""Command-line plumbing shared by the scripts: one-line errors, numeric flag checks, colour on terminals.
+"""Command-line plumbing shared by the scripts: one-line errors, numeric flag checks, colour on
+terminals.
 
-Every input a user can get wrong ends in one line `error: ...` on stderr that names the flag, file and
-line, with exit code 2 (USAGE_ERROR), and no traceback:
-- argparse's own errors (unknown flag, `--steps abc`) come out of OneLineParser without the usage block;
+Every input a user can get wrong ends in one line `error: ...` on stderr that names the flag, file
+and line, with exit code 2 (USAGE_ERROR), and no traceback:
+- argparse's own errors (unknown flag, `--steps abc`) come out of OneLineParser without the usage
+  block;
 - numbers are checked up front, before any file is written, against a table of bounds per script
   (`check_bounds`): finite (argparse's `float` accepts "nan" and "inf") and in range;
 - files (data, grams) and model folders raise cli.InputError where they are read (data.py, grams.py,
@@ -36,29 +38,35 @@ SEED: Bound = (f"in [0, {SEED_LIMIT - 1}]", lambda v: 0 <= v < SEED_LIMIT)
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one `error: ...` line instead of the usage block."""
+    """argparse that reports a bad command line as one `error: ...` line instead of the usage
+    block."""
 
     def error(self, message: str):
         self.exit(USAGE_ERROR, f"error: {message} (see --help)\n")
 
 
-def parser_with_commands(description: str) -> tuple[OneLineParser, Callable[[str, str], OneLineParser]]:
-    """A OneLineParser whose first argument names a command, and `add(name, help)` adding one command's
-    parser; both show defaults in --help."""
-    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser_with_commands(description: str) -> tuple[OneLineParser,
+                                                   Callable[[str, str], OneLineParser]]:
+    """A OneLineParser whose first argument names a command, and `add(name, help)` adding one
+    command's parser; both show defaults in --help."""
+    parser = OneLineParser(description=description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str) -> OneLineParser:
-        return commands.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        return commands.add_parser(name, help=help,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     return parser, add
 
 
 def suppress_defaults(parser: argparse.ArgumentParser) -> None:
-    """Make `parser` report only the flags given on the command line (how train.py and eval.py tell a flag given
-    from a default): every default becomes SUPPRESS and nothing is required; --help still shows the defaults."""
+    """Make `parser` report only the flags given on the command line (how train.py and eval.py tell
+    a flag given from a default): every default becomes SUPPRESS and nothing is required; --help
+    still shows the defaults."""
     for action in parser._actions:
-        if action.help and action.default is not argparse.SUPPRESS:  # what ArgumentDefaultsHelpFormatter adds
+        # what ArgumentDefaultsHelpFormatter adds
+        if action.help and action.default is not argparse.SUPPRESS:
             action.help += f" (default: {str(action.default).replace('%', '%%')})"
         action.default, action.required = argparse.SUPPRESS, False
 
@@ -69,10 +77,11 @@ def flag_name(dest: str) -> str:
 
 
 def check_bounds(args: argparse.Namespace, bounds: dict[str, Bound]) -> None:
-    """Raise InputError for the first flag in `bounds` whose value is not a finite number within its bound.
+    """Raise InputError for the first flag in `bounds` whose value is not a finite number within its
+    bound.
 
-    A value of None (flag not set, e.g. eval.py's --limit) is left alone. Values may come from a resumed
-    run's config.json, so the type is checked too.
+    A value of None (flag not set, e.g. eval.py's --limit) is left alone. Values may come from a
+    resumed run's config.json, so the type is checked too.
     """
     for dest, (wanted, holds) in bounds.items():
         value = getattr(args, dest, None)
@@ -87,21 +96,24 @@ def check_bounds(args: argparse.Namespace, bounds: dict[str, Bound]) -> None:
 
 
 def check_text(settings) -> None:
-    """Raise InputError for the first string setting (or string in a list setting) that is not text a tokenizer
-    can take: bytes that were not UTF-8 on the command line (`--instruction $'\\xff'`, which Python keeps as
-    surrogate escapes) or a lone surrogate from a JSON or YAML escape (\\ud800)."""
+    """Raise InputError for the first string setting (or string in a list setting) that is not text
+    a tokenizer can take: bytes that were not UTF-8 on the command line (`--instruction $'\\xff'`,
+    which Python keeps as surrogate escapes) or a lone surrogate from a JSON or YAML escape
+    (\\ud800)."""
     for dest, value in vars(settings).items():
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, str):
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError as error:
-                    raise InputError(f"{flag_name(dest)}: not valid text: character {error.start} is "
-                                     f"{item[error.start]!r} (bytes that are not UTF-8, or a lone surrogate escape)") from None
+                    raise InputError(f"{flag_name(dest)}: not valid text: character {error.start} "
+                                     f"is {item[error.start]!r} (bytes that are not UTF-8, or a "
+                                     f"lone surrogate escape)") from None
 
 
 def check_output_file(path: str, flag: str) -> None:
-    """Raise InputError unless `path` can be written as a file: not a folder, in a folder that exists."""
+    """Raise InputError unless `path` can be written as a file: not a folder, in a folder that
+    exists."""
     target = Path(path)
     if target.is_dir():
         raise InputError(f"{flag}: {path} is a folder; give a file name")
@@ -114,14 +126,16 @@ def use_colour(stream) -> bool:
     return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
 
 
-# C0 and C1 control characters (ESC, CSI, ...) but newline and tab, each shown as one visible character.
+# C0 and C1 control characters (ESC, CSI, ...) but newline and tab, each shown as one visible
+# character.
 CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421} | {
     c: 0xFFFD for c in range(0x80, 0xA0)}
 
 
 def visible(text: str) -> str:
-    """`text` with its control characters shown as symbols (ESC -> U+241B), one character for one, so text
-    from a data file or a model cannot drive the terminal, and character offsets into it still hold."""
+    """`text` with its control characters shown as symbols (ESC -> U+241B), one character for one,
+    so text from a data file or a model cannot drive the terminal, and character offsets into it
+    still hold."""
     return text.translate(CONTROL_PICTURES)
 
 
@@ -131,11 +145,12 @@ def report(error: InputError) -> int:
     return USAGE_ERROR
 
 
-# ---------------------------------------------------------------- a run's end: one line and an exit code
+# ---------------------------------------------------------- a run's end: one line and an exit code
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite training, a reward that always fails); the message is one line."""
+    """A run that cannot go on (non-finite training, a reward that always fails); the message is one
+    line."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -143,15 +158,17 @@ class Terminated(KeyboardInterrupt):
 
 
 def stop_once(signum, frame) -> None:
-    """The first SIGINT (Ctrl-C) or SIGTERM stops the run (KeyboardInterrupt / Terminated); any later one is
-    ignored while it stops, so a second Ctrl-C a millisecond later cannot break the cleanup into a traceback."""
+    """The first SIGINT (Ctrl-C) or SIGTERM stops the run (KeyboardInterrupt / Terminated); any
+    later one is ignored while it stops, so a second Ctrl-C a millisecond later cannot break the
+    cleanup into a traceback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def escape_unprintable_output() -> None:
-    """Text stdout or stderr cannot encode (a problem's non-ASCII text on an ASCII terminal) is escaped, not a crash."""
+    """Text stdout or stderr cannot encode (a problem's non-ASCII text on an ASCII terminal) is
+    escaped, not a crash."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -159,16 +176,18 @@ def escape_unprintable_output() -> None:
 
 def run_to_exit_code(work: Callable[[], object], resume_hint: Callable[[], str | None]) -> None:
     """Run `work`, ending every failure in one line on stderr and an exit code (docs/failures.md):
-    2 bad input (InputError), 1 a run that had to stop (TrainingError) or could not write (OSError: disk full,
-    no permission), 130 Ctrl-C, 143 SIGTERM, 141 the reader of stdout left. `resume_hint()` is the command that
-    continues the run, or None when there is nothing to continue."""
+    2 bad input (InputError), 1 a run that had to stop (TrainingError) or could not write (OSError:
+    disk full, no permission), 130 Ctrl-C, 143 SIGTERM, 141 the reader of stdout left.
+    `resume_hint()` is the command that continues the run, or None when there is nothing to
+    continue."""
     previous = signal.signal(signal.SIGTERM, stop_once)
     signal.signal(signal.SIGINT, stop_once)
     try:
         work()
     except KeyboardInterrupt as error:
-        # An object the interrupt left half-built (a progress bar) fails in its destructor while the process
-        # exits: "Exception ignored in ..." with a traceback. Stopping on purpose, that is noise.
+        # An object the interrupt left half-built (a progress bar) fails in its destructor while the
+        # process exits: "Exception ignored in ..." with a traceback. Stopping on purpose, that is
+        # noise.
         sys.unraisablehook = lambda unraisable: None
         hint = resume_hint()
         if hint:
@@ -179,15 +198,18 @@ def run_to_exit_code(work: Callable[[], object], resume_hint: Callable[[], str |
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except BrokenPipeError:  # `python train.py | head`: the reader left; stop quietly, as Unix tools do
+    # `python train.py | head`: the reader left; stop quietly, as Unix tools do
+    except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except OSError as error:  # the last complete checkpoint stands
         where = f"{error.filename}: " if error.filename else ""
         hint = resume_hint()
-        print(f"error: {where}{error.strerror or error}" + (f"; continue with  {hint}" if hint else ""), file=sys.stderr)
+        print(f"error: {where}{error.strerror or error}"
+              + (f"; continue with  {hint}" if hint else ""), file=sys.stderr)
         sys.exit(1)
     else:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, for a caller that goes on
+        # Python's own, for a caller that goes on
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     finally:
         signal.signal(signal.SIGTERM, previous)

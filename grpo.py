@@ -7,12 +7,12 @@ Deliberate choices, and where they come from:
 - The surrogate is PPO's clipped ratio with separate lower and upper clip ranges, eps_low = 0.2 and
   eps_high = 0.28 ("clip-higher", DAPO), the baseline the paper trains against. The clip acts on the
   ratio, never on the advantage.
-- Loss aggregation defaults to the token mean over the whole batch (DAPO); the sequence mean of token
-  means (original GRPO) and the constant normaliser B * max_new_tokens (Dr. GRPO) are options. The
-  normaliser is always the whole rollout batch's, so summing micro-batch gradients gives the full-batch
-  gradient exactly.
-- No KL term by default (beta = 0, DAPO; the paper reports none), and then no reference model is loaded.
-  When beta > 0 the penalty is the k3 estimator of KL(pi || pi_ref).
+- Loss aggregation defaults to the token mean over the whole batch (DAPO); the sequence mean of
+  token means (original GRPO) and the constant normaliser B * max_new_tokens (Dr. GRPO) are options.
+  The normaliser is always the whole rollout batch's, so summing micro-batch gradients gives the
+  full-batch gradient exactly.
+- No KL term by default (beta = 0, DAPO; the paper reports none), and then no reference model is
+  loaded. When beta > 0 the penalty is the k3 estimator of KL(pi || pi_ref).
 - An optional entropy bonus on all tokens is the paper's "entropy regularisation" baseline (Sec. 5).
 """
 
@@ -26,10 +26,12 @@ STD_EPS = 1e-6  # keeps the std-scaled advantage finite for groups whose rewards
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "center") -> torch.Tensor:
-    """Group-relative advantage of each completion (Sec. 3): A_i = R(q, o_i) - (1/G) sum_j R(q, o_j).
+    """Group-relative advantage of each completion (Sec. 3): A_i = R(q, o_i) - (1/G) sum_j
+    R(q, o_j).
 
     mode "center": the paper's form above; "std": divided by the group's std + eps (original GRPO);
-    "none": A_i = R_i (plain REINFORCE, no baseline). rewards [B] with B = prompts x G -> advantages [B].
+    "none": A_i = R_i (plain REINFORCE, no baseline). rewards [B] with B = prompts x G -> advantages
+    [B].
     """
     if mode not in ADVANTAGE_MODES:
         raise ValueError(f"advantage mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
@@ -44,14 +46,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "center
 
 @dataclass
 class ClipStats:
-    """Fractions of loss-carrying tokens whose ratio was clipped below 1 - eps_low / above 1 + eps_high."""
+    """Fractions of loss-carrying tokens whose ratio was clipped below 1 - eps_low / above 1 +
+    eps_high."""
 
     low: torch.Tensor  # scalar
     high: torch.Tensor  # scalar
 
 
 def clipped_policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float,
+    eps_high: float
 ) -> torch.Tensor:
     """Per-token clipped surrogate (PPO with clip-higher, DAPO), to be minimised:
 
@@ -68,9 +72,11 @@ def clipped_policy_loss(
 
 
 def clip_fractions(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    eps_low: float, eps_high: float
 ) -> ClipStats:
-    """How often the clip was active: ratio < 1 - eps_low with A < 0, ratio > 1 + eps_high with A > 0."""
+    """How often the clip was active: ratio < 1 - eps_low with A < 0, ratio > 1 + eps_high with A >
+    0."""
     ratio = torch.exp(logp - old_logp).detach()  # [B, T]
     low = ((ratio < 1 - eps_low) & (advantages < 0)).float()  # [B, T]
     high = ((ratio > 1 + eps_high) & (advantages > 0)).float()  # [B, T]
@@ -79,7 +85,8 @@ def clip_fractions(
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(pi || pi_ref) per token (Schulman, 2020): exp(d) - d - 1 with d = ref_logp - logp.
+    """k3 estimator of KL(pi || pi_ref) per token (Schulman, 2020): exp(d) - d - 1 with d =
+    ref_logp - logp.
 
     Unbiased for samples from pi and always >= 0. [B, T] -> [B, T].
     """
@@ -99,9 +106,9 @@ def aggregate_loss(
 
     The normalisers are those of the whole rollout batch (batch_tokens loss-carrying tokens,
     batch_sequences completions), so micro-batch losses add up to:
-      token-mean               sum_{i,t} l_it / sum_{i,t} m_it                              (DAPO)
-      seq-mean-token-mean      (1/B) sum_i [ sum_t l_it / sum_t m_it ]                      (GRPO)
-      seq-mean-token-sum-norm  sum_{i,t} l_it / (B * max_new_tokens)                        (Dr. GRPO)
+      token-mean               sum_{i,t} l_it / sum_{i,t} m_it                            (DAPO)
+      seq-mean-token-mean      (1/B) sum_i [ sum_t l_it / sum_t m_it ]                    (GRPO)
+      seq-mean-token-sum-norm  sum_{i,t} l_it / (B * max_new_tokens)                      (Dr. GRPO)
     """
     masked = per_token_loss * mask  # [b, T]
     if mode == "token-mean":

@@ -1,22 +1,27 @@
-"""Mixed precision for train.py, as accelerate, Lightning and TRL do it: float32 weights, half-precision compute.
+"""Mixed precision for train.py, as accelerate, Lightning and TRL do it: float32 weights,
+half-precision compute.
 
-- The trained weights and AdamW's moments stay in float32 (`--dtype` does not change them): an update smaller than
-  a bfloat16 weight's resolution (about 1/256 of it) would be lost, and at lr 1e-5 nearly every update is.
-- The forward passes (sampling, scoring, training, evaluation) run under `torch.autocast(device, compute dtype)`:
-  matrix products in bfloat16 or float16, the ops autocast lists as precision-sensitive in float32. The backward
-  follows the forward's dtypes. The log-prob and loss math is float32 whatever the flag (rollout.py's log-softmax casts to float32).
-- float16's narrow range needs loss scaling: `torch.amp.GradScaler` multiplies the loss before the backward and
-  divides the gradients after it, lowering the scale when a gradient overflows. bfloat16 has float32's range and
-  needs none; the scaler is then disabled and passes everything through.
-- Frozen weights that are only read (the --beta reference model, LoRA's frozen base) are stored in the compute
-  dtype: nothing updates them, so nothing is lost, and they take half the memory.
+- The trained weights and AdamW's moments stay in float32 (`--dtype` does not change them): an
+  update smaller than a bfloat16 weight's resolution (about 1/256 of it) would be lost, and at lr
+  1e-5 nearly every update is.
+- The forward passes (sampling, scoring, training, evaluation) run under
+  `torch.autocast(device, compute dtype)`: matrix products in bfloat16 or float16, the ops autocast
+  lists as precision-sensitive in float32. The backward follows the forward's dtypes. The log-prob
+  and loss math is float32 whatever the flag (rollout.py's log-softmax casts to float32).
+- float16's narrow range needs loss scaling: `torch.amp.GradScaler` multiplies the loss before the
+  backward and divides the gradients after it, lowering the scale when a gradient overflows.
+  bfloat16 has float32's range and needs none; the scaler is then disabled and passes everything
+  through.
+- Frozen weights that are only read (the --beta reference model, LoRA's frozen base) are stored in
+  the compute dtype: nothing updates them, so nothing is lost, and they take half the memory.
 """
 
 import torch
 
 from model_loading import resolve_device_and_dtype
 
-ACCELERATE_NAMES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --mixed-precision's spellings
+# --mixed-precision's spellings
+ACCELERATE_NAMES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class MixedPrecision:
@@ -26,7 +31,8 @@ class MixedPrecision:
         self.device, self.compute_dtype = resolve_device_and_dtype(device, dtype)
         self.device_type = torch.device(self.device).type
         self.mixed = self.compute_dtype != torch.float32
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.compute_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device_type,
+                                           enabled=self.compute_dtype == torch.float16)
 
     def autocast(self):
         """Forward passes in the compute dtype (a no-op in float32)."""
@@ -38,8 +44,10 @@ class MixedPrecision:
             return "float32 (weights, AdamW state and compute)"
         name = str(self.compute_dtype).removeprefix("torch.")
         scaling = ", loss scaling" if self.scaler.is_enabled() else ""
-        return (f"{name} mixed precision: float32 weights and AdamW state, forward and backward under autocast"
-                f"({self.device_type}, {name}){scaling}; frozen weights (reference, LoRA base) in {name}")
+        return (f"{name} mixed precision: float32 weights and AdamW state, forward and backward "
+                f"under autocast({self.device_type}, {name}){scaling}; frozen weights (reference, "
+                f"LoRA base) in {name}")
 
 
-FLOAT32 = MixedPrecision("cpu", "float32")  # no autocast, no loss scaling: what train.py's step functions default to
+# no autocast, no loss scaling: what train.py's step functions default to
+FLOAT32 = MixedPrecision("cpu", "float32")

@@ -136,7 +136,8 @@ def _verify_in_child(pred: str, reference: str, timeout_s: float) -> bool:
     sender.close()  # so recv() sees EOF if the child dies without answering
     try:
         if not receiver.poll(timeout_s):
-            raise GradingTimeout(f"grading took over {timeout_s:g} s: {pred[:80]!r} vs {reference!r}")
+            raise GradingTimeout(f"grading took over {timeout_s:g} s: {pred[:80]!r} "
+                                 f"vs {reference!r}")
         try:
             return receiver.recv()
         except EOFError:
@@ -174,31 +175,36 @@ def format_reward(completion: str, answer: str) -> float:
 
 REWARDS = {"boxed": boxed_reward, "gsm8k": gsm8k_reward, "format": format_reward}
 REWARD_HELP = (
-    f"reward function: a built-in ({', '.join(sorted(REWARDS))}) or your own callable as module:function "
-    "(an importable module or a .py file path; called as fn(completion, answer) -> float)"
+    f"reward function: a built-in ({', '.join(sorted(REWARDS))}) or your own callable as "
+    "module:function (an importable module or a .py file path; called as fn(completion, answer) "
+    "-> float)"
 )
 
 
 def load_reward(spec: str):
-    """The reward callable named by --reward: a REWARDS key, `module:function` or `path/to/file.py:function`.
+    """The reward callable named by --reward: a REWARDS key, `module:function` or
+    `path/to/file.py:function`.
 
-    Raises InputError with a one-line message naming the flag for an unknown name, a module that does not
-    import, a missing attribute or an attribute that is not callable.
+    Raises InputError with a one-line message naming the flag for an unknown name, a module that
+    does not import, a missing attribute or an attribute that is not callable.
     """
     if spec in REWARDS:
         return REWARDS[spec]
     module_name, _, attribute = spec.rpartition(":")
     if not module_name or not attribute:
-        raise InputError(f"--reward: unknown reward {spec!r}; built-in: {', '.join(sorted(REWARDS))}, or module:function")
-    argv, sys.argv = sys.argv, [module_name]  # a module that parses the command line at import sees none of ours
+        raise InputError(f"--reward: unknown reward {spec!r}; built-in: "
+                         f"{', '.join(sorted(REWARDS))}, or module:function")
+    # a module that parses the command line at import sees none of ours
+    argv, sys.argv = sys.argv, [module_name]
     try:
         module = _import_reward_module(module_name)
     except SystemExit as stop:  # e.g. argparse's exit from that module
-        raise InputError(f"--reward: importing {module_name!r} exited ({stop.code}); a reward module must not parse "
-                         "the command line or exit when imported") from None
+        raise InputError(f"--reward: importing {module_name!r} exited ({stop.code}); a reward "
+                         "module must not parse the command line or exit when imported") from None
     except Exception as error:  # the user's module may fail in any way while importing
         message = str(error).splitlines()[0] if str(error) else ""
-        raise InputError(f"--reward: cannot import {module_name!r}: {type(error).__name__}: {message}") from None
+        raise InputError(f"--reward: cannot import {module_name!r}: "
+                         f"{type(error).__name__}: {message}") from None
     finally:
         sys.argv = argv
     if not hasattr(module, attribute):
@@ -216,7 +222,8 @@ def _import_reward_module(name: str):
     path = Path(name)
     if not path.is_file():
         raise FileNotFoundError(f"no such file {name}")
-    # Registered under its own name (a dataclass in the file needs sys.modules), never shadowing a real module.
+    # Registered under its own name (a dataclass in the file needs sys.modules), never shadowing a
+    # real module.
     spec = importlib.util.spec_from_file_location(f"user_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

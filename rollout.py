@@ -39,6 +39,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import StaticLayer
 
 from cli import InputError
+from data import read_examples
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PLAIN_TEMPLATE = "Question: {content}\nAnswer:"
@@ -74,6 +75,13 @@ class PromptFormat:
     instruction: str = DEFAULT_INSTRUCTION
     system: str | None = None
     examples: tuple[tuple[str, str], ...] = ()
+
+
+def prompt_format_from_args(args) -> PromptFormat:
+    """The PromptFormat of the prompt flags (--instruction, --system-prompt, --few-shot); reads the
+    --few-shot file (InputError on a bad file)."""
+    examples = tuple(read_examples(args.few_shot)) if args.few_shot else ()
+    return PromptFormat(instruction=args.instruction, system=args.system_prompt, examples=examples)
 
 
 def format_prompt(tokenizer, problem: str, prompt_format: PromptFormat = PromptFormat()) -> str:

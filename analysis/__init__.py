@@ -1,1 +1,2 @@
-"""Analysis tools: figures of the training dynamics (plots.py) and seed sweeps with intervals (sweep.py)."""
+"""Analysis tools: figures of the training dynamics (plots.py) and seed sweeps with intervals
+(sweep.py)."""

@@ -1,1 +1,2 @@
-"""HICRA on TRL's GRPOTrainer (hicra_trl.py) and its launcher (train_trl.py): one CPU to many GPUs."""
+"""HICRA on TRL's GRPOTrainer (hicra_trl.py) and its launcher (train_trl.py): one CPU to many
+GPUs."""

@@ -1,7 +1,7 @@
 """The codebase's shape, read from its syntax trees (nothing imported or run):
 
-- the core (the top-level modules) imports no module of the built-in world: the world reaches it only as a
-  problem source (data.PLUGINS, world/source.py), loaded by name at run time;
+- the core (the top-level modules) imports no module of the built-in world: the world reaches it
+  only as a problem source (data.PLUGINS, world/source.py), loaded by name at run time;
 - the project's modules import each other without a cycle, counting imports inside functions too;
 - train.py's loop stays the paper's step (at most LOOP_LINES lines) and no core function grows past
   FUNCTION_LINES lines.
@@ -11,7 +11,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("analysis", "benchmarks", "gram_sets", "scale_out", "world")  # the project's packages beside the core
+# the project's packages beside the core
+FOLDERS = ("analysis", "benchmarks", "gram_sets", "scale_out", "world")
 LOOP_LINES = 25
 FUNCTION_LINES = 60
 
@@ -20,12 +21,14 @@ def module_files() -> dict[str, Path]:
     """Module name -> file, for the core and the FOLDERS packages."""
     files = {path.stem: path for path in ROOT.glob("*.py") if path.stem != "conftest"}
     for folder in FOLDERS:
-        files |= {f"{folder}.{path.stem}": path for path in (ROOT / folder).glob("*.py") if path.stem != "__init__"}
+        files |= {f"{folder}.{path.stem}": path for path in (ROOT / folder).glob("*.py")
+                  if path.stem != "__init__"}
     return files
 
 
 def imported_modules(path: Path, known: set[str]) -> set[str]:
-    """The project modules `path` imports anywhere in it (`import a.b`, `from a import b`, `from a.b import c`)."""
+    """The project modules `path` imports anywhere in it (`import a.b`, `from a import b`,
+    `from a.b import c`)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -41,7 +44,8 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of the graph as a path [a, b, ..., a], or None (depth-first search, three colours)."""
+    """One cycle of the graph as a path [a, b, ..., a], or None (depth-first search, three
+    colours)."""
     state, path = {}, []
 
     def visit(node: str) -> list[str] | None:
@@ -85,7 +89,8 @@ def function_lengths(path: Path) -> dict[str, int]:
 
 
 def test_train_loop_is_short_and_no_core_function_is_long():
-    train = next(node for node in ast.walk(ast.parse((ROOT / "train.py").read_text(encoding="utf-8")))
+    train = next(node
+                 for node in ast.walk(ast.parse((ROOT / "train.py").read_text(encoding="utf-8")))
                  if isinstance(node, ast.FunctionDef) and node.name == "train")
     loop = next(node for node in ast.walk(train) if isinstance(node, ast.For))
     assert loop.end_lineno - loop.lineno + 1 <= LOOP_LINES

@@ -14,7 +14,8 @@ from conftest import build_model
 from cli import InputError
 from data import load_problems
 from grading import grade, score_completions
-from reward import GradingTimeout, answers_match, boxed_reward, extract_boxed, format_reward, gsm8k_reward
+from reward import (GradingTimeout, answers_match, boxed_reward, extract_boxed, format_reward,
+                    gsm8k_reward)
 
 # An answer whose comparison makes sympy compute a tower of powers: it never finishes in time.
 RUNAWAY_ANSWER = "2^{2^{2^{2^{2^{100}}}}}!"
@@ -78,7 +79,8 @@ def test_grading_timeout_works_off_the_main_thread():
             answers_match(RUNAWAY_ANSWER, "3", timeout_s=0.5)
         except GradingTimeout:
             outcome["timeout"] = True
-        outcome["graded"] = grade(lambda c, a: float(answers_match(c, a, timeout_s=0.5)), RUNAWAY_ANSWER, "3")
+        outcome["graded"] = grade(lambda c, a: float(answers_match(c, a, timeout_s=0.5)),
+                                  RUNAWAY_ANSWER, "3")
 
     thread = threading.Thread(target=worker)
     thread.start()
@@ -96,7 +98,8 @@ def test_score_completions_scores_a_raising_reward_as_zero_and_counts_it():
 
 
 def test_pass_at_k_matches_hand_computed_values():
-    assert [evaluation.pass_at_k(4, 1, k) for k in range(1, 5)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert [evaluation.pass_at_k(4, 1, k) for k in range(1, 5)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0])
     assert evaluation.pass_at_k(4, 0, 4) == 0.0
     assert evaluation.pass_at_k(32, 32, 1) == 1.0
     with pytest.raises(ValueError):
@@ -136,7 +139,8 @@ def test_unknown_benchmark_lists_valid_names():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    """The tiny random model and its tokenizer saved as an HF folder, as train.py writes checkpoints."""
+    """The tiny random model and its tokenizer saved as an HF folder, as train.py writes
+    checkpoints."""
     folder = tmp_path_factory.mktemp("tiny-model")
     build_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -147,7 +151,8 @@ def test_evaluate_returns_pass_at_k_and_one_record_per_problem(model_dir):
     model, tokenizer = model_loading.load_model(str(model_dir))
     problems = load_problems("gsm8k", limit=2)
     summary, records = evaluation.evaluate(
-        model, tokenizer, problems, samples=3, temperature=1.0, max_new_tokens=6, batch_size=4, progress=False
+        model, tokenizer, problems, samples=3, temperature=1.0, max_new_tokens=6, batch_size=4,
+        progress=False
     )
     assert {"pass@1", "pass@2", "pass@3", "mean_length", "no_box", "timeouts"} <= summary.keys()
     assert [len(r["completions"]) for r in records] == [3, 3]
@@ -180,8 +185,10 @@ def test_cli_writes_results_and_summary_for_a_checkpoint_folder(model_dir, tmp_p
         ("models/smol", "smol-q4_k_m.gguf", "eval-aime24-smol-q4_k_m"),
     ],
 )
-def test_default_out_names_the_run_of_a_checkpoint_and_keeps_model_names_whole(model, gguf_file, folder):
-    """Two runs' checkpoints must not share runs/eval-BENCH-checkpoint; a dot in a hub id is not a file suffix."""
+def test_default_out_names_the_run_of_a_checkpoint_and_keeps_model_names_whole(model, gguf_file,
+                                                                               folder):
+    """Two runs' checkpoints must not share runs/eval-BENCH-checkpoint; a dot in a hub id is not a
+    file suffix."""
     args = argparse.Namespace(model=model, gguf_file=gguf_file, benchmark="aime24")
     assert evaluation.default_out(args) == Path("runs") / folder
 
@@ -199,7 +206,8 @@ def test_default_out_names_the_run_of_a_relative_checkpoint_path(tmp_path, monke
         (["--benchmark", "gsm9k"], "unknown benchmark 'gsm9k'"),
         (["--benchmark", "missing/file.jsonl"], "no such file"),
         (["--benchmark", "gsm8k", "--samples", "0"], "--samples: must be >= 1, got 0"),
-        (["--benchmark", "gsm8k", "--samples", "2", "--pass-k", "1,4"], "--pass-k: k must be between 1 and"),
+        (["--benchmark", "gsm8k", "--samples", "2", "--pass-k", "1,4"],
+         "--pass-k: k must be between 1 and"),
     ],
 )
 def test_bad_input_is_a_one_line_error(model_dir, capsys, extra, message):
@@ -226,20 +234,24 @@ def world_run(tmp_path_factory):
     import train  # noqa: PLC0415
 
     run = tmp_path_factory.mktemp("world-run") / "run"
-    train.main(["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "64",
-                "--eval-every", "0", "--instruction", "Box it.", "--threads", "1", "--out", str(run)])
+    train.main(["--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+                "--max-new-tokens", "64", "--eval-every", "0", "--instruction", "Box it.",
+                "--threads", "1", "--out", str(run)])
     return run
 
 
-def test_a_runs_checkpoint_is_evaluated_with_the_runs_problems_prompt_and_length(world_run, tmp_path, capsys):
+def test_a_runs_checkpoint_is_evaluated_with_the_runs_problems_prompt_and_length(world_run,
+                                                                                 tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["--model", str(world_run / "checkpoint"), "--limit", "2", "--samples", "1", "--no-greedy", "--quiet",
-            "--out", str(out)]
+    argv = ["--model", str(world_run / "checkpoint"), "--limit", "2", "--samples", "1",
+            "--no-greedy", "--quiet", "--out", str(out)]
     assert evaluation.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["benchmark"], summary["max_new_tokens"], summary["instruction"]) == ("world", 64, "Box it.")
+    assert (summary["benchmark"], summary["max_new_tokens"], summary["instruction"]) == (
+        "world", 64, "Box it.")
     assert f"from {world_run / 'config.json'}: --benchmark world" in capsys.readouterr().out
-    assert evaluation.main([*argv, "--max-new-tokens", "32", "--instruction", ""]) == 0  # given flags win
+    # given flags win
+    assert evaluation.main([*argv, "--max-new-tokens", "32", "--instruction", ""]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["max_new_tokens"], summary["instruction"]) == (32, "")
 
@@ -250,28 +262,33 @@ def test_a_model_that_is_not_a_runs_checkpoint_needs_a_benchmark(model_dir, tmp_
     assert not (tmp_path / "eval").exists()
 
 
-def test_an_evaluation_longer_than_the_models_positions_fails_in_one_line_and_writes_nothing(world_run, tmp_path,
-                                                                                          capsys):
+def test_an_evaluation_longer_than_the_models_positions_fails_in_one_line_and_writes_nothing(
+        world_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["--model", str(world_run / "checkpoint"), "--max-new-tokens", "1024", "--limit", "2", "--out", str(out)]
+    argv = ["--model", str(world_run / "checkpoint"), "--max-new-tokens", "1024", "--limit", "2",
+            "--out", str(out)]
     assert evaluation.main(argv) == 2
-    last = capsys.readouterr().err.split("\n")[-2]  # in-process, transformers' "Loading weights" bar comes before
-    assert last.startswith("error: --max-new-tokens:") and "exceeds the model's 256 positions" in last
+    # in-process, transformers' "Loading weights" bar comes before
+    last = capsys.readouterr().err.split("\n")[-2]
+    assert (last.startswith("error: --max-new-tokens:")
+            and "exceeds the model's 256 positions" in last)
     assert not out.exists()
 
 
 def test_without_max_new_tokens_a_small_model_gets_what_its_positions_leave(tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["--model", "world/models/tiny-world", "--benchmark", "world", "--limit", "2", "--samples", "1",
-            "--no-greedy", "--quiet", "--out", str(out)]
+    argv = ["--model", "world/models/tiny-world", "--benchmark", "world", "--limit", "2",
+            "--samples", "1", "--no-greedy", "--quiet", "--out", str(out)]
     assert evaluation.main(argv) == 0, capsys.readouterr().err
     model, tokenizer = model_loading.load_model("world/models/tiny-world", "float32", "cpu", None)
     problems = [p.problem for p in load_problems("world", 2, 0)]
-    prompt = evaluation.longest_prompt_tokens(tokenizer, problems, evaluation.PromptFormat(), longest=len(problems))
+    prompt = evaluation.longest_prompt_tokens(tokenizer, problems, evaluation.PromptFormat(),
+                                              longest=len(problems))
     assert json.loads((out / "summary.json").read_text())["max_new_tokens"] == 256 - prompt < 1024
 
 
-def test_a_model_folder_asking_to_run_its_own_code_is_refused_in_one_line_and_runs_nothing(model_dir, tmp_path):
+def test_a_model_folder_asking_to_run_its_own_code_is_refused_in_one_line_and_runs_nothing(
+        model_dir, tmp_path):
     crafted = tmp_path / "crafted"
     crafted.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -282,7 +299,8 @@ def test_a_model_folder_asking_to_run_its_own_code_is_refused_in_one_line_and_ru
     (crafted / "config.json").write_text(json.dumps(config))
     ran = tmp_path / "ran"
     (crafted / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('code from the folder ran')\n")
-    with pytest.raises(InputError, match=r"--model: .*config.json asks to run code from the model folder") as refused:
+    with pytest.raises(InputError, match=r"--model: .*config.json asks to run code from the "
+                                         r"model folder") as refused:
         model_loading.load_model(str(crafted))
     assert "\n" not in str(refused.value) and not ran.exists()
 
@@ -293,8 +311,8 @@ def test_results_replace_planted_links_and_a_live_writer_is_refused(model_dir, t
     victim.write_text("keep me")
     (out / "results.jsonl").symlink_to(victim)
     (out / "summary.json.tmp").symlink_to(victim)  # the fixed temporary name of earlier versions
-    argv = ["--model", str(model_dir), "--benchmark", "gsm8k", "--limit", "1", "--samples", "1", "--max-new-tokens",
-            "3", "--no-greedy", "--quiet", "--out", str(out)]
+    argv = ["--model", str(model_dir), "--benchmark", "gsm8k", "--limit", "1", "--samples", "1",
+            "--max-new-tokens", "3", "--no-greedy", "--quiet", "--out", str(out)]
     assert evaluation.main(argv) == 0
     assert victim.read_text() == "keep me" and not (out / "results.jsonl").is_symlink()
     assert json.loads((out / "summary.json").read_text())["problems"] == 1
@@ -324,7 +342,8 @@ def test_a_problem_line_over_the_limit_is_refused_before_parsing(tmp_path):
     import data  # noqa: PLC0415
 
     path = tmp_path / "long.jsonl"
-    path.write_text('{"problem": "1+1", "answer": "2"}\n' + json.dumps({"problem": "x" * 200_000, "answer": "1"}) + "\n")
+    path.write_text('{"problem": "1+1", "answer": "2"}\n'
+                    + json.dumps({"problem": "x" * 200_000, "answer": "1"}) + "\n")
     with pytest.raises(InputError, match=rf"long.jsonl:2: a line of 200,030 characters, over the "
                                          rf"{data.MAX_LINE_CHARS:,}"):
         load_problems(str(path))

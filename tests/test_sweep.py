@@ -1,5 +1,6 @@
-"""sweep.py: aggregation over hand-made runs (means, t intervals, pairing by seed, unfinished runs), the
-phase summary on synthetic curves, the strategy metrics, and a 2-run, 3-step sweep end to end."""
+"""sweep.py: aggregation over hand-made runs (means, t intervals, pairing by seed, unfinished runs),
+the phase summary on synthetic curves, the strategy metrics, and a 2-run, 3-step sweep end to
+end."""
 
 import json
 import math
@@ -17,10 +18,12 @@ STEPS = 4  # training steps of the hand-made runs; evaluations after 0, 2 and 4 
 
 
 def write_run(out, algo, seed, curve, finished=True, settings=()):
-    """A hand-made run directory: config.json and metrics.jsonl with a held-out curve {step: pass@1}."""
+    """A hand-made run directory: config.json and metrics.jsonl with a held-out curve
+    {step: pass@1}."""
     run_dir = sweep.Job(algo, seed, settings).run_dir(out)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({"algo": algo, "seed": seed, "steps": STEPS, "eval_every": 2}))
+    (run_dir / "config.json").write_text(json.dumps({"algo": algo, "seed": seed, "steps": STEPS,
+                                                     "eval_every": 2}))
     records = []
     for step in range(STEPS if finished else STEPS - 1):
         if step in curve:
@@ -33,25 +36,32 @@ def write_run(out, algo, seed, curve, finished=True, settings=()):
 
 def test_mean_confidence_interval_is_the_student_t_interval():
     mean, low, high = mean_confidence_interval([1.0, 2.0, 3.0, 6.0])
-    half = student_t.ppf(0.975, 3) * math.sqrt(14 / 3) / 2  # sample sd of (1, 2, 3, 6) is sqrt(14/3)
+    # sample sd of (1, 2, 3, 6) is sqrt(14/3)
+    half = student_t.ppf(0.975, 3) * math.sqrt(14 / 3) / 2
     assert mean == 3.0 and low == pytest.approx(3.0 - half) and high == pytest.approx(3.0 + half)
-    assert mean_confidence_interval([0.4])[0] == 0.4 and math.isnan(mean_confidence_interval([0.4])[1])
+    assert (mean_confidence_interval([0.4])[0] == 0.4
+            and math.isnan(mean_confidence_interval([0.4])[1]))
 
 
 def test_outcomes_of_one_run_final_area_and_steps_to_target():
-    records = [{"step": 0, "eval/pass@1": 0.2}, {"step": 2, "eval/pass@1": 0.6}, {"step": 4, "eval/pass@1": 0.8}]
+    records = [{"step": 0, "eval/pass@1": 0.2}, {"step": 2, "eval/pass@1": 0.6},
+               {"step": 4, "eval/pass@1": 0.8}]
     values = sweep.run_outcome(sweep.Job("hicra", 0), records, target=0.7).values
     assert values["final"] == 0.8
     assert values["auc"] == pytest.approx((2 * 0.4 + 2 * 0.7) / 4)  # trapezoids over 4 steps
-    assert values["steps_to_target"] == pytest.approx(3.0)  # halfway from 0.6 (step 2) to 0.8 (step 4)
-    assert sweep.run_outcome(sweep.Job("hicra", 0), records, target=0.9).values["steps_to_target"] is None
+    # halfway from 0.6 (step 2) to 0.8 (step 4)
+    assert values["steps_to_target"] == pytest.approx(3.0)
+    assert sweep.run_outcome(sweep.Job("hicra", 0), records,
+                             target=0.9).values["steps_to_target"] is None
 
 
 def test_aggregation_pairs_by_seed_and_skips_unfinished_runs(tmp_path, capsys):
-    finals = {("grpo", 0): 0.50, ("grpo", 1): 0.60, ("grpo", 2): 0.70, ("hicra", 0): 0.55, ("hicra", 1): 0.70}
+    finals = {("grpo", 0): 0.50, ("grpo", 1): 0.60, ("grpo", 2): 0.70, ("hicra", 0): 0.55,
+              ("hicra", 1): 0.70}
     for (algo, seed), final in finals.items():
         write_run(tmp_path, algo, seed, {0: 0.3, 2: 0.4, 4: final})
-    write_run(tmp_path, "hicra", 2, {0: 0.3, 2: 0.9}, finished=False)  # stopped before its last step
+    # stopped before its last step
+    write_run(tmp_path, "hicra", 2, {0: 0.3, 2: 0.9}, finished=False)
     jobs = [sweep.Job(algo, seed) for algo in ("grpo", "hicra") for seed in (0, 1, 2)]
     outcomes = sweep.collect(jobs, tmp_path, target=0.5)
     assert "skipped (not finished)" in capsys.readouterr().out
@@ -73,7 +83,8 @@ def test_best_setting_is_chosen_by_mean_final_accuracy(tmp_path):
                              ("hicra", "1", (0.9, 0.8)), ("hicra", "2", (0.6, 0.6))]:
         for seed, final in enumerate(finals):
             write_run(tmp_path, algo, seed, {0: 0.3, 2: 0.4, 4: final}, settings=(("lr", lr),))
-    jobs = [sweep.Job(a, s, (("lr", lr),)) for a in ("grpo", "hicra") for lr in ("1", "2") for s in (0, 1)]
+    jobs = [sweep.Job(a, s, (("lr", lr),))
+            for a in ("grpo", "hicra") for lr in ("1", "2") for s in (0, 1)]
     outcomes = sweep.collect(jobs, tmp_path, target=0.5)
     (best,) = sweep.best_settings(outcomes, sweep.arm_table(outcomes), "grpo")
     assert (best["arm"], best["baseline"]) == ("hicra-lr1", "grpo-lr2")
@@ -89,8 +100,10 @@ def test_run_is_finished_only_with_its_last_step_and_last_evaluation(tmp_path):
 
 
 def test_phase_summary_finds_the_80_percent_step_of_each_group():
-    # execution accuracy ramps 0 -> 1 over steps 0..50, sound share ramps 0 -> 1 over steps 0..150, of 200
-    rows = [{"step": s, "exec_acc_sound": min(s / 50, 1.0), "share_sound": min(s / 150, 1.0)} for s in range(200)]
+    # execution accuracy ramps 0 -> 1 over steps 0..50, sound share ramps 0 -> 1 over steps 0..150,
+    # of 200
+    rows = [{"step": s, "exec_acc_sound": min(s / 50, 1.0), "share_sound": min(s / 150, 1.0)}
+            for s in range(200)]
     summary = phase_summary(rows, window=1)
     assert summary["t80/exec_acc_sound"] == 40 and summary["t80/execution"] == 40
     assert summary["t80/share_sound"] == 120 and summary["t80/planning"] == 120
@@ -124,18 +137,20 @@ def test_two_run_three_step_sweep_end_to_end_and_resumable(tmp_path):
     out = tmp_path / "sweep"
     argv = ["--algos", "grpo", "hicra", "--seeds", "0", "--out", str(out), "--workers", "2",
             "--report", str(tmp_path / "report"), "--",
-            "--model", str(tmp_path / "model"), "--steps", "3", "--prompts-per-step", "2", "--group-size", "2",
-            "--max-new-tokens", "6", "--eval-every", "2", "--eval-limit", "3", "--eval-samples", "2"]
+            "--model", str(tmp_path / "model"), "--steps", "3", "--prompts-per-step", "2",
+            "--group-size", "2", "--max-new-tokens", "6", "--eval-every", "2", "--eval-limit", "3",
+            "--eval-samples", "2"]
     text = sweep.main(argv)
     for algo in ("grpo", "hicra"):
         run_dir = out / f"{algo}-seed0"
         assert sweep.run_finished(run_dir)
         evals = [r["step"] for r in sweep.read_records(run_dir) if is_eval_record(r)]
         assert evals == [0, 2, 3]
-        assert any("share_sound" in r for r in sweep.read_records(run_dir))  # strategy metrics on the world
+        # strategy metrics on the world
+        assert any("share_sound" in r for r in sweep.read_records(run_dir))
     assert "| hicra - grpo |" in text
-    assert {p.name for p in (tmp_path / "report").iterdir()} >= {"results.md", "results.json", "fig6_sweep.png",
-                                                                 "phases_grpo.png", "phases_hicra.png"}
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {
+        "results.md", "results.json", "fig6_sweep.png", "phases_grpo.png", "phases_hicra.png"}
     log_before = (out / "hicra-seed0.log").read_text()
     sweep.main(argv)  # everything finished: nothing runs again
     assert (out / "hicra-seed0.log").read_text() == log_before
@@ -165,10 +180,12 @@ def test_a_finished_run_made_with_other_flags_is_not_reused(tmp_path, capsys):
     import train
     from config import saved_settings
 
-    made = saved_settings(train.parse_args(["--algo", "hicra", "--seed", "0", "--lr", "1e-4", "--out", str(run)]))
+    made = saved_settings(train.parse_args(["--algo", "hicra", "--seed", "0", "--lr", "1e-4",
+                                            "--out", str(run)]))
     (run / "config.json").write_text(json.dumps(made))
     with pytest.raises(SystemExit) as stop:
-        sweep.main(["--algos", "hicra", "--seeds", "0", "--out", str(out), "--report-only", "--", "--lr", "2e-4"])
+        sweep.main(["--algos", "hicra", "--seeds", "0", "--out", str(out), "--report-only", "--",
+                    "--lr", "2e-4"])
     assert stop.value.code == 2
     assert f"{run} was made with --lr 0.0001, this sweep asks for 0.0002" in capsys.readouterr().err
 
@@ -180,19 +197,26 @@ def test_dose_response_finds_a_per_seed_slope_and_the_paired_control_difference(
     for seed, noise in enumerate([0.0, 0.01, -0.01]):
         for algo, alpha, final in [("grpo", None, 0.50), ("hicra", 0.2, 0.52), ("hicra", 1.0, 0.60),
                                    ("random_spans", 0.2, 0.49)]:
-            settings = (("alpha", str(alpha)),) if alpha is not None and algo == "hicra" and alpha != 0.2 else ()
+            settings = ((("alpha", str(alpha)),)
+                        if alpha is not None and algo == "hicra" and alpha != 0.2 else ())
             write_run(out, algo, seed, {0: 0.3, 2: 0.4, STEPS: final + noise}, settings=settings)
-            config = json.loads((sweep.Job(algo, seed, settings).run_dir(out) / "config.json").read_text())
+            config = json.loads(
+                (sweep.Job(algo, seed, settings).run_dir(out) / "config.json").read_text())
             config["alpha"] = alpha if alpha is not None else 0.2
-            (sweep.Job(algo, seed, settings).run_dir(out) / "config.json").write_text(json.dumps(config))
+            (sweep.Job(algo, seed, settings).run_dir(out) / "config.json").write_text(
+                json.dumps(config))
     result = dose_response.analyse(dose_response.read_runs([out], target=0.55))
     assert sorted(result["per_alpha"]) == [0.0, 0.2, 1.0]
     assert result["per_alpha"][1.0]["final"]["mean"] == pytest.approx(0.60)
-    assert result["slopes"]["final"]["mean"] == pytest.approx(slope_of([(0, 0.5), (0.2, 0.52), (1.0, 0.6)]))
-    assert result["slopes"]["final"]["n"] == 3 and result["slopes"]["final"]["low"] > 0  # the same slope in every seed
+    assert result["slopes"]["final"]["mean"] == pytest.approx(
+        slope_of([(0, 0.5), (0.2, 0.52), (1.0, 0.6)]))
+    # the same slope in every seed
+    assert result["slopes"]["final"]["n"] == 3 and result["slopes"]["final"]["low"] > 0
     assert result["hicra_minus_random_spans"]["final"]["mean"] == pytest.approx(0.03)
-    below = dose_response.analyse(dose_response.read_runs([out], target=0.55), slope_up_to=0.5)["slopes"]
-    assert below["final_up_to"]["mean"] == pytest.approx(slope_of([(0, 0.5), (0.2, 0.52)]))  # alpha 1 left out
+    below = dose_response.analyse(dose_response.read_runs([out], target=0.55),
+                                  slope_up_to=0.5)["slopes"]
+    # alpha 1 left out
+    assert below["final_up_to"]["mean"] == pytest.approx(slope_of([(0, 0.5), (0.2, 0.52)]))
     assert below["final"] == result["slopes"]["final"]
 
 
@@ -221,7 +245,8 @@ def test_dose_response_names_a_missing_runs_folder_in_one_line(tmp_path, capsys)
     from analysis import dose_response
 
     with pytest.raises(SystemExit) as stop:
-        dose_response.main(["--runs", str(tmp_path / "missing"), "--report", str(tmp_path / "report")])
+        dose_response.main(["--runs", str(tmp_path / "missing"),
+                            "--report", str(tmp_path / "report")])
     error = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "\n" not in error
     assert error.startswith(f"error: --runs: {tmp_path / 'missing'} is not a folder")
@@ -241,7 +266,8 @@ def test_a_damaged_run_in_a_sweep_is_named_in_one_line(tmp_path):
     with pytest.raises(sweep.InputError, match=r"grpo-seed1/config.json: malformed JSON"):
         sweep.collect([sweep.Job("grpo", 1)], tmp_path, target=0.5)
     config.write_text('["not", "settings"]')
-    with pytest.raises(sweep.InputError, match=r"grpo-seed1/config.json: not a train.py run config"):
+    with pytest.raises(sweep.InputError,
+                       match=r"grpo-seed1/config.json: not a train.py run config"):
         sweep.collect([sweep.Job("grpo", 1)], tmp_path, target=0.5)
 
 
@@ -251,7 +277,8 @@ def test_a_report_folder_that_is_a_file_is_refused_before_any_run(tmp_path, caps
     with pytest.raises(SystemExit) as stop:
         sweep.main(["--seeds", "0", "--out", str(tmp_path / "sweep"), "--report", str(report)])
     error = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and error.startswith("error: --report:") and "is a file" in error and "\n" not in error
+    assert (stop.value.code == 2 and error.startswith("error: --report:") and "is a file" in error
+            and "\n" not in error)
     assert report.read_text() == "mine\n" and not (tmp_path / "sweep").exists()
 
 
@@ -261,7 +288,8 @@ def test_a_link_planted_as_a_run_log_is_not_written_through(tmp_path, capsys):
     out.mkdir()
     (out / "grpo-seed0.log").symlink_to(victim)
     with pytest.raises(SystemExit) as stop:
-        sweep.main(["--algos", "grpo", "--seeds", "0", "--out", str(out), "--", "--steps", "1", "--eval-every", "0"])
+        sweep.main(["--algos", "grpo", "--seeds", "0", "--out", str(out), "--", "--steps", "1",
+                    "--eval-every", "0"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and error.startswith("error: ") and "symbolic link" in error
     assert victim.read_text() == "keep me\n"
@@ -273,11 +301,13 @@ def test_compare_pairs_arms_of_different_sweeps_by_seed_with_one_bonferroni_rule
     for seed, (a, b) in enumerate([(0.50, 0.55), (0.60, 0.62), (0.70, 0.69)]):
         write_run(tmp_path / "one", "grpo", seed, {0: 0.3, 2: 0.4, 4: a})
         write_run(tmp_path / "two", "hicra", seed, {0: 0.3, 2: 0.4, 4: b})
-    text = compare.main(["--arm", f"g={tmp_path / 'one' / 'grpo'}", "--arm", f"h={tmp_path / 'two' / 'hicra'}",
+    text = compare.main(["--arm", f"g={tmp_path / 'one' / 'grpo'}",
+                         "--arm", f"h={tmp_path / 'two' / 'hicra'}",
                          "--seeds", "0", "1", "2", "--pairs", "h-g", "--target", "0.5"])
     mean, low, high = mean_confidence_interval([0.05, 0.02, -0.01])
     assert f"| h - g | final | 3 | {mean:+.3f} [{low:+.3f}, {high:+.3f}] |" in text
     assert "Bonferroni over 2" in text and "| g | 3 | 0.600 [" in text
     with pytest.raises(SystemExit) as stop:
-        compare.main(["--arm", f"g={tmp_path / 'one' / 'grpo'}", "--seeds", "0", "1", "--pairs", "g-x"])
+        compare.main(["--arm", f"g={tmp_path / 'one' / 'grpo'}", "--seeds", "0", "1",
+                      "--pairs", "g-x"])
     assert stop.value.code == 2 and "--pairs 'g-x'" in capsys.readouterr().err

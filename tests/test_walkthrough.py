@@ -1,4 +1,5 @@
-"""walkthrough.py runs as a plain script, and the values it prints are those of the project's functions."""
+"""walkthrough.py runs as a plain script, and the values it prints are those of the project's
+functions."""
 
 import os
 import re
@@ -15,9 +16,10 @@ ROOT = Path(__file__).parent.parent
 
 
 def run_walkthrough(**knobs) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **{f"WALKTHROUGH_{k.upper()}": str(v) for k, v in knobs.items()}}
-    done = subprocess.run([sys.executable, "walkthrough.py"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           **{f"WALKTHROUGH_{k.upper()}": str(v) for k, v in knobs.items()}}
+    done = subprocess.run([sys.executable, "walkthrough.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Warning" not in done.stderr, done.stderr  # a learner's run prints nothing to ignore
     return done.stdout
@@ -36,13 +38,15 @@ def output() -> str:
 def test_the_printed_advantages_are_the_group_advantages_of_the_printed_rewards(output):
     rewards = torch.tensor(numbers_after("rewards:", output))
     advantages = torch.tensor(numbers_after("advantages:", output))
-    torch.testing.assert_close(advantages, group_advantages(rewards, 8, "center"), atol=1e-6, rtol=0)
+    torch.testing.assert_close(advantages, group_advantages(rewards, 8, "center"), atol=1e-6,
+                               rtol=0)
 
 
 def test_the_token_table_shows_a_plus_alpha_abs_a_on_planning_tokens_only(output):
     lines = output.splitlines()
     start = next(i for i, line in enumerate(lines) if "A^H (HICRA)" in line) + 1
-    rows = [line.split() for line in lines[start:] if re.match(r"^  \S.*[+-]\d\.\d{3}\s+[+-]\d\.\d{3}$", line)]
+    rows = [line.split() for line in lines[start:]
+            if re.match(r"^  \S.*[+-]\d\.\d{3}\s+[+-]\d\.\d{3}$", line)]
     assert len(rows) >= 5
     for row in rows:
         planning, a, a_hicra = row[-3] == "yes", float(row[-2]), float(row[-1])
@@ -61,7 +65,8 @@ def test_the_clip_is_inert_on_the_first_pass_and_acts_on_the_second(output):
 def test_the_gradient_on_planning_tokens_is_scaled_by_one_plus_and_one_minus_alpha(output):
     assert "planning tokens, A > 0" in output and "1.200 x GRPO's" in output
     assert "planning tokens, A < 0" in output and "0.800 x GRPO's" in output
-    execution = [line for line in output.splitlines() if line.strip().startswith("execution tokens")]
+    execution = [line for line in output.splitlines()
+                 if line.strip().startswith("execution tokens")]
     assert execution and all(line.endswith("1.000 x GRPO's") for line in execution)
 
 
@@ -72,14 +77,17 @@ def test_exercise_two_and_three_zero_variance_groups_and_failed_planning_tokens_
     zero_variance = [line for line in output.splitlines() if line.startswith("zero-variance group")]
     assert zero_variance and all(line.endswith("tokens: True") for line in zero_variance)
     failed = next(line for line in output.splitlines() if line.startswith("failed completion"))
-    planning, execution = re.search(r"planning tokens \[(.*?)\], on its execution tokens \[(.*?)\]", failed).groups()
+    planning, execution = re.search(r"planning tokens \[(.*?)\], on its execution tokens "
+                                    r"\[(.*?)\]", failed).groups()
     a = float(re.search(r"A = ([+-]\d\.\d+)", failed).group(1))
     assert [float(v) for v in planning.split(", ")] == [0.0]  # A + |A| = 0 for A < 0
     assert [float(v) for v in execution.split(", ")] == [pytest.approx(a, abs=1e-3)]
 
 
-def test_exercise_four_a_confident_tokens_push_lies_between_one_and_sqrt_two_times_one_minus_p(output):
-    line = next(line for line in output.splitlines() if line.startswith("most confident planning token"))
+def test_exercise_four_a_confident_tokens_push_lies_between_one_and_sqrt_two_times_one_minus_p(
+        output):
+    line = next(line for line in output.splitlines()
+                if line.startswith("most confident planning token"))
     one_minus_p, push, bound = (float(x) for x in re.findall(r"= (\d\.\d+e[+-]\d+)", line))
     assert 0 <= one_minus_p < 0.1 and one_minus_p * 0.999 <= push <= bound * 1.001
     for name in ("planning", "execution"):
