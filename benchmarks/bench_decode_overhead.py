@@ -113,13 +113,10 @@ def median_microseconds(call, calls: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=tasks.DEFAULT_MODEL_DIR,
-                        help="a Llama-architecture model folder")
-    parser.add_argument("--rows", type=int, default=128,
-                        help="rows decoding at once (train.py's 16 x 8)")
+    parser.add_argument("--model", default=tasks.DEFAULT_MODEL_DIR, help="a Llama model folder")
+    parser.add_argument("--rows", type=int, default=128, help="rows decoding at once (16 x 8)")
     parser.add_argument("--prompt", type=int, default=48, help="prompt tokens per row")
-    parser.add_argument("--filled", type=int, default=64,
-                        help="completion tokens already in the cache")
+    parser.add_argument("--filled", type=int, default=64, help="completion tokens in the cache")
     parser.add_argument("--calls", type=int, default=50, help="calls per block")
     parser.add_argument("--blocks", type=int, default=10, help="blocks per side, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

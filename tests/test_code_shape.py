@@ -4,7 +4,8 @@
   only as a problem source (data.PLUGINS, world/source.py), loaded by name at run time;
 - the project's modules import each other without a cycle, counting imports inside functions too;
 - train.py's loop stays the paper's step (at most LOOP_LINES lines) and no core function grows past
-  FUNCTION_LINES lines.
+  FUNCTION_LINES lines;
+- no line of the project's Python is wider than LINE_WIDTH characters.
 """
 
 import ast
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("analysis", "benchmarks", "gram_sets", "scale_out", "world")
 LOOP_LINES = 25
 FUNCTION_LINES = 60
+LINE_WIDTH = 100
 
 
 def module_files() -> dict[str, Path]:
@@ -97,3 +99,13 @@ def test_train_loop_is_short_and_no_core_function_is_long():
     long = {f"{path.name}:{name}": lines for path in sorted(ROOT.glob("*.py"))
             for name, lines in function_lengths(path).items() if lines > FUNCTION_LINES}
     assert not long
+
+
+def test_no_line_is_wider_than_the_width():
+    files = [*ROOT.glob("*.py")]
+    for folder in (*FOLDERS, "tests"):
+        files += (ROOT / folder).glob("*.py")
+    wide = [f"{path.relative_to(ROOT)}:{number}" for path in files
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if len(line) > LINE_WIDTH]
+    assert len(files) > 40 and not wide
