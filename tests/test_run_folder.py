@@ -401,8 +401,8 @@ def test_ctrl_c_while_torch_loads_exits_130_without_a_traceback(tmp_path, script
             else ["--model", "world/models/tiny-world", "--benchmark", "world"])
     process = fresh_process(script, *argv, "--out", tmp_path / "out",
                             stderr_path=tmp_path / "stderr.txt")
-    # past the interpreter's own start-up (site-packages' .pth files), well inside importing torch and
-    # transformers (2.7 s here): the window the handler at the top of the script covers
+    # past the interpreter's own start-up (site-packages' .pth files), well inside importing
+    # torch and transformers (2.7 s here): the window the handler at the top of the script covers
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
