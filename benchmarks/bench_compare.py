@@ -14,18 +14,18 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-MODULES = ("rollout", "eval", "data", "tasks", "reward", "grams", "train", "grpo", "hicra",
-           "metrics", "cli", "config", "checkpoint", "model_loading", "runlog", "trackers", "world",
-           "world.tasks")
-
-
-def load_checkout(path: str):
-    """The train, reward, data and grams modules of the checkout at `path` (imported afresh)."""
-    for name in MODULES:
-        sys.modules.pop(name, None)
+def load_checkout(path: str, checkouts: list[str]):
+    """The train, reward, data and grams modules of the checkout at `path`, imported afresh: every
+    module loaded from one of the `checkouts` before is dropped first, so the two share none."""
+    roots = [Path(checkout).resolve() for checkout in checkouts]
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and any(Path(file).resolve().is_relative_to(root) for root in roots):
+            del sys.modules[name]
     sys.path.insert(0, path)
     import data
     import grams
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(args.threads)
     sides = {}
     for label, path in (("before", args.before), ("after", args.after)):
-        train, reward, data, grams = load_checkout(path)
+        train, reward, data, grams = load_checkout(path, [args.before, args.after])
         train_args = train.parse_args(["--eval-every", "0", "--threads", str(args.threads)])
         torch.manual_seed(0)
         # before / after the split

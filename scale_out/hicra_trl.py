@@ -128,9 +128,10 @@ def token_advantages(
     if algo == "hicra_verl" and len(advantages) % group_size:
         raise ValueError(f"hicra_verl needs whole groups: {len(advantages)} completions on this "
                          f"process is not a multiple of num_generations = {group_size}")
-    shaped, _ = hicra_token_advantages(algo, advantages, planning_mask, entropy, completion_mask,
-                                       group_size, top_q, alpha)
-    return shaped.clone()  # [B, C], its own memory (A_i on every token is a view of advantages)
+    shaped, amplified = hicra_token_advantages(algo, advantages, planning_mask, entropy,
+                                               completion_mask, group_size, top_q, alpha)
+    # [B, C]; A_i on every token is a view of `advantages`: given its own memory, TRL writes in it
+    return shaped.clone() if amplified is None else shaped
 
 
 class HicraGRPOTrainer(GRPOTrainer):
